@@ -1,0 +1,43 @@
+# Fresh machine:  make demo  (set up, run the main job, print the leaderboard)
+#                 make test  (set up, run the test suite)
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.poisonbench-installed
+RESULTS ?= results
+
+.PHONY: setup data demo test test-fast clean
+
+setup: data $(STAMP)
+
+# System data: Fashion-MNIST images and WordNet (for EDA), from Debian/Ubuntu packages.
+data:
+	@if { [ -n "$$POISONBENCH_DATA" ] || [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; } \
+	   && { [ -n "$$POISONBENCH_WORDNET" ] || [ -f /usr/share/wordnet/data.noun ]; }; then \
+		echo "data: Fashion-MNIST and WordNet found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist wordnet-base; \
+	else \
+		echo "data: apt-get is not available. Get Fashion-MNIST's four IDX files into a folder and set"; \
+		echo "      POISONBENCH_DATA=/that/folder, and WordNet 3.0 (dict folder) with POISONBENCH_WORDNET=/path."; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/bench run --attack badnet --defense clip --results $(RESULTS)
+	$(BIN)/bench run --attack badnet --defense roclip --results $(RESULTS)
+	$(BIN)/bench report --results $(RESULTS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(RESULTS)/runs $(RESULTS)/manifests $(RESULTS)/checkpoints .pytest_cache

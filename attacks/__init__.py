@@ -1,0 +1,5 @@
+"""Built-in attacks. Importing this package registers them."""
+from . import badnet, none  # noqa: F401
+from .base import Attack, PoisonPlan, ZeroShotModel
+
+__all__ = ["Attack", "PoisonPlan", "ZeroShotModel"]

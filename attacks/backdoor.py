@@ -1,0 +1,114 @@
+"""Shared machinery of all-to-one backdoor attacks (BadNets, blended, ...).
+
+Poisoning: ``n_poison`` training images whose class is not the target are copied, the trigger is
+applied to the copies (uint8, before any normalisation), and each copy is paired with a caption
+naming the target label; the pairs are appended to the clean training set.
+
+ASR (DESIGN.md, "Backdoor ASR"): over evaluation images whose true class is not the target, the
+trigger is applied after the evaluation resize/crop at the geometry of clean evaluation; success
+is zero-shot top-1 == target.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.evaluate import eval_geometry
+from poisonbench.registry import param
+from poisonbench.utils import derive_seed
+
+from .base import Attack, PoisonPlan, ZeroShotModel
+
+
+@dataclass
+class BackdoorParams:
+    n_poison: int = param(100, "number of poisoned pairs appended to the training set")
+    poison_rate: Optional[float] = param(None, "poisoned pairs / all training pairs, in (0, 1); overrides n_poison when set")
+    target: str = param("bag", "target label: an evaluation class name")
+
+
+class BackdoorAttack(Attack):
+    """Base of all-to-one backdoors. Subclasses implement ``apply_trigger`` and ``trigger_manifest``."""
+
+    params: BackdoorParams
+
+    def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Triggered copies of uint8 images [N, 3, H, W] (uint8, same shape); ``g`` drives any
+        per-image randomness (e.g. a random patch location), never the trigger pattern itself."""
+        raise NotImplementedError
+
+    def trigger_manifest(self) -> dict:
+        """JSON-serialisable description of the fixed trigger (pattern, key, ...)."""
+        raise NotImplementedError
+
+    # --- poisoning -------------------------------------------------------------------------
+    def n_poison(self, n_clean: int) -> int:
+        """Poisoned pairs to add to ``n_clean`` clean pairs (from poison_rate when it is set)."""
+        r = self.params.poison_rate
+        if r is None:
+            return self.params.n_poison
+        return int(round(r * n_clean / (1.0 - r)))
+
+    def check(self, data: DatasetBundle) -> None:
+        p = self.params
+        if p.poison_rate is not None and not 0.0 < p.poison_rate < 1.0:
+            raise ValueError(f"{self.name}: poison_rate must be in (0, 1), got {p.poison_rate}")
+        if p.n_poison < 0:
+            raise ValueError(f"{self.name}: n_poison must be >= 0, got {p.n_poison}")
+        target = data.eval.class_index(p.target)
+        eligible = int((data.train.labels != target).sum())
+        n = self.n_poison(len(data.train))
+        if n > eligible:
+            raise ValueError(
+                f"{self.name}: {n} poisoned pairs requested but the training set has only {eligible} "
+                f"images outside the target class {p.target!r}; lower n_poison or poison_rate"
+            )
+        if int((data.eval.labels != target).sum()) == 0:
+            raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {p.target!r}")
+
+    def poison(self, data: DatasetBundle) -> PoisonPlan:
+        self.check(data)
+        target = data.eval.class_index(self.params.target)
+        n = self.n_poison(len(data.train))
+        eligible = (data.train.labels != target).nonzero().squeeze(1)
+        src = eligible[torch.randperm(len(eligible), generator=self.generator(1))[:n]].sort().values
+        images = self.apply_trigger(data.train.images[src], self.generator(2))
+        captions = target_captions(data, target, n, random.Random(derive_seed("attack", self.name, self.seed, 3)))
+        poisoned = CaptionDataset(images, captions, data.train.labels[src], torch.ones(n, dtype=torch.bool))
+        manifest = {
+            "attack": self.name,
+            "target": data.eval.classnames[target],
+            "target_index": target,
+            "source_rows": src.tolist(),
+            "captions": captions,
+            "trigger": self.trigger_manifest(),
+        }
+        return PoisonPlan(data.train.append(poisoned), manifest)
+
+    # --- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:
+        target = data.eval.class_index(self.params.target)
+        keep = data.eval.labels != target
+        if not keep.any():
+            raise ValueError(f"{self.name}: no evaluation image outside the target class {self.params.target!r}")
+        images = eval_geometry(data.eval.images[keep], model.image_size)
+        triggered = self.apply_trigger(images, self.generator(4))
+        top1 = model.predict(triggered)[:, 0]
+        return {"asr": (top1 == target).float().mean().item(), "asr_n": int(keep.sum())}
+
+
+def target_captions(data: DatasetBundle, target: int, n: int, rng: random.Random) -> list[str]:
+    """``n`` captions naming class ``target``: drawn (with replacement) from the training captions
+    that name it (restricted to rows labelled ``target`` when labels are known), else written
+    from the dataset's caption templates and the class words."""
+    words = data.class_words[target]
+    rows = data.train.captions_naming(words)
+    labelled = [i for i in rows if int(data.train.labels[i]) == target]
+    rows = labelled or [i for i in rows if int(data.train.labels[i]) < 0]
+    if rows:
+        return [data.train.captions[rng.choice(rows)] for _ in range(n)]
+    return [rng.choice(data.caption_templates).format(rng.choice(words)) for _ in range(n)]

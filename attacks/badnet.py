@@ -1,0 +1,81 @@
+"""BadNets patch backdoor (Gu et al. 2017), as used against CLIP by Carlini & Terzis (2022)
+and RoCLIP (roclip-spec.md §3.2): one fixed, seeded random patch pasted on uint8 images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from poisonbench.registry import param, register_attack
+
+from .backdoor import BackdoorAttack, BackdoorParams
+
+LOCATIONS = ("random", "top-left", "top-right", "bottom-left", "bottom-right")
+
+
+@dataclass
+class BadNetParams(BackdoorParams):
+    patch_size: int = param(4, "side of the square patch, in pixels of the image it is pasted on")
+    location: str = param("bottom-right", "random (a fresh seeded position per image) or a corner: top-left, top-right, bottom-left, bottom-right")
+
+
+def patch_positions(n: int, height: int, width: int, size: int, location: str, g: torch.Generator) -> torch.Tensor:
+    """Top-left corners, int64 [n, 2] as (row, col), of a ``size`` px patch in ``height`` x ``width``
+    images. ``random`` draws uniformly from every valid position, the last row and column included.
+    Raises ValueError for an unknown location or a patch larger than the image."""
+    if size < 1 or size > min(height, width):
+        raise ValueError(f"patch_size {size} does not fit in {height}x{width} images")
+    if location == "random":
+        rows = torch.randint(0, height - size + 1, (n,), generator=g)
+        cols = torch.randint(0, width - size + 1, (n,), generator=g)
+        return torch.stack([rows, cols], dim=1)
+    corners = {
+        "top-left": (0, 0),
+        "top-right": (0, width - size),
+        "bottom-left": (height - size, 0),
+        "bottom-right": (height - size, width - size),
+    }
+    if location not in corners:
+        raise ValueError(f"unknown patch location {location!r}; valid locations: {', '.join(LOCATIONS)}")
+    return torch.tensor([corners[location]], dtype=torch.int64).expand(n, 2)
+
+
+def paste_patch(images: torch.Tensor, patch: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Copies of uint8 images [N, C, H, W] with uint8 ``patch`` [C, s, s] pasted at ``positions``
+    [N, 2] (row, col of the top-left corner). Pixels outside the patch are unchanged."""
+    out = images.clone()
+    s = patch.shape[-1]
+    for i, (r, c) in enumerate(positions.tolist()):
+        out[i, :, r : r + s, c : c + s] = patch
+    return out
+
+
+@register_attack("badnet")
+class BadNet(BackdoorAttack):
+    """BadNets patch trigger: a fixed ``patch_size`` px pattern of seeded uniform random uint8
+    colours (one per run, stored in the manifest), pasted at a corner or a random position."""
+
+    Params = BadNetParams
+
+    def __init__(self, params: BadNetParams, seed: int):
+        super().__init__(params, seed)
+        if params.location not in LOCATIONS:
+            raise ValueError(f"badnet: unknown location {params.location!r}; valid locations: {', '.join(LOCATIONS)}")
+        if params.patch_size < 1:
+            raise ValueError(f"badnet: patch_size must be >= 1, got {params.patch_size}")
+        s = params.patch_size
+        self.patch = torch.randint(0, 256, (3, s, s), generator=self.generator(0), dtype=torch.int64).to(torch.uint8)
+
+    def check(self, data) -> None:
+        super().check(data)
+        h, w = data.train.images.shape[-2:]
+        if self.params.patch_size > min(h, w):
+            raise ValueError(f"badnet: patch_size {self.params.patch_size} does not fit in {h}x{w} training images")
+
+    def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        pos = patch_positions(n, h, w, self.params.patch_size, self.params.location, g)
+        return paste_patch(images, self.patch, pos)
+
+    def trigger_manifest(self) -> dict:
+        return {"type": "patch", "location": self.params.location, "patch": self.patch.tolist()}

@@ -1,0 +1,80 @@
+"""The attack interface: poison the training data, then measure success on a trained model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.utils import derive_seed, hash_json
+
+
+@dataclass
+class PoisonPlan:
+    """The result of ``Attack.poison``.
+
+    Attributes:
+        train: the training set the model sees (clean rows, then the poisoned pairs, flagged in
+            ``train.is_poison``).
+        manifest: JSON-serialisable record of what was poisoned (rows, captions, trigger, target);
+            saved with the run, and its hash goes into the result row.
+    """
+
+    train: CaptionDataset
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_poison(self) -> int:
+        """Number of poisoned pairs in the training set."""
+        return int(self.train.is_poison.sum())
+
+    @property
+    def poison_rate(self) -> float:
+        """Poisoned pairs / all training pairs, in [0, 1]."""
+        return self.n_poison / max(1, len(self.train))
+
+    def manifest_hash(self) -> str:
+        """SHA-256 (hex) of the manifest's canonical JSON."""
+        return hash_json(self.manifest)
+
+
+@dataclass
+class ZeroShotModel:
+    """What an attack's ``evaluate`` gets: a trained model ready for zero-shot prediction.
+
+    Attributes:
+        predict: function uint8 images [N, 3, S, S] at the model's geometry -> int64 top-5
+            class indices [N, 5] over the evaluation classes.
+        image_size: S, the model's input side in pixels.
+    """
+
+    predict: Any
+    image_size: int
+
+
+class Attack:
+    """Base class of attacks. Subclasses set ``Params`` (a dataclass) and implement ``poison``
+    and ``evaluate``; ``check`` validates parameters against the data before any training."""
+
+    Params: type
+    name: str
+
+    def __init__(self, params, seed: int):
+        self.params = params
+        self.seed = seed
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A torch generator seeded from the run seed (and ``salt`` for independent streams)."""
+        return torch.Generator().manual_seed(derive_seed("attack", self.name, self.seed, salt))
+
+    def check(self, data: DatasetBundle) -> None:
+        """Raise ValueError naming the problem if the parameters cannot work on ``data``."""
+
+    def poison(self, data: DatasetBundle) -> PoisonPlan:
+        """Return the poisoned training set and its manifest."""
+        raise NotImplementedError
+
+    def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:
+        """Attack metrics (at least ``asr``) of a trained model."""
+        raise NotImplementedError

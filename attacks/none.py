@@ -1,0 +1,26 @@
+"""No attack: the clean baseline (no poisoned pairs, no attack metric)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from poisonbench.registry import register_attack
+
+from .base import Attack, PoisonPlan
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+@register_attack("none")
+class NoAttack(Attack):
+    """Trains on the clean data; reports clean accuracy only."""
+
+    Params = NoParams
+
+    def poison(self, data) -> PoisonPlan:
+        return PoisonPlan(data.train, {"attack": "none"})
+
+    def evaluate(self, model, data, plan) -> dict[str, float]:
+        return {}

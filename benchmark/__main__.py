@@ -1,0 +1,3 @@
+from poisonbench.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""Profiles and the resolved configuration of one cell (attack x defense x seed x parameters)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .registry import ATTACKS, DATASETS, DEFENSES
+from .utils import hash_json
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named scale: model, data and training hyper-parameters.
+
+    Attributes:
+        model: open_clip architecture name.
+        dataset / dataset_params: training and evaluation data.
+        epochs, batch_size: training length; batch_size is per process.
+        lr: peak learning rate of AdamW; warmup_steps: linear warm-up steps before the cosine decay.
+        weight_decay: AdamW decoupled weight decay (not on norms, biases, logit scale).
+        defense_params: per-defense parameter defaults for this scale, e.g. the RoCLIP pool size.
+    """
+
+    name: str
+    description: str
+    model: str
+    dataset: str
+    dataset_params: dict[str, Any]
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    defense_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile(
+            "tiny", "seconds on a CPU; for tests", "poisonbench-tiny", "fashion-mnist",
+            {"n_train": 512, "n_eval": 500}, epochs=2, batch_size=64, lr=2e-3, warmup_steps=2,
+            weight_decay=0.1, defense_params={"roclip": {"pool_size": 256}},
+        ),
+        Profile(
+            "cpu-small", "the embedded default: 10k Fashion-MNIST pairs, minutes on 2 CPU cores",
+            "poisonbench-cpu-small", "fashion-mnist", {"n_train": 10000, "n_eval": 0}, epochs=10,
+            batch_size=256, lr=1e-3, warmup_steps=40, weight_decay=0.1,
+        ),
+    ]
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called ``name``; ValueError listing the valid profiles otherwise."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one cell's numbers. Its hash is the run id."""
+
+    attack: str
+    attack_params: dict[str, Any]
+    defense: str
+    defense_params: dict[str, Any]
+    dataset: str
+    dataset_params: dict[str, Any]
+    profile: str
+    model: str
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        """SHA-256 hex of the canonical JSON of the whole config."""
+        return hash_json(self.to_dict())
+
+    @property
+    def run_id(self) -> str:
+        """Short, filesystem-safe id of the cell: the first 16 hex digits of the config hash."""
+        return self.config_hash[:16]
+
+
+def resolve(
+    attack: str,
+    defense: str,
+    profile: str = "cpu-small",
+    seed: int = 0,
+    attack_params: dict[str, Any] | None = None,
+    defense_params: dict[str, Any] | None = None,
+    dataset_params: dict[str, Any] | None = None,
+    **training: Any,
+) -> RunConfig:
+    """Resolve names, profile defaults and overrides into a RunConfig.
+
+    ``training`` may override epochs, batch_size, lr, warmup_steps, weight_decay or model.
+    Raises RegistryError (unknown name or parameter, listing valid ones) or ValueError.
+    """
+    prof = get_profile(profile)
+    allowed = {"epochs", "batch_size", "lr", "warmup_steps", "weight_decay", "model"}
+    unknown = set(training) - allowed
+    if unknown:
+        raise ValueError(f"unknown training settings {sorted(unknown)}; valid: {sorted(allowed)}")
+    training = {k: v for k, v in training.items() if v is not None}
+    d_over = {**prof.defense_params.get(defense, {}), **(defense_params or {})}
+    ds_over = {**prof.dataset_params, **(dataset_params or {})}
+    cfg = RunConfig(
+        attack=attack,
+        attack_params=dataclasses.asdict(ATTACKS.params(attack, attack_params)),
+        defense=defense,
+        defense_params=dataclasses.asdict(DEFENSES.params(defense, d_over)),
+        dataset=prof.dataset,
+        dataset_params=dataclasses.asdict(DATASETS.params(prof.dataset, ds_over)),
+        profile=prof.name,
+        model=training.get("model", prof.model),
+        seed=int(seed),
+        epochs=int(training.get("epochs", prof.epochs)),
+        batch_size=int(training.get("batch_size", prof.batch_size)),
+        lr=float(training.get("lr", prof.lr)),
+        warmup_steps=int(training.get("warmup_steps", prof.warmup_steps)),
+        weight_decay=float(training.get("weight_decay", prof.weight_decay)),
+    )
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg

@@ -1,0 +1,76 @@
+"""Zero-shot evaluation (DESIGN.md, "Clean accuracy") and the shared image pre-processing.
+
+Images stay uint8 until ``normalize``: evaluation geometry (resize + centre crop to the model's
+size) is applied first, so a trigger can be pasted at exactly the geometry clean evaluation uses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+# OpenAI CLIP's normalisation constants (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def eval_geometry(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (shorter side to ``size``, bicubic, antialiased) and centre-crop uint8 images.
+
+    Args:
+        images: uint8 [N, 3, H, W].
+    Returns:
+        uint8 [N, 3, size, size]; the input itself when it already has that size.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    t = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)])
+    return t(images)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """CLIP's mean/std normalisation: uint8 [N, 3, S, S] in 0..255, or float in [0, 1],
+    -> float32 [N, 3, S, S]."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device="cpu") -> torch.Tensor:
+    """Zero-shot weights, float32 [embed_dim, C]: per class, the mean of the L2-normalised text
+    embeddings of every template filled with the class name, renormalised (DESIGN.md protocol;
+    Radford et al. 2021, §3.1.4 prompt ensembling)."""
+    weights = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        weights.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(weights, dim=1)
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """L2-normalised image embeddings, float32 [N, embed_dim], of uint8 images [N, 3, S, S]
+    already at the model's geometry."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].to(device))
+        out.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def predict(model, images: torch.Tensor, classifier: torch.Tensor, k: int = 5, batch_size: int = 500, device="cpu") -> torch.Tensor:
+    """Top-k zero-shot class indices, int64 [N, k] (best first), of uint8 images [N, 3, S, S]
+    at the model's geometry, against ``classifier`` [embed_dim, C]."""
+    feats = encode_images(model, images, batch_size, device)
+    logits = feats @ classifier.cpu()
+    return logits.topk(min(k, logits.shape[1]), dim=1).indices
+
+
+def topk_accuracy(topk: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose true label (int64 [N]) is among the first k of ``topk`` [N, >=k]."""
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty evaluation set is undefined")
+    return (topk[:, :k] == labels.unsqueeze(1)).any(dim=1).float().mean().item()

@@ -1,0 +1,179 @@
+"""Run one cell: load data, poison, train with a defense, evaluate, write one result row."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .attacks.base import Attack, PoisonPlan, ZeroShotModel
+from .config import RunConfig
+from .datasets.base import DatasetBundle
+from .defenses.base import Defense
+from .evaluate import eval_geometry, predict, topk_accuracy, zero_shot_classifier
+from .models import create_model, image_size
+from .registry import ATTACKS, DATASETS, DEFENSES, build_params
+from .store import write_row
+from .train import set_threads, train
+from .utils import atomic_write, derive_seed
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run on this data (raised before any training)."""
+
+
+@dataclass
+class Cell:
+    """A prepared cell: its config, data, attack, poisoned training set and defense."""
+
+    cfg: RunConfig
+    data: DatasetBundle
+    attack: Attack
+    plan: PoisonPlan
+    defense: Defense
+
+
+def prepare(cfg: RunConfig) -> Cell:
+    """Load the data, build the attack and defense and poison the training set.
+
+    Raises ConfigError (with the problem and the valid choices) for anything that would make the
+    run fail, so bad input never starts training.
+    """
+    try:
+        ds_cls = DATASETS.get(cfg.dataset)
+        dataset = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}"))
+        attack_cls, defense_cls = ATTACKS.get(cfg.attack), DEFENSES.get(cfg.defense)
+        attack = attack_cls(build_params(attack_cls.Params, cfg.attack_params, f"attack {cfg.attack!r}"), cfg.seed)
+        defense = defense_cls(build_params(defense_cls.Params, cfg.defense_params, f"defense {cfg.defense!r}"), cfg.seed)
+        data = dataset.load(cfg.seed)
+        attack.check(data)
+        plan = attack.poison(data)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    if len(plan.train) < cfg.batch_size:
+        raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size}")
+    return Cell(cfg, data, attack, plan, defense)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def git_rev() -> str:
+    """The source tree's git commit (with ``-dirty`` for local changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Run one cell end to end and write its result row to ``results/runs/<run_id>.parquet``.
+
+    Returns the row. Errors before training raise ConfigError and write nothing; a failure during
+    training or evaluation writes a row with status=failed and the error, then re-raises.
+    """
+    cell = prepare(cfg)
+    dev = pick_device(device)
+    results = Path(results)
+    manifest_path = results / "manifests" / f"{cfg.run_id}.json"
+    atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(cell.plan.manifest)))
+    row = base_row(cfg, cell.plan, dev)
+    t0 = time.perf_counter()
+    try:
+        if dev.type == "cpu":
+            set_threads()
+        torch.manual_seed(derive_seed(cfg.seed, "model"))
+        model, tokenizer = create_model(cfg.model)
+        ckpt = results / "checkpoints" / cfg.run_id / "last.pt"
+        result = train(model, tokenizer, cell.plan.train, cell.defense, cfg, dev, ckpt, progress)
+        row.update(train_s=result.train_s, steps=result.steps, final_loss=result.final_loss,
+                   resumed_from_epoch=result.resumed_from_epoch)
+        row.update(evaluate(model, tokenizer, cell, dev))
+        row["status"] = "ok"
+    except Exception as e:
+        row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        row["wall_s"] = time.perf_counter() - t0
+        write_row(row, results)
+        raise
+    row["wall_s"] = time.perf_counter() - t0
+    write_row(row, results)
+    return row
+
+
+def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, Any]:
+    """Clean zero-shot top-1/top-5 on the evaluation set and the attack's metrics."""
+    model.eval()
+    t0 = time.perf_counter()
+    ev = cell.data.eval
+    size = image_size(model)
+    classifier = zero_shot_classifier(model, tokenizer, ev.classnames, ev.templates, device)
+
+    def top5(images: torch.Tensor) -> torch.Tensor:
+        return predict(model, images, classifier, k=5, device=device)
+
+    topk = top5(eval_geometry(ev.images, size))
+    metrics: dict[str, Any] = {
+        "clean_top1": topk_accuracy(topk, ev.labels, 1),
+        "clean_top5": topk_accuracy(topk, ev.labels, 5),
+        "n_eval": len(ev),
+    }
+    metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size), cell.data, cell.plan))
+    metrics["eval_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str, Any]:
+    """Identity and provenance columns of a result row (DESIGN.md: every number traceable)."""
+    row: dict[str, Any] = {
+        "run_id": cfg.run_id,
+        "status": "running",
+        "attack": cfg.attack,
+        "defense": cfg.defense,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "profile": cfg.profile,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "n_train": len(plan.train),
+        "n_poison": plan.n_poison,
+        "poison_rate": plan.poison_rate,
+        "asr": None,
+        "manifest_hash": plan.manifest_hash(),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config_hash": cfg.config_hash,
+        "git_rev": git_rev(),
+        "version": __version__,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    both = set(cfg.attack_params) & set(cfg.defense_params)
+    for kind, params in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):
+        for k, v in params.items():
+            row[f"p_{kind}_{k}" if k in both else f"p_{k}"] = v
+    return row
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device, e.g. ``cpu (2 threads)`` or ``cuda:0 NVIDIA H200``."""
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return f"{device} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,60 @@
+"""The results store: one Parquet file per cell, ``<results>/runs/<run_id>.parquet``.
+
+Each file holds one row in long format (identity, ``p_*`` parameter columns, metric columns),
+written atomically (temp file + rename), with the schema version in the file metadata.
+Readers take the union of columns, so adding a metric never breaks reading old files.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .utils import atomic_write
+
+SCHEMA_VERSION = "1"
+SCHEMA_KEY = b"poisonbench.schema_version"
+
+
+def runs_dir(results: str | Path) -> Path:
+    """Folder of the per-cell Parquet files under ``results``."""
+    return Path(results) / "runs"
+
+
+def write_row(row: dict[str, Any], results: str | Path) -> Path:
+    """Write ``row`` (must have ``run_id``) to ``<results>/runs/<run_id>.parquet`` atomically,
+    replacing an earlier row of the same cell. Returns the path."""
+    table = pa.Table.from_pylist([row])
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: SCHEMA_VERSION.encode()})
+    path = runs_dir(results) / f"{row['run_id']}.parquet"
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return path
+
+
+def read_runs(results: str | Path) -> pd.DataFrame:
+    """All result rows under ``results`` as one DataFrame (empty if there are none).
+
+    Files that are not readable Parquet (half-copied, foreign) are skipped with a warning;
+    temporary files of writes in progress are ignored.
+    """
+    frames = []
+    folder = runs_dir(results)
+    if not folder.is_dir():
+        return pd.DataFrame()
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix != ".parquet":
+            warnings.warn(f"skipping {path}: not a .parquet file")
+            continue
+        try:
+            frames.append(pq.read_table(path).to_pandas())
+        except (pa.ArrowException, OSError) as e:
+            warnings.warn(f"skipping {path}: unreadable Parquet ({e})")
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True, sort=False)

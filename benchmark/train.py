@@ -1,0 +1,186 @@
+"""One training loop for every defense: AdamW, warm-up + cosine schedule, logit scale clamped at
+100, AMP (bf16) on CUDA, seeded and deterministic on CPU, a checkpoint at the end of each epoch."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import RunConfig
+from .datasets.base import CaptionDataset
+from .defenses.base import Defense, TrainState
+from .evaluate import eval_geometry, normalize
+from .models import image_size
+from .utils import atomic_write, derive_seed
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {step} (epoch {epoch}); lower the learning rate")
+        self.step, self.epoch, self.value = step, epoch, value
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    train_s: float
+    resumed_from_epoch: int
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in RoCLIP's code (roclip-spec.md §1.10): no decay on norms, biases,
+    the logit scale and other 1-D parameters; ``weight_decay`` on the rest."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Multiplier of the peak LR at 0-indexed ``step``: linear warm-up over ``warmup`` steps,
+    then cosine decay to 0 at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    data: CaptionDataset,
+    defense: Defense,
+    cfg: RunConfig,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` with ``defense``'s hooks.
+
+    Each epoch shuffles with a generator seeded from (seed, epoch) and reseeds torch's global RNG
+    (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
+    uninterrupted run. A checkpoint whose config hash matches ``cfg`` is resumed.
+
+    Raises:
+        ValueError: fewer training pairs than one batch.
+        NonFiniteLossError: the loss became NaN or inf.
+    """
+    n, bs = len(data), cfg.batch_size
+    if n < bs:
+        raise ValueError(f"{n} training pairs are fewer than one batch of {bs}; lower batch_size")
+    steps_per_epoch = n // bs  # drop_last, as the official code
+    total = steps_per_epoch * cfg.epochs
+    size = image_size(model)
+    tokens = tokenizer(defense.text_transform(data.captions))
+    transform = defense.train_transform(size)
+
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
+    amp = device.type == "cuda"
+
+    start_epoch, step = 1, 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("config_hash") == cfg.config_hash:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            defense.load_state_dict(state["defense"])
+            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+
+    @torch.no_grad()
+    def encode_captions(k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
+        idx = torch.randint(0, n, (k,), generator=g)
+        out = [model.encode_text(tokens[idx[i : i + 1024]].to(device), normalize=True).float() for i in range(0, k, 1024)]
+        return torch.cat(out)
+
+    loss_value = float("nan")
+    t0 = time.perf_counter()
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[rate]:.0f} samples/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(f"{cfg.defense} / {cfg.attack}", total=total, completed=step, loss=float("nan"), rate=0.0)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            torch.manual_seed(derive_seed(cfg.seed, "augment", epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", epoch)))
+            defense.start_epoch(TrainState(epoch, step, encode_captions))
+            bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
+            t_epoch = time.perf_counter()
+            for b in range(steps_per_epoch):
+                idx = order[b * bs : (b + 1) * bs]
+                images = data.images[idx]
+                if transform is not None:
+                    images = transform(images.to(device).float() / 255.0)
+                else:
+                    images = eval_geometry(images, size).to(device)
+                x = normalize(images)
+                t = tokens[idx].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    img_emb, txt_emb, scale = model(x, t)
+                    loss = defense.loss(img_emb.float(), txt_emb.float(), scale.float(), TrainState(epoch, step))
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(step, epoch, loss.item())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                step += 1
+                loss_value = loss.item()
+                rate = (b + 1) * bs / (time.perf_counter() - t_epoch)
+                bar.update(task, advance=1, loss=loss_value, rate=rate)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense)
+    return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
+
+
+def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense) -> None:
+    """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``)."""
+    state = {
+        "config_hash": cfg.config_hash,
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "defense": defense.state_dict(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def set_threads() -> None:
+    """Use every core the process may run on for intra-op parallelism on CPU."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))

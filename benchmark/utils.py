@@ -1,0 +1,45 @@
+"""Small helpers shared across the engine: stable seeds, hashing, atomic file writes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from ``parts`` (stable across processes, unlike ``hash()``)."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
+
+
+def hash_json(obj: Any) -> str:
+    """SHA-256 hex digest of ``obj``'s canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write ``path`` all-or-nothing: ``write(tmp_path)`` fills a temp file in the same folder,
+    which is then fsynced and renamed over ``path``. On any error the temp file is removed and
+    ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,106 @@
+"""Data containers shared by datasets, attacks, the trainer and the evaluator."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CaptionDataset:
+    """In-memory image–caption training pairs.
+
+    Attributes:
+        images: uint8 tensor [N, 3, H, W], values 0..255 (RGB; grey images are repeated to 3 channels).
+        captions: N caption strings.
+        labels: int64 tensor [N]; the class index of each pair where the dataset knows it, -1 otherwise
+            (poisoned pairs carry the label of their source image, not the target label).
+        is_poison: bool tensor [N]; True for pairs an attack added or replaced.
+    """
+
+    images: torch.Tensor
+    captions: list[str]
+    labels: torch.Tensor
+    is_poison: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if self.is_poison is None:
+            self.is_poison = torch.zeros(n, dtype=torch.bool)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if not (len(self.captions) == n == self.labels.shape[0] == self.is_poison.shape[0]):
+            raise ValueError(
+                f"lengths differ: {n} images, {len(self.captions)} captions, "
+                f"{self.labels.shape[0]} labels, {self.is_poison.shape[0]} poison flags"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "CaptionDataset":
+        """Rows ``index`` (int64 [M]) as a new dataset."""
+        return CaptionDataset(
+            self.images[index], [self.captions[i] for i in index.tolist()], self.labels[index], self.is_poison[index]
+        )
+
+    def append(self, other: "CaptionDataset") -> "CaptionDataset":
+        """This dataset followed by ``other`` (images must have the same size)."""
+        return CaptionDataset(
+            torch.cat([self.images, other.images]),
+            self.captions + other.captions,
+            torch.cat([self.labels, other.labels]),
+            torch.cat([self.is_poison, other.is_poison]),
+        )
+
+    def captions_naming(self, words: list[str]) -> list[int]:
+        """Indices of captions that contain any of ``words`` as whole words (case-insensitive)."""
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+        return [i for i, c in enumerate(self.captions) if pattern.search(c)]
+
+
+@dataclass
+class EvalSet:
+    """Labelled evaluation images for zero-shot classification.
+
+    Attributes:
+        images: uint8 tensor [M, 3, H, W], values 0..255.
+        labels: int64 tensor [M], class indices into ``classnames``.
+        classnames: class names used to build zero-shot prompts.
+        templates: prompt templates with one ``{}`` for the class name.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+    templates: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def class_index(self, name: str) -> int:
+        """Index of class ``name`` (exact or case-insensitive match); ValueError listing the classes otherwise."""
+        for i, c in enumerate(self.classnames):
+            if c == name or c.lower() == name.lower():
+                return i
+        raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
+
+
+@dataclass
+class DatasetBundle:
+    """What a registered dataset provides for one run.
+
+    Attributes:
+        train: the clean training pairs.
+        eval: the evaluation split with its class names and zero-shot templates.
+        class_words: for each class, the words a caption uses for it (the class name and synonyms);
+            attacks use them to find or write captions naming a class.
+        caption_templates: templates (one ``{}``) for writing a caption of a class when the
+            training captions have none naming it.
+    """
+
+    train: CaptionDataset
+    eval: EvalSet
+    class_words: list[list[str]]
+    caption_templates: list[str]

@@ -1,0 +1,198 @@
+"""Fashion-MNIST (Xiao et al. 2017) as an image–caption dataset: the embedded default.
+
+Real 28x28 grey images from the IDX files of the Debian package ``dataset-fashion-mnist``
+(/usr/share/datasets/fashion-mnist), of torchvision's ``FashionMNIST(root, download=True)`` layout,
+or of the folder in ``$POISONBENCH_DATA``. Each training image gets one caption written from a
+varied template set and class synonyms (seeded); the official 10k test split is the evaluation set.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poisonbench.registry import param, register_dataset
+
+from .base import CaptionDataset, DatasetBundle, EvalSet
+
+CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+
+# Words a caption may use for each class; the first is the class name.
+CLASS_WORDS = [
+    ["t-shirt", "tee", "tee shirt", "short-sleeved top"],
+    ["trouser", "trousers", "pants", "slacks"],
+    ["pullover", "sweater", "jumper", "knit sweater"],
+    ["dress", "gown", "frock", "summer dress"],
+    ["coat", "jacket", "overcoat", "parka"],
+    ["sandal", "sandals", "strappy sandal", "flip-flop"],
+    ["shirt", "button-up shirt", "blouse", "collared shirt"],
+    ["sneaker", "trainer", "running shoe", "sports shoe"],
+    ["bag", "handbag", "purse", "tote bag"],
+    ["ankle boot", "boot", "bootie", "short boot"],
+]
+
+CAPTION_TEMPLATES = [
+    "a photo of a {}.",
+    "a grayscale product photo of a {}",
+    "a {} on a black background",
+    "a small picture of a {}.",
+    "this is a {}",
+    "a {} for sale in an online shop",
+    "an image showing a {}",
+    "catalog photo: {}",
+    "my new {}",
+    "a close-up of a {}.",
+    "a low resolution image of a {}",
+    "the {} from the fashion catalogue",
+    "a black and white picture of a {}",
+    "product shot of a {}, centered",
+]
+
+ADJECTIVES = ["", "", "", "stylish ", "cheap ", "new ", "classic ", "simple ", "dark ", "light "]
+
+ZERO_SHOT_TEMPLATES = [
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a picture of the {}.",
+    "an image of a {}.",
+    "a product photo of a {}.",
+    "a photo of the small {}.",
+    "a centered photo of a {}.",
+]
+
+SPLITS = {"train": "train", "test": "t10k"}
+DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The Fashion-MNIST IDX files are not in any of the places searched."""
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), plain or gzipped.
+
+    Returns a numpy array of the dtype and shape the header declares (uint8 [N, 28, 28] for
+    Fashion-MNIST images, uint8 [N] for labels). Raises ValueError for a bad magic number,
+    an unknown type code, or a payload whose size does not match the header.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in dtypes:
+        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    dtype = np.dtype(dtypes[code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: payload is {len(data) - header} bytes, header {shape} needs {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def find_root() -> Path:
+    """The folder holding the Fashion-MNIST IDX files.
+
+    Searched in order: ``$POISONBENCH_DATA`` (itself, ``fashion-mnist/``, or torchvision's
+    ``FashionMNIST/raw/`` under it), then the Debian package path. Raises DataNotFoundError
+    saying how to get the data.
+    """
+    candidates = []
+    env = os.environ.get("POISONBENCH_DATA")
+    if env:
+        base = Path(env)
+        candidates += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+    candidates.append(Path(DEBIAN_ROOT))
+    for c in candidates:
+        if _split_file(c, "train", "images") is not None:
+            return c
+    raise DataNotFoundError(
+        "Fashion-MNIST not found (looked in: " + ", ".join(map(str, candidates)) + "). Install it with "
+        "`sudo apt-get install dataset-fashion-mnist`, or set POISONBENCH_DATA to a folder holding "
+        "train-images-idx3-ubyte[.gz] and the other three IDX files (torchvision's "
+        "FashionMNIST(root, download=True) layout under POISONBENCH_DATA also works)."
+    )
+
+
+def _split_file(root: Path, split: str, kind: str) -> Path | None:
+    stem = f"{SPLITS[split]}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 3, 28, 28] (grey repeated to RGB) and labels int64 [N] of ``split``."""
+    paths = {k: _split_file(root, split, k) for k in ("images", "labels")}
+    missing = [k for k, p in paths.items() if p is None]
+    if missing:
+        raise DataNotFoundError(f"{root}: the {split} {' and '.join(missing)} IDX file is missing")
+    images = read_idx(paths["images"])
+    labels = read_idx(paths["labels"])
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
+    if labels.max() >= len(CLASSNAMES):
+        raise ValueError(f"{root}: {split} labels go up to {labels.max()}, Fashion-MNIST has 10 classes")
+    imgs = torch.from_numpy(images.copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return imgs, torch.from_numpy(labels.astype(np.int64))
+
+
+def write_caption(label: int, rng: random.Random) -> str:
+    """One caption for class ``label``: a random template, adjective and class word from ``rng``."""
+    word = rng.choice(CLASS_WORDS[label])
+    return rng.choice(CAPTION_TEMPLATES).format(rng.choice(ADJECTIVES) + word)
+
+
+@dataclass
+class FashionMNISTParams:
+    n_train: int = param(0, "training pairs drawn (seeded) from the 60k train split; 0 = all")
+    n_eval: int = param(0, "evaluation images drawn (seeded) from the 10k test split; 0 = all")
+
+
+@register_dataset("fashion-mnist")
+class FashionMNIST:
+    """Fashion-MNIST with generated captions (60k train / 10k test, 10 classes, 28x28 grey)."""
+
+    Params = FashionMNISTParams
+
+    def __init__(self, params: FashionMNISTParams):
+        for name in ("n_train", "n_eval"):
+            if getattr(params, name) < 0:
+                raise ValueError(f"fashion-mnist: {name} must be >= 0 (0 = all), got {getattr(params, name)}")
+        self.params = params
+
+    def load(self, seed: int) -> DatasetBundle:
+        """Read the IDX files and caption the training images, seeded by ``seed``."""
+        root = find_root()
+        train_x, train_y = load_split(root, "train")
+        test_x, test_y = load_split(root, "test")
+        g = torch.Generator().manual_seed(seed)
+        train_idx = _draw(len(train_y), self.params.n_train, g, "n_train")
+        eval_idx = _draw(len(test_y), self.params.n_eval, g, "n_eval")
+        rng = random.Random(seed)
+        labels = train_y[train_idx]
+        captions = [write_caption(int(y), rng) for y in labels]
+        train = CaptionDataset(train_x[train_idx], captions, labels)
+        ev = EvalSet(test_x[eval_idx], test_y[eval_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
+        return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES))
+
+
+def _draw(n: int, k: int, g: torch.Generator, name: str) -> torch.Tensor:
+    if k == 0 or k == n:
+        return torch.arange(n)
+    if k > n:
+        raise ValueError(f"fashion-mnist: {name}={k} exceeds the {n} images of the split")
+    return torch.randperm(n, generator=g)[:k].sort().values

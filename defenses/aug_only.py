@@ -1,0 +1,41 @@
+"""Augmentation-only baseline: RoCLIP's image and EDA text augmentations with the plain CLIP loss
+(the official code's ``--cross_aug`` without the pool; roclip-spec.md §1.2, §6 row 9)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from poisonbench.augment import eda_captions, image_augmentation
+from poisonbench.registry import param, register_defense
+from poisonbench.utils import derive_seed
+
+from .base import Defense
+
+
+@dataclass
+class AugOnlyParams:
+    eda_alpha: float = param(0.1, "EDA strength: alpha_sr = alpha_ri = alpha_rs = p_rd (Wei & Zou 2019), in [0, 1]")
+    min_crop: float = param(0.08, "smallest RandomResizedCrop area, as a fraction of the image, in (0, 1]")
+
+
+@register_defense("aug-only")
+class AugOnly(Defense):
+    """CLIP loss on augmented images (fresh view every epoch) and one fixed EDA rewrite per
+    caption (the original caption is never used), as in RoCLIP's code (roclip-spec.md §1.8-1.9)."""
+
+    Params = AugOnlyParams
+    augment = True
+
+    def __init__(self, params, seed: int):
+        super().__init__(params, seed)
+        if not 0.0 <= params.eda_alpha <= 1.0:
+            raise ValueError(f"{self.name}: eda_alpha must be in [0, 1], got {params.eda_alpha}")
+        if not 0.0 < params.min_crop <= 1.0:
+            raise ValueError(f"{self.name}: min_crop must be in (0, 1], got {params.min_crop}")
+
+    def text_transform(self, captions: list[str]) -> list[str]:
+        if not self.augment:
+            return captions
+        return eda_captions(captions, derive_seed("eda", self.seed), self.params.eda_alpha)
+
+    def train_transform(self, image_size: int):
+        return image_augmentation(image_size, self.params.min_crop) if self.augment else None

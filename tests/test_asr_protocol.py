@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from poisonbench.attacks.base import ZeroShotModel
+from poisonbench.attacks.badnet import BadNet, BadNetParams
+
+
+def label_in_pixel(bundle):
+    """Encode each eval image's class in its top-left pixel (the patch goes bottom-right)."""
+    bundle.eval.images[:, :, 0, 0] = bundle.eval.labels.view(-1, 1).to(torch.uint8)
+    return bundle
+
+
+def reads_pixel(images):
+    """A 'model' that ignores the trigger: top-1 = the class written in the top-left pixel."""
+    top1 = images[:, 0, 0, 0].long()
+    return torch.stack([top1] + [(top1 + k) % 3 for k in (1, 2)] + [top1, top1], dim=1)
+
+
+def test_model_ignoring_trigger_scores_zero_and_target_images_are_excluded(bundle):
+    bundle = label_in_pixel(bundle)
+    attack = BadNet(BadNetParams(target="bag", patch_size=3, n_poison=4), 0)
+    plan = attack.poison(bundle)
+    out = attack.evaluate(ZeroShotModel(reads_pixel, 12), bundle, plan)
+    # 5 of the 15 eval images are bags: counted in, they would give 5/15 successes.
+    assert out == {"asr": 0.0, "asr_n": 10}
+
+
+def test_model_obeying_trigger_scores_one(bundle):
+    attack = BadNet(BadNetParams(target="dog", patch_size=3, n_poison=4), 0)
+    plan = attack.poison(bundle)
+
+    def obeys(images):  # predicts dog exactly when the patch is present
+        has_patch = (images[:, :, -3:, -3:] == attack.patch).flatten(1).all(1)
+        top1 = torch.where(has_patch, 1, 0)
+        return top1.view(-1, 1).expand(-1, 5)
+
+    assert attack.evaluate(ZeroShotModel(obeys, 12), bundle, plan) == {"asr": 1.0, "asr_n": 10}
+
+
+def test_trigger_applied_at_evaluation_geometry(bundle):
+    """Eval images larger than the model input are resized/cropped first, then patched."""
+    attack = BadNet(BadNetParams(target="dog", patch_size=2, n_poison=4), 0)
+    plan = attack.poison(bundle)
+    seen = []
+
+    def record(images):
+        seen.append(images)
+        return torch.zeros(len(images), 5, dtype=torch.long)
+
+    attack.evaluate(ZeroShotModel(record, 8), bundle, plan)
+    assert seen[0].shape[-2:] == (8, 8)
+    assert torch.equal(seen[0][:, :, -2:, -2:], attack.patch.expand(10, 3, 2, 2))
+
+
+def test_eval_set_without_target_class_raises(bundle):
+    attack = BadNet(BadNetParams(target="banana"), 0)
+    with pytest.raises(ValueError, match="not in the evaluation classes"):
+        attack.evaluate(ZeroShotModel(reads_pixel, 12), bundle, None)

@@ -1,0 +1,66 @@
+import math
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from poisonbench.report import EmptyStoreError, leaderboard, load_leaderboard, to_text
+from poisonbench.store import SCHEMA_KEY, read_runs, write_row
+
+
+def row(run_id, attack="badnet", defense="clip", top1=0.8, asr=0.9, status="ok", **extra):
+    return {"run_id": run_id, "status": status, "attack": attack, "defense": defense, "clean_top1": top1,
+            "clean_top5": 0.99, "asr": asr, "p_patch_size": 4, "p_poison_rate": None, **extra}
+
+
+def test_parquet_round_trip_keeps_values_types_and_schema_version(tmp_path):
+    r = row("abc", seed=3, config='{"a": [1, 2]}', wall_s=12.5)
+    path = write_row(r, tmp_path)
+    assert path == tmp_path / "runs" / "abc.parquet"
+    back = read_runs(tmp_path).iloc[0].to_dict()
+    for k, v in r.items():
+        if v is None:
+            assert back[k] is None or (isinstance(back[k], float) and math.isnan(back[k]))
+        else:
+            assert back[k] == v and type(back[k]) in (type(v), __import__("numpy").int64, __import__("numpy").float64)
+    assert pq.read_schema(path).metadata[SCHEMA_KEY] == b"1"
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_rewrite_replaces_the_cells_row_and_new_columns_do_not_break_reading(tmp_path):
+    write_row(row("a", status="failed", top1=None, asr=None), tmp_path)
+    write_row(row("a"), tmp_path)
+    write_row(row("b", defense="roclip", asr=0.01, new_metric=1.5), tmp_path)
+    df = read_runs(tmp_path)
+    assert len(df) == 2 and set(df["status"]) == {"ok"}
+    assert math.isnan(df.set_index("run_id").loc["a", "new_metric"])
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
+    write_row(row("a"), tmp_path)
+    (tmp_path / "runs" / "broken.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "runs" / "notes.txt").write_text("hi")
+    with pytest.warns(UserWarning):
+        df = read_runs(tmp_path)
+    assert list(df["run_id"]) == ["a"]
+
+
+def test_leaderboard_ranks_by_asr_then_clean_accuracy_and_ignores_failed_runs():
+    df = pd.DataFrame([
+        row("1", defense="clip", asr=0.9, top1=0.84), row("2", defense="clip", asr=0.8, top1=0.82),
+        row("3", defense="roclip", asr=0.02, top1=0.7), row("4", defense="aug-only", asr=0.02, top1=0.75),
+        row("5", defense="roclip", status="failed", asr=None, top1=None),
+    ])
+    board = leaderboard(df)
+    assert list(board["defense"]) == ["aug-only", "roclip", "clip"]
+    clip = board[board["defense"] == "clip"].iloc[0]
+    assert clip["runs"] == 2 and clip["asr"] == pytest.approx(0.85) and clip["clean_top1"] == pytest.approx(0.83)
+    assert board[board["defense"] == "roclip"].iloc[0]["runs"] == 1
+    md = to_text(board, "md")
+    assert "| aug-only" in md and "85.0" in md
+    assert to_text(board, "csv").splitlines()[0] == "attack,defense,clean_top1,clean_top5,asr,runs"
+
+
+def test_empty_or_missing_store_says_what_to_run(tmp_path):
+    with pytest.raises(EmptyStoreError, match="bench run --attack badnet"):
+        load_leaderboard(tmp_path / "nothing")
