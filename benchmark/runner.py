@@ -90,14 +90,14 @@ def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool
     """
     cell = prepare(cfg)
     dev = pick_device(device)
+    if dev.type == "cpu":
+        set_threads()
     results = Path(results)
     manifest_path = results / "manifests" / f"{cfg.run_id}.json"
     atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(cell.plan.manifest)))
     row = base_row(cfg, cell.plan, dev)
     t0 = time.perf_counter()
     try:
-        if dev.type == "cpu":
-            set_threads()
         torch.manual_seed(derive_seed(cfg.seed, "model"))
         model, tokenizer = create_model(cfg.model)
         ckpt = results / "checkpoints" / cfg.run_id / "last.pt"
@@ -106,13 +106,12 @@ def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool
                    resumed_from_epoch=result.resumed_from_epoch)
         row.update(evaluate(model, tokenizer, cell, dev))
         row["status"] = "ok"
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C too: the cell is recorded as failed and retried next time
         row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        row["wall_s"] = time.perf_counter() - t0
-        write_row(row, results)
         raise
-    row["wall_s"] = time.perf_counter() - t0
-    write_row(row, results)
+    finally:
+        row.update(wall_s=time.perf_counter() - t0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_row(row, results)
     return row
 
 
@@ -163,7 +162,6 @@ def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     both = set(cfg.attack_params) & set(cfg.defense_params)
     for kind, params in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):

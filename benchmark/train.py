@@ -71,12 +71,14 @@ def train(
     device: torch.device,
     checkpoint: Path | None = None,
     progress: bool = True,
+    on_epoch_end=None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``defense``'s hooks.
 
     Each epoch shuffles with a generator seeded from (seed, epoch) and reseeds torch's global RNG
     (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
     uninterrupted run. A checkpoint whose config hash matches ``cfg`` is resumed.
+    ``on_epoch_end(epoch, model)``, if given, is called after each epoch's checkpoint.
 
     Raises:
         ValueError: fewer training pairs than one batch.
@@ -160,6 +162,8 @@ def train(
                 bar.update(task, advance=1, loss=loss_value, rate=rate)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
 
 

@@ -1,0 +1,60 @@
+"""End to end through the `bench` command line on the tiny profile (real Fashion-MNIST images)."""
+import pytest
+from click.testing import CliRunner
+
+from poisonbench.cli import main
+from poisonbench.store import read_runs
+
+
+def bench(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_tiny_run_then_report(tmp_path):
+    res = str(tmp_path / "res")
+    out = bench("run", "--attack", "badnet[n_poison=20]", "--defense", "roclip", "--profile", "tiny", "--results", res, "-q")
+    assert out.exit_code == 0, out.output
+    df = read_runs(res)
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["status"] == "ok" and r["attack"] == "badnet" and r["defense"] == "roclip"
+    assert r["n_poison"] == 20 and r["p_n_poison"] == 20 and r["p_pool_size"] == 256
+    assert r["n_train"] == 532 and r["poison_rate"] == pytest.approx(20 / 532)
+    assert 0.0 <= r["clean_top1"] <= r["clean_top5"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+    assert 400 < r["asr_n"] < 500  # the ~10% bags of the 500 eval images are excluded
+    for col in ("config_hash", "git_rev", "version", "device", "manifest_hash", "wall_s", "seed", "model"):
+        assert col in df.columns and r[col] is not None
+    assert (tmp_path / "res" / "manifests" / f"{r['run_id']}.json").is_file()
+
+    again = bench("run", "--attack", "badnet[n_poison=20]", "--defense", "roclip", "--profile", "tiny", "--results", res, "-q")
+    assert "already done" in again.output and len(read_runs(res)) == 1
+
+    rep = bench("report", "--results", res, "--format", "md")
+    assert rep.exit_code == 0 and "| badnet" in rep.output and "roclip" in rep.output
+    out_file = tmp_path / "board.csv"
+    assert bench("report", "--results", res, "--format", "csv", "--out", str(out_file)).exit_code == 0
+    assert out_file.read_text().startswith("attack,defense,clean_top1")
+
+
+def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
+    res = str(tmp_path / "res")
+    out = CliRunner().invoke(main, ["run", "--attack", "badnett", "--profile", "tiny", "--results", res])
+    assert out.exit_code == 2 and "valid attacks" in out.output and "badnet" in out.output
+    out = CliRunner().invoke(main, ["run", "-a", "badnet", "-A", "target=shoe", "--profile", "tiny", "--results", res])
+    assert out.exit_code == 2 and "not in the evaluation classes" in out.output and "ankle boot" in out.output
+    out = CliRunner().invoke(main, ["run", "-A", "n_poison=100000", "--profile", "tiny", "--results", res])
+    assert out.exit_code == 2 and "lower n_poison" in out.output
+    assert read_runs(res).empty  # nothing was written
+
+
+def test_report_on_empty_store_says_what_to_run(tmp_path):
+    out = CliRunner().invoke(main, ["report", "--results", str(tmp_path)])
+    assert out.exit_code == 1 and "bench run --attack badnet" in out.output
+
+
+def test_list_shows_parameters_and_defaults():
+    out = bench("list")
+    assert out.exit_code == 0
+    for text in ("badnet", "patch_size", "roclip", "pool_size", "fashion-mnist", "cpu-small"):
+        assert text in out.output
