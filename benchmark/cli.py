@@ -66,17 +66,18 @@ def list_cmd(kind: str | None) -> None:
             table.add_column(col)
         for name in reg.names():
             cls = reg.get(name)
-            doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+            doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
             params = "\n".join(f"{p}: {t} = {d!r}  [dim]{h}[/dim]" for p, t, d, h in param_fields(cls.Params)) or "-"
             table.add_row(name, doc, params)
         console.print(table)
     if kind in (None, "profiles"):
         table = Table(title="profiles")
-        for col in ("name", "description", "model", "data", "epochs", "batch", "lr"):
+        for col in ("name", "description", "model", "data", "epochs", "batch", "lr", "defense parameters it sets"):
             table.add_column(col)
         for p in PROFILES.values():
             data = p.dataset + "".join(f" {k}={v}" for k, v in p.dataset_params.items())
-            table.add_row(p.name, p.description, p.model, data, str(p.epochs), str(p.batch_size), f"{p.lr:g}")
+            overrides = "\n".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for d, kv in p.defense_params.items())
+            table.add_row(p.name, p.description, p.model, data, str(p.epochs), str(p.batch_size), f"{p.lr:g}", overrides or "-")
         console.print(table)
 
 
