@@ -98,7 +98,7 @@ class BackdoorAttack(Attack):
         images = eval_geometry(data.eval.images[keep], model.image_size)
         triggered = self.apply_trigger(images, self.generator(4))
         top1 = model.predict(triggered)[:, 0]
-        return {"asr": (top1 == target).float().mean().item(), "asr_n": int(keep.sum())}
+        return {"asr": (top1 == target).double().mean().item(), "asr_n": int(keep.sum())}
 
 
 def target_captions(data: DatasetBundle, target: int, n: int, rng: random.Random) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -37,6 +38,10 @@ def split_name(spec: str, what: str) -> tuple[str, dict[str, str]]:
     return m.group(1), params
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err_console.print(f"[yellow]warning: {message}[/yellow]")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="poisonbench")
 def main() -> None:
@@ -49,6 +54,7 @@ def main() -> None:
       bench run --attack badnet --defense roclip   train and evaluate one cell (cpu-small profile)
       bench report                                 leaderboard of everything in results/
     """
+    warnings.showwarning = _show_warning
 
 
 @main.command("list")
@@ -62,7 +68,8 @@ def list_cmd(kind: str | None) -> None:
         if kind not in (None, k):
             continue
         table = Table(title=k, show_lines=True)
-        for col in ("name", "description", "parameters (default)"):
+        table.add_column("name", no_wrap=True)
+        for col in ("description", "parameters (default)"):
             table.add_column(col)
         for name in reg.names():
             cls = reg.get(name)
@@ -72,7 +79,8 @@ def list_cmd(kind: str | None) -> None:
         console.print(table)
     if kind in (None, "profiles"):
         table = Table(title="profiles")
-        for col in ("name", "description", "model", "data", "epochs", "batch", "lr", "defense parameters it sets"):
+        table.add_column("name", no_wrap=True)
+        for col in ("description", "model", "data", "epochs", "batch", "lr", "defense parameters it sets"):
             table.add_column(col)
         for p in PROFILES.values():
             data = p.dataset + "".join(f" {k}={v}" for k, v in p.dataset_params.items())
@@ -99,9 +107,10 @@ def list_cmd(kind: str | None) -> None:
               help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Run again even if this cell already has a finished result.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after the run succeeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
-        results, device, force, quiet) -> None:
+        results, device, force, keep_checkpoint, quiet) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row.
 
     The cell (attack, defense, profile, seed, parameters) is identified by the hash of its
@@ -113,8 +122,8 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
     the attack's protocol (backdoors: triggered non-target images classified as the target).
     """
     from .config import resolve
-    from .runner import ConfigError, run_cell
-    from .store import read_runs
+    from .runner import ConfigError, execute, prepare
+    from .store import read_runs, runs_dir
 
     a_name, a_params = split_name(attack, "--attack")
     d_name, d_params = split_name(defense, "--defense")
@@ -130,15 +139,19 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
         console.print(f"[yellow]cell {cfg.run_id} is already done in {results}; showing it (use --force to rerun)")
         show_row(done[(done["run_id"] == cfg.run_id)].iloc[-1].to_dict())
         return
+    try:
+        cell = prepare(cfg, device)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     if force:
         (Path(results) / "checkpoints" / cfg.run_id / "last.pt").unlink(missing_ok=True)
     console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={a_name} defense={d_name} profile={profile} seed={seed}")
     try:
-        row = run_cell(cfg, Path(results), device=device, progress=not quiet)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    except Exception as e:  # recorded as failed in the store by run_cell
-        err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] (recorded with status=failed)")
+        row = execute(cell, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint)
+    except Exception as e:
+        recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
+        where = "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded"
+        err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] ({where})")
         sys.exit(1)
     show_row(row)
 

@@ -73,4 +73,4 @@ def topk_accuracy(topk: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose true label (int64 [N]) is among the first k of ``topk`` [N, >=k]."""
     if len(labels) == 0:
         raise ValueError("accuracy of an empty evaluation set is undefined")
-    return (topk[:, :k] == labels.unsqueeze(1)).any(dim=1).float().mean().item()
+    return (topk[:, :k] == labels.unsqueeze(1)).any(dim=1).double().mean().item()

@@ -1,6 +1,7 @@
 """Leaderboard tables from the Parquet store (the report reads nothing else)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +9,8 @@ from rich.table import Table
 
 from .store import read_runs
 
-COLUMNS = ["attack", "defense", "clean_top1", "clean_top5", "asr", "runs"]
+COLUMNS = ["attack", "defense", "profile", "setting", "clean_top1", "clean_top5", "asr", "runs"]
+GROUP = ["attack", "defense", "profile"]
 
 
 class EmptyStoreError(LookupError):
@@ -16,9 +18,14 @@ class EmptyStoreError(LookupError):
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (attack, defense) over finished runs (status ok): mean clean top-1/top-5 and
-    mean ASR (NaN for attacks without one), and the number of runs. Sorted by attack, then by
-    ASR ascending and clean top-1 descending (the most robust defense first)."""
+    """One row per comparable setting over finished runs (status ok), seeds pooled.
+
+    Runs are comparable when their resolved configs are equal up to the seed. ``setting`` names
+    the config values that differ between runs of the same (attack, defense, profile), e.g.
+    ``n_poison=50``; it is empty when there is one setting. Columns: mean clean top-1/top-5,
+    mean ASR (NaN for attacks without one) and the number of runs. Sorted by attack, then ASR
+    ascending and clean top-1 descending (the most robust defense first).
+    """
     if df.empty or "status" not in df:
         return pd.DataFrame(columns=COLUMNS)
     ok = df[df["status"] == "ok"].copy()
@@ -26,14 +33,39 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     for col in ("clean_top1", "clean_top5", "asr"):
         ok[col] = pd.to_numeric(ok[col], errors="coerce") if col in ok else float("nan")
-    board = (
-        ok.groupby(["attack", "defense"], as_index=False)
-        .agg(clean_top1=("clean_top1", "mean"), clean_top5=("clean_top5", "mean"), asr=("asr", "mean"),
-             runs=("run_id", "count"))
+    ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
+    ok["setting"] = _settings(ok)
+    board = ok.groupby(GROUP + ["setting"], as_index=False, dropna=False).agg(
+        clean_top1=("clean_top1", "mean"), clean_top5=("clean_top5", "mean"), asr=("asr", "mean"),
+        runs=("run_id", "count"),
     )
-    return board.sort_values(["attack", "asr", "clean_top1"], ascending=[True, True, False], na_position="last")[
-        COLUMNS
-    ].reset_index(drop=True)
+    board = board.sort_values(["attack", "asr", "clean_top1"], ascending=[True, True, False], na_position="last")
+    return board[COLUMNS].reset_index(drop=True)
+
+
+def _flat_config(config: object) -> dict[str, str]:
+    """Resolved config (JSON string) flattened to {"attack_params.n_poison": "100", ...}, seed dropped."""
+    if not isinstance(config, str):
+        return {}
+    out: dict[str, str] = {}
+    for key, value in json.loads(config).items():
+        if key == "seed":
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _settings(ok: pd.DataFrame) -> pd.Series:
+    flat = pd.DataFrame([_flat_config(c) for c in ok.get("config", [None] * len(ok))], index=ok.index)
+    setting = pd.Series("", index=ok.index)
+    for _, group in ok.groupby(GROUP):
+        cols = [c for c in flat.columns if flat.loc[group.index, c].nunique(dropna=False) > 1]
+        for i in group.index:
+            setting[i] = ", ".join(f"{c.split('.')[-1]}={flat.at[i, c]}" for c in cols)
+    return setting
 
 
 def load_leaderboard(results: str | Path) -> pd.DataFrame:
@@ -56,12 +88,14 @@ def _pct(x: float) -> str:
 
 def rich_table(board: pd.DataFrame) -> Table:
     """The leaderboard as a rich table, accuracies and ASR in percent."""
-    table = Table(title="poisonbench leaderboard (mean over runs; %)")
-    for col, just in [("attack", "left"), ("defense", "left"), ("clean top-1", "right"), ("clean top-5", "right"),
-                      ("ASR", "right"), ("runs", "right")]:
+    table = Table(title="poisonbench leaderboard (mean over seeds; %)")
+    show_setting = board["setting"].astype(bool).any()
+    cols = [("attack", "left"), ("defense", "left"), ("profile", "left")] + ([("setting", "left")] if show_setting else [])
+    for col, just in cols + [("clean top-1", "right"), ("clean top-5", "right"), ("ASR", "right"), ("runs", "right")]:
         table.add_column(col, justify=just)
     for r in board.itertuples(index=False):
-        table.add_row(r.attack, r.defense, _pct(r.clean_top1), _pct(r.clean_top5), _pct(r.asr), str(r.runs))
+        ident = [r.attack, r.defense, r.profile] + ([r.setting] if show_setting else [])
+        table.add_row(*ident, _pct(r.clean_top1), _pct(r.clean_top5), _pct(r.asr), str(r.runs))
     return table
 
 
@@ -73,6 +107,6 @@ def to_text(board: pd.DataFrame, fmt: str) -> str:
         shown = board.copy()
         for col in ("clean_top1", "clean_top5", "asr"):
             shown[col] = shown[col].map(_pct)
-        shown.columns = ["attack", "defense", "clean top-1 (%)", "clean top-5 (%)", "ASR (%)", "runs"]
+        shown.columns = ["attack", "defense", "profile", "setting", "clean top-1 (%)", "clean top-5 (%)", "ASR (%)", "runs"]
         return shown.to_markdown(index=False, disable_numparse=True) + "\n"
     raise ValueError(f"unknown format {fmt!r}; valid formats: md, csv")

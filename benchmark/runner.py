@@ -31,22 +31,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class Cell:
-    """A prepared cell: its config, data, attack, poisoned training set and defense."""
+    """A prepared cell: its config, data, attack, poisoned training set, defense and device."""
 
     cfg: RunConfig
     data: DatasetBundle
     attack: Attack
     plan: PoisonPlan
     defense: Defense
+    device: torch.device
 
 
-def prepare(cfg: RunConfig) -> Cell:
-    """Load the data, build the attack and defense and poison the training set.
+def prepare(cfg: RunConfig, device: str = "auto") -> Cell:
+    """Check the device, load the data, build the attack and defense and poison the training set.
 
     Raises ConfigError (with the problem and the valid choices) for anything that would make the
-    run fail, so bad input never starts training.
+    run fail, so bad input never starts training and never writes to the store.
     """
     try:
+        dev = pick_device(device)
         ds_cls = DATASETS.get(cfg.dataset)
         dataset = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}"))
         attack_cls, defense_cls = ATTACKS.get(cfg.attack), DEFENSES.get(cfg.defense)
@@ -55,18 +57,33 @@ def prepare(cfg: RunConfig) -> Cell:
         data = dataset.load(cfg.seed)
         attack.check(data)
         plan = attack.poison(data)
+        defense.check(len(plan.train))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if len(plan.train) < cfg.batch_size:
         raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size}")
-    return Cell(cfg, data, attack, plan, defense)
+    return Cell(cfg, data, attack, plan, defense, dev)
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named torch device."""
+    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda`` or ``cuda:N``.
+
+    Raises ValueError for an unknown device or a GPU that is not there.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; valid devices: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here (cuda:0..)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported; valid devices: auto, cpu, cuda, cuda:N")
+    return dev
 
 
 def git_rev() -> str:
@@ -82,25 +99,31 @@ def git_rev() -> str:
         return "unknown"
 
 
-def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Run one cell end to end and write its result row to ``results/runs/<run_id>.parquet``.
+def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool = True,
+             keep_checkpoint: bool = False) -> dict[str, Any]:
+    """``prepare`` then ``execute`` one cell; see both."""
+    return execute(prepare(cfg, device), results, progress, keep_checkpoint)
 
-    Returns the row. Errors before training raise ConfigError and write nothing; a failure during
-    training or evaluation writes a row with status=failed and the error, then re-raises.
+
+def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Train and evaluate a prepared cell and write its row to ``results/runs/<run_id>.parquet``.
+
+    Returns the row. A failure (Ctrl-C included) writes a row with status=failed and the error
+    when the store is writable, then re-raises. The end-of-epoch checkpoint
+    (``results/checkpoints/<run_id>/last.pt``) lets an interrupted cell resume; it is deleted once
+    the row is written unless ``keep_checkpoint``.
     """
-    cell = prepare(cfg)
-    dev = pick_device(device)
+    cfg, dev, results = cell.cfg, cell.device, Path(results)
     if dev.type == "cpu":
         set_threads()
-    results = Path(results)
-    manifest_path = results / "manifests" / f"{cfg.run_id}.json"
-    atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(cell.plan.manifest)))
+    ckpt = results / "checkpoints" / cfg.run_id / "last.pt"
     row = base_row(cfg, cell.plan, dev)
     t0 = time.perf_counter()
     try:
+        manifest = json.dumps(cell.plan.manifest)
+        atomic_write(results / "manifests" / f"{cfg.run_id}.json", lambda tmp: Path(tmp).write_text(manifest))
         torch.manual_seed(derive_seed(cfg.seed, "model"))
         model, tokenizer = create_model(cfg.model)
-        ckpt = results / "checkpoints" / cfg.run_id / "last.pt"
         result = train(model, tokenizer, cell.plan.train, cell.defense, cfg, dev, ckpt, progress)
         row.update(train_s=result.train_s, steps=result.steps, final_loss=result.final_loss,
                    resumed_from_epoch=result.resumed_from_epoch)
@@ -111,7 +134,13 @@ def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool
         raise
     finally:
         row.update(wall_s=time.perf_counter() - t0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_row(row, results)
+        try:
+            write_row(row, results)
+        except OSError:
+            if row["status"] == "ok":
+                raise
+    if not keep_checkpoint:
+        ckpt.unlink(missing_ok=True)
     return row
 
 
@@ -174,4 +203,5 @@ def device_name(device: torch.device) -> str:
     """Human-readable device, e.g. ``cpu (2 threads)`` or ``cuda:0 NVIDIA H200``."""
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
-    return f"{device} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device} ({n} thread{'s' if n != 1 else ''})"

@@ -18,6 +18,7 @@ from .utils import atomic_write
 
 SCHEMA_VERSION = "1"
 SCHEMA_KEY = b"poisonbench.schema_version"
+REQUIRED = ("run_id", "status", "attack", "defense")
 
 
 def runs_dir(results: str | Path) -> Path:
@@ -52,9 +53,15 @@ def read_runs(results: str | Path) -> pd.DataFrame:
             warnings.warn(f"skipping {path}: not a .parquet file")
             continue
         try:
-            frames.append(pq.read_table(path).to_pandas())
+            frame = pq.read_table(path).to_pandas()
         except (pa.ArrowException, OSError) as e:
             warnings.warn(f"skipping {path}: unreadable Parquet ({e})")
+            continue
+        missing = [c for c in REQUIRED if c not in frame.columns]
+        if missing:
+            warnings.warn(f"skipping {path}: not a poisonbench result (no {', '.join(missing)} column)")
+            continue
+        frames.append(frame)
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,8 @@ def train(
     amp = device.type == "cuda"
 
     start_epoch, step = 1, 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
         if state.get("config_hash") == cfg.config_hash:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -167,6 +168,19 @@ def train(
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
 
 
+def load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at ``path``, or None when there is none or it is unreadable (then a warning
+    says so and training starts from scratch). Loaded with ``weights_only=True``: plain tensors and
+    numbers, never code."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, tampered, or not a checkpoint at all
+        warnings.warn(f"ignoring unreadable checkpoint {path} ({type(e).__name__}: {e}); training from scratch")
+        return None
+
+
 def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense) -> None:
     """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``)."""
     state = {
@@ -182,7 +196,10 @@ def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, op
 
 
 def set_threads() -> None:
-    """Use every core the process may run on for intra-op parallelism on CPU."""
+    """Use every core the process may run on for intra-op parallelism on CPU, unless
+    ``OMP_NUM_THREADS`` says otherwise."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # torch already follows it
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

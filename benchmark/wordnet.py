@@ -3,11 +3,12 @@
 Debian's /usr/share/wordnet holds the WordNet 3.0 database files but not the ``lexnames`` file
 that NLTK's reader opens; its contents are the table of the lexnames(5) man page, shipped here
 as package data. When the folder lacks the file, a cache folder with copies of its files plus ``lexnames``
-is made under ``$XDG_CACHE_HOME/poisonbench`` (default ~/.cache/poisonbench), once.
+is made under ``$XDG_CACHE_HOME/poisonbench`` (default ~/.cache/poisonbench), once per source folder.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 
 DEBIAN_ROOT = "/usr/share/wordnet"
 LEXNAMES = Path(__file__).parent / "data" / "lexnames"
+DATABASE_FILES = tuple(f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv"))
 
 
 class WordNetNotFoundError(FileNotFoundError):
@@ -27,10 +29,16 @@ def find_root() -> Path:
     Raises WordNetNotFoundError saying how to install it.
     """
     env = os.environ.get("POISONBENCH_WORDNET")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(DEBIAN_ROOT))
+    if env:
+        if not all((Path(env) / f).is_file() for f in DATABASE_FILES):
+            raise WordNetNotFoundError(
+                f"POISONBENCH_WORDNET={env} is not a WordNet 3.0 dict folder (it needs "
+                f"{', '.join(DATABASE_FILES)}); fix or unset it (the default is {DEBIAN_ROOT})."
+            )
+        return Path(env)
+    candidates = [Path(DEBIAN_ROOT)]
     for c in candidates:
-        if (c / "data.noun").is_file() and (c / "index.noun").is_file():
+        if all((c / f).is_file() for f in DATABASE_FILES):
             return c
     raise WordNetNotFoundError(
         "WordNet not found (looked in: " + ", ".join(map(str, candidates)) + "). EDA text augmentation "
@@ -42,7 +50,9 @@ def find_root() -> Path:
 def _reader_root(root: Path) -> Path:
     if (root / "lexnames").is_file():
         return root
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poisonbench" / "wordnet"
+    # One cache folder per source folder, so a cache made from another database is never reused.
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "poisonbench" / f"wordnet-{key}"
     if (cache / "lexnames").is_file():
         return cache
     cache.mkdir(parents=True, exist_ok=True)
@@ -57,13 +67,19 @@ def _reader_root(root: Path) -> Path:
     return cache
 
 
-@functools.lru_cache(maxsize=1)
 def wordnet():
-    """NLTK's WordNetCorpusReader over the local database (loaded once per process)."""
+    """NLTK's WordNetCorpusReader over the local database (``find_root``), loaded once per folder.
+
+    Raises WordNetNotFoundError when the database is missing or unreadable.
+    """
+    return _reader(find_root())
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(root: Path):
     import nltk.data
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    root = find_root()
     reader_root = _reader_root(root)
     # NLTK only opens files under its data path; this folder holds the WordNet files we chose.
     if str(reader_root) not in nltk.data.path:
@@ -76,7 +92,10 @@ def wordnet():
 
     with warnings.catch_warnings():  # "multilingual functions are not available": not needed
         warnings.simplefilter("ignore", UserWarning)
-        return LocalWordNet(str(reader_root), None)
+        try:
+            return LocalWordNet(str(reader_root), None)
+        except (OSError, ValueError, AssertionError) as e:
+            raise WordNetNotFoundError(f"WordNet in {root} is unreadable ({type(e).__name__}: {e})") from e
 
 
 @functools.lru_cache(maxsize=100_000)

@@ -79,12 +79,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format), plain or gzipped.
 
     Returns a numpy array of the dtype and shape the header declares (uint8 [N, 28, 28] for
-    Fashion-MNIST images, uint8 [N] for labels). Raises ValueError for a bad magic number,
-    an unknown type code, or a payload whose size does not match the header.
+    Fashion-MNIST images, uint8 [N] for labels). Raises ValueError for a corrupt gzip stream,
+    a bad magic number, an unknown type code, or a payload whose size does not match the header.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # truncated or corrupt gzip stream
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -109,12 +112,18 @@ def find_root() -> Path:
     ``FashionMNIST/raw/`` under it), then the Debian package path. Raises DataNotFoundError
     saying how to get the data.
     """
-    candidates = []
     env = os.environ.get("POISONBENCH_DATA")
     if env:
         base = Path(env)
-        candidates += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    candidates.append(Path(DEBIAN_ROOT))
+        candidates = [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+        for c in candidates:
+            if _split_file(c, "train", "images") is not None:
+                return c
+        raise DataNotFoundError(
+            f"POISONBENCH_DATA={env} holds no Fashion-MNIST IDX files (looked in: "
+            + ", ".join(map(str, candidates)) + "); fix or unset it (the default is " + DEBIAN_ROOT + ")."
+        )
+    candidates = [Path(DEBIAN_ROOT)]
     for c in candidates:
         if _split_file(c, "train", "images") is not None:
             return c

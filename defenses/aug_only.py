@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from poisonbench import wordnet
 from poisonbench.augment import eda_captions, image_augmentation
 from poisonbench.registry import param, register_defense
 from poisonbench.utils import derive_seed
@@ -31,6 +32,10 @@ class AugOnly(Defense):
             raise ValueError(f"{self.name}: eda_alpha must be in [0, 1], got {params.eda_alpha}")
         if not 0.0 < params.min_crop <= 1.0:
             raise ValueError(f"{self.name}: min_crop must be in (0, 1], got {params.min_crop}")
+
+    def check(self, train_size: int) -> None:
+        if self.augment:
+            wordnet.wordnet()  # load it now: a missing WordNet must stop the run before training
 
     def text_transform(self, captions: list[str]) -> list[str]:
         if not self.augment:

@@ -40,6 +40,10 @@ class Defense:
         self.params = params
         self.seed = seed
 
+    def check(self, train_size: int) -> None:
+        """Raise ValueError naming the problem if the defense cannot run on ``train_size``
+        training pairs, or a resource it needs (e.g. WordNet) is missing; called before training."""
+
     def text_transform(self, captions: list[str]) -> list[str]:
         """Captions the model trains on, one per training pair (default: unchanged)."""
         return captions

@@ -100,6 +100,14 @@ class RoCLIP(AugOnly):
         self.augment = params.augment
         self.pool: CaptionPool | None = None  # made on first use, when the embedding size is known
 
+    def check(self, train_size: int) -> None:
+        super().check(train_size)
+        if self.params.pool_size > train_size:
+            raise ValueError(
+                f"roclip: pool_size {self.params.pool_size} exceeds the {train_size} training pairs; "
+                "the pool would hold the same captions several times"
+            )
+
     def is_matching_epoch(self, epoch: int) -> bool:
         """True when 1-indexed ``epoch`` uses the matching loss (roclip-spec.md §1.5)."""
         return epoch % self.params.match_every == 0

@@ -34,7 +34,7 @@ def test_tiny_run_then_report(tmp_path):
     assert rep.exit_code == 0 and "| badnet" in rep.output and "roclip" in rep.output
     out_file = tmp_path / "board.csv"
     assert bench("report", "--results", res, "--format", "csv", "--out", str(out_file)).exit_code == 0
-    assert out_file.read_text().startswith("attack,defense,clean_top1")
+    assert out_file.read_text().startswith("attack,defense,profile,setting,clean_top1")
 
 
 def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
@@ -46,6 +46,32 @@ def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
     out = CliRunner().invoke(main, ["run", "-A", "n_poison=100000", "--profile", "tiny", "--results", res])
     assert out.exit_code == 2 and "lower n_poison" in out.output
     assert read_runs(res).empty  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--lr", "-1"], {}, "lr must be a positive"),
+        (["--seed", "-3"], {}, "seed must be in"),
+        (["-d", "roclip", "-D", "pool_size=100000"], {}, "exceeds the"),
+        (["-d", "roclip"], {"POISONBENCH_WORDNET": "/nonexistent"}, "POISONBENCH_WORDNET=/nonexistent is not"),
+        (["--device", "warp-drive"], {}, "valid devices: auto, cpu, cuda"),
+    ],
+)
+def test_more_bad_input_fails_before_training(tmp_path, monkeypatch, args, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    res = tmp_path / "res"
+    out = CliRunner().invoke(main, ["run", "--profile", "tiny", "--results", str(res), *args])
+    assert out.exit_code == 2 and message in out.output, out.output
+    assert not res.exists()  # nothing written: no manifest, no row, no checkpoint
+
+
+def test_cuda_requested_without_a_gpu_is_a_usage_error(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = CliRunner().invoke(main, ["run", "--profile", "tiny", "--device", "cuda", "--results", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "no CUDA GPU is available" in out.output
 
 
 def test_report_on_empty_store_says_what_to_run(tmp_path):

@@ -62,10 +62,24 @@ def test_dataset_from_poisonbench_data(tmp_path, monkeypatch):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("POISONBENCH_DATA", str(tmp_path))
+    monkeypatch.delenv("POISONBENCH_DATA", raising=False)
     monkeypatch.setattr(fm, "DEBIAN_ROOT", str(tmp_path / "none"))
     with pytest.raises(fm.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
         fm.find_root()
+
+
+def test_data_folder_set_but_empty_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv("POISONBENCH_DATA", str(tmp_path))
+    with pytest.raises(fm.DataNotFoundError, match=f"POISONBENCH_DATA={tmp_path} holds no Fashion-MNIST"):
+        fm.find_root()
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((100, 28, 28), np.uint8), compress=True)
+    data = (tmp_path / "x.gz").read_bytes()
+    (tmp_path / "x.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="x.gz: unreadable"):
+        fm.read_idx(tmp_path / "x.gz")
 
 
 def test_captions_are_varied():

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pandas as pd
@@ -8,13 +9,15 @@ from poisonbench.report import EmptyStoreError, leaderboard, load_leaderboard, t
 from poisonbench.store import SCHEMA_KEY, read_runs, write_row
 
 
-def row(run_id, attack="badnet", defense="clip", top1=0.8, asr=0.9, status="ok", **extra):
-    return {"run_id": run_id, "status": status, "attack": attack, "defense": defense, "clean_top1": top1,
-            "clean_top5": 0.99, "asr": asr, "p_patch_size": 4, "p_poison_rate": None, **extra}
+def row(run_id, attack="badnet", defense="clip", top1=0.8, asr=0.9, status="ok", seed=0, n_poison=100, **extra):
+    config = json.dumps({"attack": attack, "attack_params": {"n_poison": n_poison}, "defense": defense, "seed": seed})
+    return {"run_id": run_id, "status": status, "attack": attack, "defense": defense, "profile": "tiny",
+            "clean_top1": top1, "clean_top5": 0.99, "asr": asr, "p_patch_size": 4, "p_poison_rate": None,
+            "seed": seed, "config": config, **extra}
 
 
 def test_parquet_round_trip_keeps_values_types_and_schema_version(tmp_path):
-    r = row("abc", seed=3, config='{"a": [1, 2]}', wall_s=12.5)
+    r = row("abc", seed=3, wall_s=12.5)
     path = write_row(r, tmp_path)
     assert path == tmp_path / "runs" / "abc.parquet"
     back = read_runs(tmp_path).iloc[0].to_dict()
@@ -47,7 +50,7 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
 
 def test_leaderboard_ranks_by_asr_then_clean_accuracy_and_ignores_failed_runs():
     df = pd.DataFrame([
-        row("1", defense="clip", asr=0.9, top1=0.84), row("2", defense="clip", asr=0.8, top1=0.82),
+        row("1", defense="clip", asr=0.9, top1=0.84), row("2", defense="clip", asr=0.8, top1=0.82, seed=1),
         row("3", defense="roclip", asr=0.02, top1=0.7), row("4", defense="aug-only", asr=0.02, top1=0.75),
         row("5", defense="roclip", status="failed", asr=None, top1=None),
     ])
@@ -58,7 +61,23 @@ def test_leaderboard_ranks_by_asr_then_clean_accuracy_and_ignores_failed_runs():
     assert board[board["defense"] == "roclip"].iloc[0]["runs"] == 1
     md = to_text(board, "md")
     assert "| aug-only" in md and "85.0" in md
-    assert to_text(board, "csv").splitlines()[0] == "attack,defense,clean_top1,clean_top5,asr,runs"
+    assert to_text(board, "csv").splitlines()[0] == "attack,defense,profile,setting,clean_top1,clean_top5,asr,runs"
+
+
+def test_runs_with_different_parameters_are_not_averaged_together():
+    df = pd.DataFrame([
+        row("1", asr=0.9), row("2", asr=0.7, seed=1), row("3", asr=0.1, n_poison=10),
+    ])
+    board = leaderboard(df).set_index("setting")
+    assert board.loc["n_poison=100", "asr"] == pytest.approx(0.8) and board.loc["n_poison=100", "runs"] == 2
+    assert board.loc["n_poison=10", "asr"] == pytest.approx(0.1) and board.loc["n_poison=10", "runs"] == 1
+
+
+def test_foreign_parquet_files_are_skipped(tmp_path):
+    write_row(row("a"), tmp_path)
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "runs" / "other.parquet")
+    with pytest.warns(UserWarning, match="not a poisonbench result"):
+        assert list(read_runs(tmp_path)["run_id"]) == ["a"]
 
 
 def test_empty_or_missing_store_says_what_to_run(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from poisonbench.config import resolve
 from poisonbench.models import create_model
 from poisonbench.runner import prepare
-from poisonbench.train import lr_lambda, param_groups, train
+from poisonbench.train import load_checkpoint, lr_lambda, param_groups, train
 
 
 class Crash(RuntimeError):
@@ -42,6 +42,14 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
     assert result.resumed_from_epoch == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference[k]), k
+
+
+def test_unreadable_checkpoint_is_ignored_with_a_warning(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="ignoring unreadable checkpoint"):
+        assert load_checkpoint(bad) is None
+    assert load_checkpoint(tmp_path / "missing.pt") is None
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
