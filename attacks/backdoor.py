@@ -4,7 +4,7 @@ Poisoning: ``n_poison`` training images whose class is not the target are copied
 applied to the copies (uint8, before any normalisation), and each copy is paired with a caption
 naming the target label; the pairs are appended to the clean training set.
 
-ASR (DESIGN.md, "Backdoor ASR"): over evaluation images whose true class is not the target, the
+ASR (docs/DESIGN.md, "Backdoor ASR"): over evaluation images whose true class is not the target, the
 trigger is applied after the evaluation resize/crop at the geometry of clean evaluation; success
 is zero-shot top-1 == target.
 """

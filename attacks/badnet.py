@@ -1,5 +1,5 @@
 """BadNets patch backdoor (Gu et al. 2017), as used against CLIP by Carlini & Terzis (2022)
-and RoCLIP (roclip-spec.md §3.2): one fixed, seeded random patch pasted on uint8 images."""
+and RoCLIP (docs/roclip-spec.md §3.2): one fixed, seeded random patch pasted on uint8 images."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""RoCLIP's augmentations: image views (roclip-spec.md §1.8) and EDA caption rewrites (§1.9).
+"""RoCLIP's augmentations: image views (docs/roclip-spec.md §1.8) and EDA caption rewrites (§1.9).
 
 Image: RandomHorizontalFlip -> RandomResizedCrop -> ColorJitter (p=0.8) -> RandomGrayscale (p=0.2)
 -> GaussianBlur, with the crop size and blur kernel and sigma scaled from the paper's 224 px to the
@@ -33,7 +33,7 @@ def clean_caption(caption: str) -> str:
 
 
 def eda(caption: str, rng: random.Random, alpha: float = 0.1) -> str:
-    """One EDA rewrite of ``caption`` (roclip-spec.md §1.9; Wei & Zou 2019).
+    """One EDA rewrite of ``caption`` (docs/roclip-spec.md §1.9; Wei & Zou 2019).
 
     One of synonym replacement, random insertion, random swap and random deletion is chosen
     uniformly; the first three change n = max(1, floor(alpha * words)) words, deletion drops each
@@ -119,7 +119,7 @@ def eda_captions(captions: list[str], seed: int, alpha: float = 0.1) -> list[str
 
 
 def image_augmentation(size: int, min_crop: float = 0.08) -> K.AugmentationSequential:
-    """RoCLIP's image augmentation (roclip-spec.md §1.8) for ``size`` x ``size`` model inputs,
+    """RoCLIP's image augmentation (docs/roclip-spec.md §1.8) for ``size`` x ``size`` model inputs,
     applied to whole batches with an independent random draw per image (kornia).
 
     Takes float images [B, 3, H, W] in [0, 1] and returns float [B, 3, size, size] in [0, 1].

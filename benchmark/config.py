@@ -49,7 +49,7 @@ PROFILES: dict[str, Profile] = {
             "poisonbench-cpu-small", "fashion-mnist", {"n_train": 10000, "n_eval": 0}, epochs=10,
             batch_size=128, lr=1e-3, warmup_steps=78, weight_decay=0.1,
             # An epoch here is 78 steps, not the paper's ~2000. Matching every 3rd epoch (the authors'
-            # own run, roclip-spec.md §1.5) leaves the model time to recover between matching epochs;
+            # own run, docs/roclip-spec.md §1.5) leaves the model time to recover between matching epochs;
             # a pool fed every step never holds captions embedded epochs ago (with the official
             # matching-epochs-only update, clean top-1 fell from 0.68 to 0.57); crops below half of
             # a 28 px image carry no class information.

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (DESIGN.md, "Clean accuracy") and the shared image pre-processing.
+"""Zero-shot evaluation (docs/DESIGN.md, "Clean accuracy") and the shared image pre-processing.
 
 Images stay uint8 until ``normalize``: evaluation geometry (resize + centre crop to the model's
 size) is applied first, so a trigger can be pasted at exactly the geometry clean evaluation uses.
@@ -40,7 +40,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device="cpu") -> torch.Tensor:
     """Zero-shot weights, float32 [embed_dim, C]: per class, the mean of the L2-normalised text
-    embeddings of every template filled with the class name, renormalised (DESIGN.md protocol;
+    embeddings of every template filled with the class name, renormalised (docs/DESIGN.md protocol;
     Radford et al. 2021, §3.1.4 prompt ensembling)."""
     weights = []
     for name in classnames:

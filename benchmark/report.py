@@ -77,7 +77,7 @@ def load_leaderboard(results: str | Path) -> pd.DataFrame:
         extra = f" ({failed} failed run(s) are in the store; see their `error` column)" if failed else ""
         raise EmptyStoreError(
             f"no finished runs in {Path(results) / 'runs'}{extra}. Run one first, e.g. "
-            "`bench run --attack badnet --defense clip`."
+            f"`bench run --attack badnet --defense clip --results {results}`."
         )
     return board
 

@@ -167,7 +167,7 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
 
 
 def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str, Any]:
-    """Identity and provenance columns of a result row (DESIGN.md: every number traceable)."""
+    """Identity and provenance columns of a result row (docs/DESIGN.md: every number traceable)."""
     row: dict[str, Any] = {
         "run_id": cfg.run_id,
         "status": "running",

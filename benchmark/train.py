@@ -39,7 +39,7 @@ class TrainResult:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in RoCLIP's code (roclip-spec.md §1.10): no decay on norms, biases,
+    """AdamW groups as in RoCLIP's code (docs/roclip-spec.md §1.10): no decay on norms, biases,
     the logit scale and other 1-D parameters; ``weight_decay`` on the rest."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -130,6 +130,8 @@ def train(
         transient=False,
     )
     with bar:
+        if start_epoch > 1:
+            bar.console.print(f"resuming from the checkpoint of epoch {start_epoch - 1} ({checkpoint})")
         task = bar.add_task(f"{cfg.defense} / {cfg.attack}", total=total, completed=step, loss=float("nan"), rate=0.0)
         for epoch in range(start_epoch, cfg.epochs + 1):
             torch.manual_seed(derive_seed(cfg.seed, "augment", epoch))
@@ -161,6 +163,9 @@ def train(
                 loss_value = loss.item()
                 rate = (b + 1) * bs / (time.perf_counter() - t_epoch)
                 bar.update(task, advance=1, loss=loss_value, rate=rate)
+            if progress:  # one line per epoch: a log that survives when the bar is not a live terminal
+                bar.console.print(f"epoch {epoch}/{cfg.epochs}: loss {loss_value:.3f}, {rate:.0f} samples/s, "
+                                  f"{time.perf_counter() - t_epoch:.0f} s")
             if checkpoint is not None:
                 save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense)
             if on_epoch_end is not None:

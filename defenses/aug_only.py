@@ -1,5 +1,5 @@
 """Augmentation-only baseline: RoCLIP's image and EDA text augmentations with the plain CLIP loss
-(the official code's ``--cross_aug`` without the pool; roclip-spec.md §1.2, §6 row 9)."""
+(the official code's ``--cross_aug`` without the pool; docs/roclip-spec.md §1.2, §6 row 9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ class AugOnlyParams:
 @register_defense("aug-only")
 class AugOnly(Defense):
     """CLIP loss on augmented images (fresh view every epoch) and one fixed EDA rewrite per
-    caption (the original caption is never used), as in RoCLIP's code (roclip-spec.md §1.8-1.9)."""
+    caption (the original caption is never used), as in RoCLIP's code (docs/roclip-spec.md §1.8-1.9)."""
 
     Params = AugOnlyParams
     augment = True

@@ -1,4 +1,4 @@
-"""The defense interface: the hooks one training loop calls (DESIGN.md, "Registries")."""
+"""The defense interface: the hooks one training loop calls (docs/DESIGN.md, "Registries")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

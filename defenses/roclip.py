@@ -1,4 +1,4 @@
-"""RoCLIP (Yang, Gao, Mirzasoleiman, NeurIPS 2023, arXiv:2303.06854), per roclip-spec.md §1 and §6.
+"""RoCLIP (Yang, Gao, Mirzasoleiman, NeurIPS 2023, arXiv:2303.06854), per docs/roclip-spec.md §1 and §6.
 
 A FIFO pool of detached, normalised caption embeddings. On matching epochs (1-indexed epochs
 with ``epoch % match_every == 0``; epoch 1 is always plain CLIP) each image is paired with its
@@ -21,7 +21,7 @@ from .base import TrainState
 
 
 class CaptionPool:
-    """FIFO ring buffer of L2-normalised caption embeddings (roclip-spec.md §1.3, §6 row 5).
+    """FIFO ring buffer of L2-normalised caption embeddings (docs/roclip-spec.md §1.3, §6 row 5).
 
     Holds at most ``size`` rows of dimension ``dim`` (``dtype``, float32 by default). ``enqueue`` overwrites the oldest
     rows first and wraps around (a true ring, unlike lightly's drop-the-overflow). Entries are
@@ -109,7 +109,7 @@ class RoCLIP(AugOnly):
             )
 
     def is_matching_epoch(self, epoch: int) -> bool:
-        """True when 1-indexed ``epoch`` uses the matching loss (roclip-spec.md §1.5)."""
+        """True when 1-indexed ``epoch`` uses the matching loss (docs/roclip-spec.md §1.5)."""
         return epoch % self.params.match_every == 0
 
     def start_epoch(self, state: TrainState) -> None:

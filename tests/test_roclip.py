@@ -13,7 +13,7 @@ def unit(*shape, seed=0):
 
 
 def reference_matching_loss(images, pool, scale):
-    """RoCLIP's matching-epoch loss written out directly (roclip-spec.md §1.6)."""
+    """RoCLIP's matching-epoch loss written out directly (docs/roclip-spec.md §1.6)."""
     b = images.shape[0]
     nn_rows = []
     for i in range(b):
