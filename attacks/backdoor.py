@@ -53,6 +53,13 @@ class BackdoorAttack(Attack):
             return self.params.n_poison
         return int(round(r * n_clean / (1.0 - r)))
 
+    eligible_what = "outside the target class"
+
+    def eligible_rows(self, data: DatasetBundle, target: int) -> torch.Tensor:
+        """Training rows the poisoned pairs may be made from, int64 [M]: here those whose class is
+        not ``target`` (unlabelled rows, -1, included)."""
+        return (data.train.labels != target).nonzero().squeeze(1)
+
     def check(self, data: DatasetBundle) -> None:
         p = self.params
         if p.poison_rate is not None and not 0.0 < p.poison_rate < 1.0:
@@ -60,12 +67,12 @@ class BackdoorAttack(Attack):
         if p.n_poison < 0:
             raise ValueError(f"{self.name}: n_poison must be >= 0, got {p.n_poison}")
         target = data.eval.class_index(p.target)
-        eligible = int((data.train.labels != target).sum())
+        eligible = len(self.eligible_rows(data, target))
         n = self.n_poison(len(data.train))
         if n > eligible:
             raise ValueError(
                 f"{self.name}: {n} poisoned pairs requested but the training set has only {eligible} "
-                f"images outside the target class {p.target!r}; lower n_poison or poison_rate"
+                f"images {self.eligible_what} {p.target!r}; lower n_poison or poison_rate"
             )
         if int((data.eval.labels != target).sum()) == 0:
             raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {p.target!r}")
@@ -74,7 +81,7 @@ class BackdoorAttack(Attack):
         self.check(data)
         target = data.eval.class_index(self.params.target)
         n = self.n_poison(len(data.train))
-        eligible = (data.train.labels != target).nonzero().squeeze(1)
+        eligible = self.eligible_rows(data, target)
         src = eligible[torch.randperm(len(eligible), generator=self.generator(1))[:n]].sort().values
         images = self.apply_trigger(data.train.images[src], self.generator(2))
         captions = target_captions(data, target, n, random.Random(derive_seed("attack", self.name, self.seed, 3)))

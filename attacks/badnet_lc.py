@@ -1,0 +1,44 @@
+"""Label-consistent BadNets: the patch is pasted on training images that already belong to the
+target class, which keep their own captions (CleanCLIP's ``--label_consistent``; Turner et al.
+2019's label-consistent setting without its adversarial perturbation). No caption is changed, so
+caption-based filtering cannot see the poison."""
+from __future__ import annotations
+
+import torch
+
+from poisonbench.registry import register_attack
+
+from .badnet import BadNet, BadNetParams
+from .base import PoisonPlan
+
+
+@register_attack("badnet-lc")
+class BadNetLC(BadNet):
+    """Label-consistent BadNets: ``n_poison`` target-class training images are patched in place."""
+
+    Params = BadNetParams
+
+    eligible_what = "of the target class"
+
+    def eligible_rows(self, data, target: int) -> torch.Tensor:
+        """Rows labelled ``target``, int64 [M]."""
+        return (data.train.labels == target).nonzero().squeeze(1)
+
+    def poison(self, data) -> PoisonPlan:
+        self.check(data)
+        target = data.eval.class_index(self.params.target)
+        n = self.n_poison(len(data.train))
+        eligible = self.eligible_rows(data, target)
+        src = eligible[torch.randperm(len(eligible), generator=self.generator(1))[:n]].sort().values
+        train = data.train.subset(torch.arange(len(data.train)))  # a copy; the clean set is left intact
+        train.images[src] = self.apply_trigger(train.images[src], self.generator(2))
+        train.is_poison[src] = True
+        manifest = {
+            "attack": self.name,
+            "target": data.eval.classnames[target],
+            "target_index": target,
+            "replaced_rows": src.tolist(),
+            "captions": [train.captions[i] for i in src.tolist()],
+            "trigger": self.trigger_manifest(),
+        }
+        return PoisonPlan(train, manifest)
