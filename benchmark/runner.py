@@ -20,7 +20,7 @@ from .defenses.base import Defense
 from .evaluate import eval_geometry, predict, topk_accuracy, zero_shot_classifier
 from .models import create_model, image_size
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
-from .store import write_row
+from .store import has_finished_row, write_row
 from .train import set_threads, train
 from .utils import atomic_write, derive_seed
 
@@ -135,7 +135,8 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     finally:
         row.update(wall_s=time.perf_counter() - t0, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         try:
-            write_row(row, results)
+            if row["status"] == "ok" or not has_finished_row(results, cfg.run_id):
+                write_row(row, results)  # a failed duplicate never replaces a finished result
         except OSError:
             if row["status"] == "ok":
                 raise

@@ -36,6 +36,15 @@ def write_row(row: dict[str, Any], results: str | Path) -> Path:
     return path
 
 
+def has_finished_row(results: str | Path, run_id: str) -> bool:
+    """True when the store holds a readable row with status ok for ``run_id``."""
+    path = runs_dir(results) / f"{run_id}.parquet"
+    try:
+        return path.is_file() and pq.read_table(path, columns=["status"]).column("status")[0].as_py() == "ok"
+    except (pa.ArrowException, OSError, KeyError, IndexError):
+        return False
+
+
 def read_runs(results: str | Path) -> pd.DataFrame:
     """All result rows under ``results`` as one DataFrame (empty if there are none).
 

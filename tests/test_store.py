@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from poisonbench.report import EmptyStoreError, leaderboard, load_leaderboard, to_text
-from poisonbench.store import SCHEMA_KEY, read_runs, write_row
+from poisonbench.store import SCHEMA_KEY, has_finished_row, read_runs, write_row
 
 
 def row(run_id, attack="badnet", defense="clip", top1=0.8, asr=0.9, status="ok", seed=0, n_poison=100, **extra):
@@ -37,6 +37,14 @@ def test_rewrite_replaces_the_cells_row_and_new_columns_do_not_break_reading(tmp
     df = read_runs(tmp_path)
     assert len(df) == 2 and set(df["status"]) == {"ok"}
     assert math.isnan(df.set_index("run_id").loc["a", "new_metric"])
+
+
+def test_has_finished_row(tmp_path):
+    assert not has_finished_row(tmp_path, "a")
+    write_row(row("a", status="failed"), tmp_path)
+    assert not has_finished_row(tmp_path, "a")
+    write_row(row("a"), tmp_path)
+    assert has_finished_row(tmp_path, "a")
 
 
 def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
