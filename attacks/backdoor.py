@@ -96,6 +96,16 @@ class BackdoorAttack(Attack):
         }
         return PoisonPlan(data.train.append(poisoned), manifest)
 
+    def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
+        """Up to ``n`` (clean image, poisoned image, clean caption, poisoned caption) tuples of
+        uint8 [3, H, W] images and strings, for ``bench preview``."""
+        src = plan.manifest["source_rows"][:n]
+        start = len(data.train)
+        return [
+            (data.train.images[r], plan.train.images[start + i], data.train.captions[r], plan.train.captions[start + i])
+            for i, r in enumerate(src)
+        ]
+
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:
         target = data.eval.class_index(self.params.target)

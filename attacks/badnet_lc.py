@@ -24,6 +24,10 @@ class BadNetLC(BadNet):
         """Rows labelled ``target``, int64 [M]."""
         return (data.train.labels == target).nonzero().squeeze(1)
 
+    def preview_pairs(self, data, plan: PoisonPlan, n: int) -> list[tuple]:
+        rows = plan.manifest["replaced_rows"][:n]
+        return [(data.train.images[r], plan.train.images[r], data.train.captions[r], plan.train.captions[r]) for r in rows]
+
     def poison(self, data) -> PoisonPlan:
         self.check(data)
         target = data.eval.class_index(self.params.target)

@@ -171,6 +171,31 @@ def show_row(row: dict) -> None:
 
 
 @main.command()
+@click.option("--attack", "-a", default="badnet", show_default=True, help="Attack name, optionally NAME[key=value,...].")
+@click.option("--attack-param", "-A", multiple=True, metavar="NAME=VALUE", help="Attack parameter (repeatable).")
+@click.option("--profile", "-p", default="cpu-small", show_default=True, help="Profile whose data to poison.")
+@click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed (the trigger and rows follow it).")
+@click.option("-n", "count", default=6, show_default=True, type=click.IntRange(1, 50), help="Pairs to show.")
+@click.option("--out", "-o", default="preview.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write.")
+def preview(attack, attack_param, profile, seed, count, out) -> None:
+    """Show clean training images beside their poisoned versions, with captions, as a PNG,
+    so you can see a trigger before spending compute. No training happens."""
+    from .config import resolve
+    from .preview import save_preview
+    from .runner import ConfigError, prepare
+
+    name, params = split_name(attack, "--attack")
+    params.update(parse_assignments(attack_param, "--attack-param"))
+    try:
+        cell = prepare(resolve(name, "clip", profile, seed, params), "cpu")
+        pairs = cell.attack.preview_pairs(cell.data, cell.plan, count) if hasattr(cell.attack, "preview_pairs") else []
+        path = save_preview(pairs, f"{name} (seed {seed}): clean vs poisoned training pairs", out)
+    except (ConfigError, RegistryError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    console.print(f"wrote {path}")
+
+
+@main.command()
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder to read (its runs/*.parquet).")
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv"]), default="table", show_default=True,

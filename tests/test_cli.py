@@ -84,3 +84,21 @@ def test_list_shows_parameters_and_defaults():
     assert out.exit_code == 0
     for text in ("badnet", "patch_size", "roclip", "pool_size", "fashion-mnist", "cpu-small"):
         assert text in out.output
+
+
+@pytest.mark.parametrize("attack", ["badnet", "blended", "sig", "badnet-lc[n_poison=10]"])
+def test_preview_writes_a_png_grid(tmp_path, attack):
+    out = tmp_path / "p.png"
+    res = CliRunner().invoke(main, ["preview", "-a", attack, "-p", "tiny", "-n", "3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.size == (960, 945)  # 2 columns x 3 rows at 150 dpi
+
+
+def test_preview_of_clean_baseline_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["preview", "-a", "none", "-p", "tiny", "-o", str(tmp_path / "p.png")])
+    assert res.exit_code == 2 and "nothing to preview" in res.output
