@@ -41,7 +41,7 @@ PROFILES: dict[str, Profile] = {
     for p in [
         Profile(
             "tiny", "seconds on a CPU; for tests", "poisonbench-tiny", "fashion-mnist",
-            {"n_train": 512, "n_eval": 500}, epochs=2, batch_size=64, lr=2e-3, warmup_steps=2,
+            {"n_train": 512, "n_eval": 500, "n_probe": 500, "n_heldout": 200}, epochs=2, batch_size=64, lr=2e-3, warmup_steps=2,
             weight_decay=0.1, defense_params={"roclip": {"pool_size": 256}},
         ),
         Profile(

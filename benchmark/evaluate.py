@@ -51,13 +51,21 @@ def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: lis
 
 
 @torch.no_grad()
-def encode_images(model, images: torch.Tensor, batch_size: int = 500, device="cpu") -> torch.Tensor:
-    """L2-normalised image embeddings, float32 [N, embed_dim], of uint8 images [N, 3, S, S]
-    already at the model's geometry."""
+def encode_images(model, images: torch.Tensor, batch_size: int = 500, device="cpu", unit: bool = True) -> torch.Tensor:
+    """Image embeddings, float32 [N, embed_dim], of uint8 images [N, 3, S, S] already at the
+    model's geometry; L2-normalised unless ``unit`` is False (the linear probe's raw features)."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].to(device))
-        out.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+        emb = model.encode_image(normalize(images[i : i + batch_size].to(device))).float()
+        out.append((F.normalize(emb, dim=-1) if unit else emb).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, captions: list[str], batch_size: int = 1000, device="cpu") -> torch.Tensor:
+    """L2-normalised text embeddings, float32 [N, embed_dim], of N captions."""
+    out = [F.normalize(model.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float(), dim=-1).cpu()
+           for i in range(0, len(captions), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
 
 

@@ -17,7 +17,8 @@ from .attacks.base import Attack, PoisonPlan, ZeroShotModel
 from .config import RunConfig
 from .datasets.base import DatasetBundle
 from .defenses.base import Defense
-from .evaluate import eval_geometry, predict, topk_accuracy, zero_shot_classifier
+from .evaluate import encode_images, encode_texts, eval_geometry, predict, topk_accuracy, zero_shot_classifier
+from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .store import has_finished_row, write_row
@@ -146,7 +147,9 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
 
 
 def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, Any]:
-    """Clean zero-shot top-1/top-5 on the evaluation set and the attack's metrics."""
+    """Clean zero-shot top-1/top-5 on the evaluation set, the attack's metrics, the linear probe
+    (``linear_probe_top1``) and retrieval recall@1/5/10 (``i2t_r1`` ... ``t2i_r10``) when the
+    dataset provides their data."""
     model.eval()
     t0 = time.perf_counter()
     ev = cell.data.eval
@@ -163,8 +166,18 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
         "n_eval": len(ev),
     }
     metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size), cell.data, cell.plan))
+    probe = cell.data.probe_train
+    if probe is not None:
+        feats = [encode_images(model, eval_geometry(x, size), device=device, unit=False) for x in (probe.images, ev.images)]
+        metrics["linear_probe_top1"], metrics["linear_probe_c"] = linear_probe(
+            feats[0], probe.labels, feats[1], ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe"))
+    held = cell.data.heldout
+    if held is not None:
+        image_emb = encode_images(model, eval_geometry(held.images, size), device=device)
+        metrics.update(retrieval_recall(image_emb, encode_texts(model, tokenizer, held.captions, device=device)))
     metrics["eval_s"] = time.perf_counter() - t0
     return metrics
+
 
 
 def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str, Any]:

@@ -98,9 +98,14 @@ class DatasetBundle:
             attacks use them to find or write captions naming a class.
         caption_templates: templates (one ``{}``) for writing a caption of a class when the
             training captions have none naming it.
+        probe_train: labelled images of the evaluation dataset's train split for the linear probe
+            (tested on ``eval``), or None when the dataset has none.
+        heldout: clean image–caption pairs never trained on, for retrieval recall@k, or None.
     """
 
     train: CaptionDataset
     eval: EvalSet
     class_words: list[list[str]]
     caption_templates: list[str]
+    probe_train: EvalSet | None = None
+    heldout: CaptionDataset | None = None

@@ -169,6 +169,8 @@ def write_caption(label: int, rng: random.Random) -> str:
 class FashionMNISTParams:
     n_train: int = param(0, "training pairs drawn (seeded) from the 60k train split; 0 = all")
     n_eval: int = param(0, "evaluation images drawn (seeded) from the 10k test split; 0 = all")
+    n_probe: int = param(10000, "train-split images for the linear probe (seeded); 0 = all 60k")
+    n_heldout: int = param(1000, "test-split images with generated captions for retrieval recall@k")
 
 
 @register_dataset("fashion-mnist")
@@ -178,7 +180,7 @@ class FashionMNIST:
     Params = FashionMNISTParams
 
     def __init__(self, params: FashionMNISTParams):
-        for name in ("n_train", "n_eval"):
+        for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
             if getattr(params, name) < 0:
                 raise ValueError(f"fashion-mnist: {name} must be >= 0 (0 = all), got {getattr(params, name)}")
         self.params = params
@@ -196,7 +198,15 @@ class FashionMNIST:
         captions = [write_caption(int(y), rng) for y in labels]
         train = CaptionDataset(train_x[train_idx], captions, labels)
         ev = EvalSet(test_x[eval_idx], test_y[eval_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
-        return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES))
+        probe_idx = _draw(len(train_y), self.params.n_probe, g, "n_probe")
+        probe = EvalSet(train_x[probe_idx], train_y[probe_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
+        held_idx = _draw(len(test_y), self.params.n_heldout, g, "n_heldout") if self.params.n_heldout else None
+        heldout = None
+        if held_idx is not None:
+            held_rng = random.Random(seed + 1)  # captions independent of the training captions
+            held_caps = [write_caption(int(y), held_rng) for y in test_y[held_idx]]
+            heldout = CaptionDataset(test_x[held_idx], held_caps, test_y[held_idx])
+        return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES), probe, heldout)
 
 
 def _draw(n: int, k: int, g: torch.Generator, name: str) -> torch.Tensor:

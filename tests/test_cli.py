@@ -23,6 +23,8 @@ def test_tiny_run_then_report(tmp_path):
     assert r["n_train"] == 532 and r["poison_rate"] == pytest.approx(20 / 532)
     assert 0.0 <= r["clean_top1"] <= r["clean_top5"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
     assert 400 < r["asr_n"] < 500  # the ~10% bags of the 500 eval images are excluded
+    assert 0.0 <= r["linear_probe_top1"] <= 1.0 and r["linear_probe_c"] > 0
+    assert 0.0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 1.0 and 0.0 <= r["t2i_r1"] <= r["t2i_r10"] <= 1.0
     for col in ("config_hash", "git_rev", "version", "device", "manifest_hash", "wall_s", "seed", "model"):
         assert col in df.columns and r[col] is not None
     assert (tmp_path / "res" / "manifests" / f"{r['run_id']}.json").is_file()

@@ -51,13 +51,14 @@ def test_dataset_from_poisonbench_data(tmp_path, monkeypatch):
         write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
     monkeypatch.setenv("POISONBENCH_DATA", str(tmp_path))
-    bundle = fm.FashionMNIST(fm.FashionMNISTParams(n_train=30, n_eval=0)).load(seed=1)
+    bundle = fm.FashionMNIST(fm.FashionMNISTParams(n_train=30, n_eval=0, n_probe=20, n_heldout=10)).load(seed=1)
     assert bundle.train.images.shape == (30, 3, 28, 28) and bundle.train.images.dtype == torch.uint8
     assert len(bundle.eval) == 20 and bundle.eval.classnames[9] == "ankle boot"
     # every caption names its own class with one of the class words
     for caption, y in zip(bundle.train.captions, bundle.train.labels.tolist()):
         assert any(w in caption for w in fm.CLASS_WORDS[y])
-    again = fm.FashionMNIST(fm.FashionMNISTParams(n_train=30)).load(seed=1)
+    assert len(bundle.probe_train) == 20 and len(bundle.heldout) == 10
+    again = fm.FashionMNIST(fm.FashionMNISTParams(n_train=30, n_probe=20, n_heldout=10)).load(seed=1)
     assert again.train.captions == bundle.train.captions  # seeded
 
 

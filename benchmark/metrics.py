@@ -1,0 +1,63 @@
+"""The paper's other metrics: linear probe and image-text retrieval recall@k."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 seed: int = 0, holdout: float = 0.2, grid: tuple[float, ...] = C_GRID) -> tuple[float, float]:
+    """Top-1 of multinomial logistic regression (L-BFGS) on frozen features (Radford et al. 2021,
+    §3.2 / Appendix A.3 protocol; the inverse regularisation C is chosen on a held-out part of train).
+
+    Args:
+        train_x, test_x: float [N, D] / [M, D] features.
+        train_y, test_y: int64 [N] / [M] class labels.
+        seed: seeds the hold-out split.
+        holdout: fraction of train kept out to choose C, in (0, 1).
+        grid: candidate values of C.
+    Returns:
+        (test top-1 in [0, 1], chosen C). The final model is refit on all of train with that C.
+    Raises:
+        ValueError: empty inputs or a holdout outside (0, 1).
+    """
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError("linear probe needs non-empty train and test features")
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    x, y = train_x.double().numpy(), train_y.numpy()
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = max(1, int(holdout * len(x)))
+    val, fit = order[:n_val], order[n_val:]
+
+    def model(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, solver="lbfgs", max_iter=1000)
+
+    scores = [model(c).fit(x[fit], y[fit]).score(x[val], y[val]) for c in grid]
+    best = grid[int(np.argmax(scores))]
+    final = model(best).fit(x, y)
+    return float(final.score(test_x.double().numpy(), test_y.numpy())), best
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k of image->text and text->image retrieval where row i of each is a true pair.
+
+    Args:
+        image_emb, text_emb: float [N, D], L2-normalised (cosine similarity = dot product).
+    Returns:
+        {"i2t_r1": ..., "t2i_r1": ..., ...} for each k, in [0, 1]: the fraction of queries whose
+        true partner ranks among the k most similar. A candidate scoring exactly as high as the true
+        partner counts as ranked above it (conservative: duplicate captions cannot inflate recall).
+    """
+    sim = image_emb.double() @ text_emb.double().T
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        # rank of the true partner = number of other candidates scoring at least as high
+        true = s.diagonal().unsqueeze(1)
+        rank = (s >= true).sum(dim=1) - 1
+        for k in ks:
+            out[f"{name}_r{k}"] = (rank < k).double().mean().item()
+    return out
