@@ -1,6 +1,7 @@
 """The ``bench`` command line (click)."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -53,8 +54,14 @@ def main() -> None:
       bench list                                   what attacks, defenses, datasets exist
       bench run --attack badnet --defense roclip   train and evaluate one cell (cpu-small profile)
       bench report                                 leaderboard of everything in results/
+
+    Environment: POISONBENCH_DATA (Fashion-MNIST IDX folder), POISONBENCH_WORDNET (WordNet dict
+    folder), OMP_NUM_THREADS (CPU threads), OMP_WAIT_POLICY (default PASSIVE here: idle OpenMP
+    threads sleep instead of spinning, so several runs on one machine do not slow each other 4x).
     """
     warnings.showwarning = _show_warning
+    # Must be set before torch loads its OpenMP runtime (torch is imported lazily, after this).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @main.command("list")
@@ -200,7 +207,8 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
               help="Results folder to read (its runs/*.parquet).")
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv"]), default="table", show_default=True,
               help="table: in the terminal; md: Markdown (percent); csv: fractions.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write md/csv to this file instead of stdout.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Write the table to this file instead of the terminal (Markdown unless --format csv).")
 def report(results, fmt, out) -> None:
     """Leaderboard of the finished runs in RESULTS: per attack, defenses ranked by ASR then clean accuracy."""
     from .report import EmptyStoreError, load_leaderboard, rich_table, to_text

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -28,12 +27,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise ValueError("linear probe needs non-empty train and test features")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    # Imported here: loading scikit-learn's OpenMP runtime next to torch's slows training down.
+    from sklearn.linear_model import LogisticRegression
+
     x, y = train_x.double().numpy(), train_y.numpy()
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = max(1, int(holdout * len(x)))
     val, fit = order[:n_val], order[n_val:]
 
-    def model(c: float) -> LogisticRegression:
+    def model(c: float) -> "LogisticRegression":
         return LogisticRegression(C=c, solver="lbfgs", max_iter=1000)
 
     scores = [model(c).fit(x[fit], y[fit]).score(x[val], y[val]) for c in grid]

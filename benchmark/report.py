@@ -92,7 +92,7 @@ def rich_table(board: pd.DataFrame) -> Table:
     show_setting = board["setting"].astype(bool).any()
     cols = [("attack", "left"), ("defense", "left"), ("profile", "left")] + ([("setting", "left")] if show_setting else [])
     for col, just in cols + [("clean top-1", "right"), ("clean top-5", "right"), ("ASR", "right"), ("runs", "right")]:
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, overflow="fold")  # fold, never cut: settings must stay distinguishable
     for r in board.itertuples(index=False):
         ident = [r.attack, r.defense, r.profile] + ([r.setting] if show_setting else [])
         table.add_row(*ident, _pct(r.clean_top1), _pct(r.clean_top5), _pct(r.asr), str(r.runs))
