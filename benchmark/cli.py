@@ -1,7 +1,6 @@
 """The ``bench`` command line (click)."""
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -56,12 +55,10 @@ def main() -> None:
       bench report                                 leaderboard of everything in results/
 
     Environment: POISONBENCH_DATA (Fashion-MNIST IDX folder), POISONBENCH_WORDNET (WordNet dict
-    folder), OMP_NUM_THREADS (CPU threads), OMP_WAIT_POLICY (default PASSIVE here: idle OpenMP
-    threads sleep instead of spinning, so several runs on one machine do not slow each other 4x).
+    folder), OMP_NUM_THREADS (CPU threads per run; with several runs on one machine set it so
+    that runs x threads <= cores, or set OMP_WAIT_POLICY=PASSIVE).
     """
     warnings.showwarning = _show_warning
-    # Must be set before torch loads its OpenMP runtime (torch is imported lazily, after this).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @main.command("list")

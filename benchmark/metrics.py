@@ -9,8 +9,8 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  seed: int = 0, holdout: float = 0.2, grid: tuple[float, ...] = C_GRID) -> tuple[float, float]:
-    """Top-1 of multinomial logistic regression (L-BFGS) on frozen features (Radford et al. 2021,
-    §3.2 / Appendix A.3 protocol; the inverse regularisation C is chosen on a held-out part of train).
+    """Top-1 of multinomial logistic regression (L-BFGS) on standardised frozen features (Radford et
+    al. 2021, Appendix A.3 protocol; the inverse regularisation C is chosen on a held-out part of train).
 
     Args:
         train_x, test_x: float [N, D] / [M, D] features.
@@ -27,16 +27,18 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         raise ValueError("linear probe needs non-empty train and test features")
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    # Imported here: loading scikit-learn's OpenMP runtime next to torch's slows training down.
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # imported here: only the probe needs it
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     x, y = train_x.double().numpy(), train_y.numpy()
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = max(1, int(holdout * len(x)))
     val, fit = order[:n_val], order[n_val:]
 
-    def model(c: float) -> "LogisticRegression":
-        return LogisticRegression(C=c, solver="lbfgs", max_iter=1000)
+    def model(c: float):
+        # Standardised features (fitted on the training part) keep L-BFGS well conditioned.
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, solver="lbfgs", max_iter=1000))
 
     scores = [model(c).fit(x[fit], y[fit]).score(x[val], y[val]) for c in grid]
     best = grid[int(np.argmax(scores))]
