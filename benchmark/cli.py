@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -150,6 +151,9 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
     if force:
         (Path(results) / "checkpoints" / cfg.run_id / "last.pt").unlink(missing_ok=True)
     console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={a_name} defense={d_name} profile={profile} seed={seed}")
+    # SIGTERM (a scheduler's time limit or preemption) unwinds like Ctrl-C: the cell is recorded
+    # as failed and resumes from its last checkpoint next time.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         row = execute(cell, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint)
     except Exception as e:
@@ -158,6 +162,10 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
         err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] ({where})")
         sys.exit(1)
     show_row(row)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def show_row(row: dict) -> None:

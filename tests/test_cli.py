@@ -104,3 +104,27 @@ def test_preview_writes_a_png_grid(tmp_path, attack):
 def test_preview_of_clean_baseline_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["preview", "-a", "none", "-p", "tiny", "-o", str(tmp_path / "p.png")])
     assert res.exit_code == 2 and "nothing to preview" in res.output
+
+
+@pytest.mark.slow
+def test_sigterm_records_a_failed_row_and_the_rerun_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "poisonbench", "run", "-p", "tiny", "--epochs", "40", "-q", "--results", str(res)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not list(res.glob("checkpoints/*/last.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    df = read_runs(res)
+    assert list(df["status"]) == ["failed"] and "SystemExit" in df.iloc[0]["error"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 0, done.stdout + done.stderr
+    df = read_runs(res)
+    assert list(df["status"]) == ["ok"] and df.iloc[0]["resumed_from_epoch"] >= 1
