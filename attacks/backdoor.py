@@ -97,8 +97,7 @@ class BackdoorAttack(Attack):
         return PoisonPlan(data.train.append(poisoned), manifest)
 
     def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
-        """Up to ``n`` (clean image, poisoned image, clean caption, poisoned caption) tuples of
-        uint8 [3, H, W] images and strings, for ``bench preview``."""
+        """The first ``n`` poisoned pairs beside the clean rows they were made from (uint8 [3, H, W])."""
         src = plan.manifest["source_rows"][:n]
         start = len(data.train)
         return [

@@ -78,3 +78,8 @@ class Attack:
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:
         """Attack metrics (at least ``asr``) of a trained model."""
         raise NotImplementedError
+
+    def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
+        """Up to ``n`` (clean image, poisoned image, clean caption, poisoned caption) tuples for
+        ``bench preview``; none by default."""
+        return []

@@ -200,7 +200,7 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
     params.update(parse_assignments(attack_param, "--attack-param"))
     try:
         cell = prepare(resolve(name, "clip", profile, seed, params), "cpu")
-        pairs = cell.attack.preview_pairs(cell.data, cell.plan, count) if hasattr(cell.attack, "preview_pairs") else []
+        pairs = cell.attack.preview_pairs(cell.data, cell.plan, count)
         path = save_preview(pairs, f"{name} (seed {seed}): clean vs poisoned training pairs", out)
     except (ConfigError, RegistryError, ValueError) as e:
         raise click.UsageError(str(e)) from None

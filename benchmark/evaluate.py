@@ -62,18 +62,28 @@ def encode_images(model, images: torch.Tensor, batch_size: int = 500, device="cp
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, captions: list[str], batch_size: int = 1000, device="cpu") -> torch.Tensor:
-    """L2-normalised text embeddings, float32 [N, embed_dim], of N captions."""
-    out = [F.normalize(model.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float(), dim=-1).cpu()
-           for i in range(0, len(captions), batch_size)]
+def encode_tokens(model, tokens: torch.Tensor, batch_size: int = 1000, device="cpu") -> torch.Tensor:
+    """L2-normalised text embeddings, float32 [N, embed_dim] on ``device``, of int64 tokens [N, L]."""
+    out = [F.normalize(model.encode_text(tokens[i : i + batch_size].to(device)).float(), dim=-1)
+           for i in range(0, len(tokens), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def encode_texts(model, tokenizer, captions: list[str], batch_size: int = 1000, device="cpu") -> torch.Tensor:
+    """L2-normalised text embeddings, float32 [N, embed_dim] (on the CPU), of N captions."""
+    return encode_tokens(model, tokenizer(captions), batch_size, device).cpu()
 
 
 def predict(model, images: torch.Tensor, classifier: torch.Tensor, k: int = 5, batch_size: int = 500, device="cpu") -> torch.Tensor:
     """Top-k zero-shot class indices, int64 [N, k] (best first), of uint8 images [N, 3, S, S]
     at the model's geometry, against ``classifier`` [embed_dim, C]."""
-    feats = encode_images(model, images, batch_size, device)
-    logits = feats @ classifier.cpu()
+    return topk_classes(encode_images(model, images, batch_size, device), classifier, k)
+
+
+def topk_classes(features: torch.Tensor, classifier: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Top-k class indices, int64 [N, k], of image features [N, D] (normalised here) against
+    ``classifier`` [D, C]."""
+    logits = F.normalize(features, dim=-1) @ classifier.cpu()
     return logits.topk(min(k, logits.shape[1]), dim=1).indices
 
 

@@ -17,7 +17,9 @@ from .attacks.base import Attack, PoisonPlan, ZeroShotModel
 from .config import RunConfig
 from .datasets.base import DatasetBundle
 from .defenses.base import Defense
-from .evaluate import encode_images, encode_texts, eval_geometry, predict, topk_accuracy, zero_shot_classifier
+from .evaluate import (
+    encode_images, encode_texts, eval_geometry, predict, topk_accuracy, topk_classes, zero_shot_classifier,
+)
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
@@ -159,7 +161,9 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     def top5(images: torch.Tensor) -> torch.Tensor:
         return predict(model, images, classifier, k=5, device=device)
 
-    topk = top5(eval_geometry(ev.images, size))
+    # Raw features once: zero-shot normalises them, the linear probe uses them as they are.
+    eval_feats = encode_images(model, eval_geometry(ev.images, size), device=device, unit=False)
+    topk = topk_classes(eval_feats, classifier, 5)
     metrics: dict[str, Any] = {
         "clean_top1": topk_accuracy(topk, ev.labels, 1),
         "clean_top5": topk_accuracy(topk, ev.labels, 5),
@@ -168,9 +172,9 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size), cell.data, cell.plan))
     probe = cell.data.probe_train
     if probe is not None:
-        feats = [encode_images(model, eval_geometry(x, size), device=device, unit=False) for x in (probe.images, ev.images)]
+        probe_feats = encode_images(model, eval_geometry(probe.images, size), device=device, unit=False)
         metrics["linear_probe_top1"], metrics["linear_probe_c"] = linear_probe(
-            feats[0], probe.labels, feats[1], ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe"))
+            probe_feats, probe.labels, eval_feats, ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe"))
     held = cell.data.heldout
     if held is not None:
         image_emb = encode_images(model, eval_geometry(held.images, size), device=device)

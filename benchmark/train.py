@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from .config import RunConfig
 from .datasets.base import CaptionDataset
 from .defenses.base import Defense, TrainState
-from .evaluate import eval_geometry, normalize
+from .evaluate import encode_tokens, eval_geometry, normalize
 from .models import image_size
 from .utils import atomic_write, derive_seed
 
@@ -109,12 +109,9 @@ def train(
             defense.load_state_dict(state["defense"])
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
 
-    @torch.no_grad()
     def encode_captions(k: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
-        idx = torch.randint(0, n, (k,), generator=g)
-        out = [model.encode_text(tokens[idx[i : i + 1024]].to(device), normalize=True).float() for i in range(0, k, 1024)]
-        return torch.cat(out)
+        return encode_tokens(model, tokens[torch.randint(0, n, (k,), generator=g)], batch_size=1024, device=device)
 
     loss_value = float("nan")
     t0 = time.perf_counter()
