@@ -21,7 +21,7 @@ from poisonbench.evaluate import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
 
-from .base import Attack, PoisonPlan, ZeroShotModel
+from .base import Attack, PoisonPlan, ZeroShotModel, class_captions
 
 
 @dataclass
@@ -84,7 +84,7 @@ class BackdoorAttack(Attack):
         eligible = self.eligible_rows(data, target)
         src = eligible[torch.randperm(len(eligible), generator=self.generator(1))[:n]].sort().values
         images = self.apply_trigger(data.train.images[src], self.generator(2))
-        captions = target_captions(data, target, n, random.Random(derive_seed("attack", self.name, self.seed, 3)))
+        captions = class_captions(data, target, n, random.Random(derive_seed("attack", self.name, self.seed, 3)))
         poisoned = CaptionDataset(images, captions, data.train.labels[src], torch.ones(n, dtype=torch.bool))
         manifest = {
             "attack": self.name,
@@ -114,17 +114,11 @@ class BackdoorAttack(Attack):
         images = eval_geometry(data.eval.images[keep], model.image_size)
         triggered = self.apply_trigger(images, self.generator(4))
         top1 = model.predict(triggered)[:, 0]
-        return {"asr": (top1 == target).double().mean().item(), "asr_n": int(keep.sum())}
+        clean = model.predict(images)[:, 0]
+        return {
+            "asr": (top1 == target).double().mean().item(),
+            "asr_n": int(keep.sum()),
+            # the same images without the trigger: separates the backdoor from a broken model
+            "clean_top1_nontarget": (clean == data.eval.labels[keep]).double().mean().item(),
+        }
 
-
-def target_captions(data: DatasetBundle, target: int, n: int, rng: random.Random) -> list[str]:
-    """``n`` captions naming class ``target``: drawn (with replacement) from the training captions
-    that name it (restricted to rows labelled ``target`` when labels are known), else written
-    from the dataset's caption templates and the class words."""
-    words = data.class_words[target]
-    rows = data.train.captions_naming(words)
-    labelled = [i for i in rows if int(data.train.labels[i]) == target]
-    rows = labelled or [i for i in rows if int(data.train.labels[i]) < 0]
-    if rows:
-        return [data.train.captions[rng.choice(rows)] for _ in range(n)]
-    return [rng.choice(data.caption_templates).format(rng.choice(words)) for _ in range(n)]

@@ -1,6 +1,7 @@
 """The attack interface: poison the training data, then measure success on a trained model."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,3 +84,23 @@ class Attack:
         """Up to ``n`` (clean image, poisoned image, clean caption, poisoned caption) tuples for
         ``bench preview``; none by default."""
         return []
+
+
+def class_captions(data: DatasetBundle, cls: int, n: int, rng: random.Random) -> list[str]:
+    """``n`` captions naming class ``cls`` for poisoned pairs.
+
+    Drawn from the training captions that name the class (whole-word match of any of
+    ``data.class_words[cls]``, restricted to rows labelled ``cls`` when labels are known): without
+    replacement when there are at least ``n`` (as in the RoCLIP authors' ``create_poison.ipynb``,
+    docs/roclip-spec.md §3.1), with replacement otherwise. When no training caption names the class,
+    they are written from ``data.caption_templates`` and the class words.
+    """
+    words = data.class_words[cls]
+    rows = data.train.captions_naming(words)
+    labelled = [i for i in rows if int(data.train.labels[i]) == cls]
+    rows = labelled or [i for i in rows if int(data.train.labels[i]) < 0]
+    if len(rows) >= n:
+        return [data.train.captions[i] for i in rng.sample(rows, n)]
+    if rows:
+        return [data.train.captions[rng.choice(rows)] for _ in range(n)]
+    return [rng.choice(data.caption_templates).format(rng.choice(words)) for _ in range(n)]

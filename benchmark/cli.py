@@ -85,11 +85,12 @@ def list_cmd(kind: str | None) -> None:
     if kind in (None, "profiles"):
         table = Table(title="profiles")
         table.add_column("name", no_wrap=True)
-        for col in ("description", "model", "data", "epochs", "batch", "lr", "defense parameters it sets"):
+        for col in ("description", "model", "data", "epochs", "batch", "lr", "parameters it sets"):
             table.add_column(col)
         for p in PROFILES.values():
             data = p.dataset + "".join(f" {k}={v}" for k, v in p.dataset_params.items())
-            overrides = "\n".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for d, kv in p.defense_params.items())
+            sets = {**p.attack_params, **p.defense_params}
+            overrides = "\n".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for d, kv in sets.items())
             table.add_row(p.name, p.description, p.model, data, str(p.epochs), str(p.batch_size), f"{p.lr:g}", overrides or "-")
         console.print(table)
 

@@ -23,7 +23,8 @@ def test_model_ignoring_trigger_scores_zero_and_target_images_are_excluded(bundl
     plan = attack.poison(bundle)
     out = attack.evaluate(ZeroShotModel(reads_pixel, 12), bundle, plan)
     # 5 of the 15 eval images are bags: counted in, they would give 5/15 successes.
-    assert out == {"asr": 0.0, "asr_n": 10}
+    # Without the trigger the same 10 images are all classified correctly.
+    assert out == {"asr": 0.0, "asr_n": 10, "clean_top1_nontarget": 1.0}
 
 
 def test_model_obeying_trigger_scores_one(bundle):
@@ -35,7 +36,8 @@ def test_model_obeying_trigger_scores_one(bundle):
         top1 = torch.where(has_patch, 1, 0)
         return top1.view(-1, 1).expand(-1, 5)
 
-    assert attack.evaluate(ZeroShotModel(obeys, 12), bundle, plan) == {"asr": 1.0, "asr_n": 10}
+    # Clean, it predicts cat for all: right on the 5 cats of the 10 non-target images.
+    assert attack.evaluate(ZeroShotModel(obeys, 12), bundle, plan) == {"asr": 1.0, "asr_n": 10, "clean_top1_nontarget": 0.5}
 
 
 def test_trigger_applied_at_evaluation_geometry(bundle):
