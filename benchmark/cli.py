@@ -170,17 +170,35 @@ def _terminated(signum, frame) -> None:
 
 
 def show_row(row: dict) -> None:
-    """Print the headline numbers of one result row."""
+    """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack)."""
+    def pct(x) -> str:
+        return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
     table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row['seed']}, {row['profile']})")
-    for col in ("clean top-1", "clean top-5", "ASR", "poisoned pairs", "wall time"):
+    for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
         table.add_column(col, justify="right")
-    asr = row.get("asr")
+    asr, n = row.get("asr"), row.get("asr_n")
+    if asr is not None and asr == asr and n:
+        asr_cell = f"{pct(asr)} ({round(asr * n)}/{n})"
+    else:
+        asr_cell = pct(asr)
     table.add_row(
-        f"{100 * row['clean_top1']:.1f}%", f"{100 * row['clean_top5']:.1f}%",
-        "-" if asr is None or asr != asr else f"{100 * asr:.1f}%",
+        pct(row["clean_top1"]), pct(row["clean_top5"]), asr_cell, pct(row.get("linear_probe_top1")),
         f"{row['n_poison']} ({100 * row['poison_rate']:.2f}%)", f"{row['wall_s']:.0f} s",
     )
     console.print(table)
+    nontarget = row.get("clean_top1_nontarget")
+    if isinstance(nontarget, float) and nontarget == nontarget:
+        console.print(f"clean top-1 of the same {n} non-target images without the trigger: {pct(row['clean_top1_nontarget'])}")
+    records = row.get("targets")
+    if records is not None and not isinstance(records, float) and len(records):  # NaN when read back for other attacks
+        targets = Table(title="targets (zero-shot top-1 of each clean target image)")
+        for col in ("eval row", "true class", "adversarial class", "predicted", "success"):
+            targets.add_column(col)
+        for t in records:
+            targets.add_row(str(t["eval_row"]), t["true_class"], t["adversarial_class"], t["predicted_class"],
+                            "yes" if t["success"] else "no")
+        console.print(targets)
 
 
 @main.command()

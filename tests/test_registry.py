@@ -48,6 +48,13 @@ def test_profile_defaults_and_overrides_change_the_run_id():
         resolve("badnet", "clip", "laptop")
 
 
+def test_profile_attack_defaults_apply_only_to_their_attack_and_yield_to_explicit_values():
+    assert resolve("targeted", "clip", "cpu-small").attack_params["pairs_per_target"] == 10
+    explicit = resolve("targeted", "clip", "cpu-small", attack_params={"pairs_per_target": "3"})
+    assert explicit.attack_params["pairs_per_target"] == 3
+    assert "pairs_per_target" not in resolve("badnet", "clip", "cpu-small").attack_params
+
+
 def test_duplicate_registration_is_refused():
     reg = poisonbench.registry.Registry("thing", "poisonbench.attacks", "poisonbench.things")
 
