@@ -1,7 +1,7 @@
 """The ``bench`` command line (click)."""
 from __future__ import annotations
 
-import re
+import json
 import signal
 import sys
 import warnings
@@ -17,26 +17,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_RESULTS = "results"
-
-
-def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, str]:
-    """``("a=1", "b=x")`` -> ``{"a": "1", "b": "x"}``; BadParameter for an item without ``=``."""
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint=what)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def split_name(spec: str, what: str) -> tuple[str, dict[str, str]]:
-    """benchopt-style ``badnet[patch_size=4,location=random]`` -> ("badnet", {...})."""
-    m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[(.*)\])?\s*", spec)
-    if not m:
-        raise click.BadParameter(f"{spec!r} is not NAME or NAME[key=value,...]", param_hint=what)
-    params = parse_assignments(tuple(p for p in (m.group(2) or "").split(",") if p.strip()), what)
-    return m.group(1), params
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -95,77 +75,217 @@ def list_cmd(kind: str | None) -> None:
         console.print(table)
 
 
+def grid_options(f):
+    """The options that select a grid of cells (shared by ``run`` and ``status``)."""
+    options = [
+        click.option("--attack", "-a", default="badnet", show_default=True,
+                     help="Attack(s): a comma list of names, each optionally with parameters, e.g. "
+                          "badnet[patch_size=4,location=random],blended; or `all`. See `bench list attacks`."),
+        click.option("--defense", "-d", default="clip", show_default=True,
+                     help="Defense(s): a comma list, e.g. clip,roclip[pool_size=4096]; or `all`. See `bench list defenses`."),
+        click.option("--profile", "-p", default="cpu-small", show_default=True,
+                     help="Scale preset (model, data, hyper-parameters). See `bench list profiles`."),
+        click.option("--seed", "-s", default="0", show_default=True,
+                     help="Seed(s) of data subset, poisoning, init and order: 0,1,2 or 0-2."),
+        click.option("--attack-param", "-A", multiple=True, metavar="NAME=V1[,V2..]",
+                     help="Attack parameter (repeatable); several values sweep it, e.g. n_poison=25,50,100,200. "
+                          "Applies to the selected attacks that have it."),
+        click.option("--defense-param", "-D", multiple=True, metavar="NAME=V1[,V2..]",
+                     help="Defense parameter (repeatable); several values sweep it."),
+        click.option("--dataset-param", multiple=True, metavar="NAME=V1[,V2..]", help="Dataset parameter, e.g. n_train=20000."),
+        click.option("--epochs", type=int, help="Override the profile's epochs."),
+        click.option("--batch-size", type=int, help="Override the profile's batch size."),
+        click.option("--lr", type=float, help="Override the profile's peak learning rate."),
+        click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
+                     help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/, logs/."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr):
+    """The grid's resolved configs; click.UsageError naming the problem."""
+    from .grid import GridSpec, expand, parse_assignments
+
+    try:
+        spec = GridSpec(
+            attack, defense, profile, seed,
+            parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
+            {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+        )
+        return expand(spec)
+    except (RegistryError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+
+
 @main.command()
-@click.option("--attack", "-a", default="badnet", show_default=True,
-              help="Attack name, optionally with parameters: badnet[patch_size=4,location=random]. See `bench list attacks`.")
-@click.option("--defense", "-d", default="clip", show_default=True,
-              help="Defense name, optionally with parameters: roclip[pool_size=4096]. See `bench list defenses`.")
-@click.option("--profile", "-p", default="cpu-small", show_default=True,
-              help="Scale preset (model, data, hyper-parameters). See `bench list profiles`.")
-@click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed of data subset, poisoning, init and order.")
-@click.option("--attack-param", "-A", multiple=True, metavar="NAME=VALUE", help="Attack parameter (repeatable).")
-@click.option("--defense-param", "-D", multiple=True, metavar="NAME=VALUE", help="Defense parameter (repeatable).")
-@click.option("--dataset-param", multiple=True, metavar="NAME=VALUE", help="Dataset parameter, e.g. n_train=20000.")
-@click.option("--epochs", type=int, help="Override the profile's epochs.")
-@click.option("--batch-size", type=int, help="Override the profile's batch size.")
-@click.option("--lr", type=float, help="Override the profile's peak learning rate.")
-@click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
-              help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/.")
+@grid_options
+@click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Cells run at once on this machine; each gets cores/jobs CPU threads.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--force", is_flag=True, help="Run again even if this cell already has a finished result.")
-@click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after the run succeeds.")
+@click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def run(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
-        results, device, force, keep_checkpoint, quiet) -> None:
-    """Train CLIP on poisoned data with a defense, evaluate it, and store one result row.
+        results, jobs, device, force, keep_checkpoint, quiet) -> None:
+    """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
-    The cell (attack, defense, profile, seed, parameters) is identified by the hash of its
-    resolved config: a cell already finished in RESULTS is shown, not rerun (use --force), and
-    a cell interrupted mid-training resumes from its last end-of-epoch checkpoint.
+    A cell is one attack x defense x seed x parameter setting; lists and `all` make a grid of
+    cells, e.g. `--attack all --defense clip,roclip --seed 0,1,2 -A n_poison=50,100`. Every cell
+    is checked before any training starts, then each runs in its own process.
+
+    \b
+    A cell is identified by the hash of its resolved config: a cell already finished in RESULTS
+    is not rerun (--force reruns it), a failed one is retried, and one interrupted mid-training
+    (Ctrl-C, SIGTERM, kill -9) resumes from its last end-of-epoch checkpoint. `bench status`
+    with the same options shows what is done.
 
     \b
     Metrics: clean zero-shot top-1/top-5 on the evaluation set; attack success rate (ASR) by
-    the attack's protocol (backdoors: triggered non-target images classified as the target).
+    the attack's protocol (backdoors: triggered non-target images classified as the target;
+    targeted: target images classified as their adversarial class); linear probe; retrieval.
     """
-    from .config import resolve
-    from .runner import ConfigError, execute, prepare
-    from .store import read_runs, runs_dir
+    from .grid import run_cells, state, validate
+    from .store import read_row
 
-    a_name, a_params = split_name(attack, "--attack")
-    d_name, d_params = split_name(defense, "--defense")
-    a_params.update(parse_assignments(attack_param, "--attack-param"))
-    d_params.update(parse_assignments(defense_param, "--defense-param"))
-    try:
-        cfg = resolve(a_name, d_name, profile, seed, a_params, d_params, parse_assignments(dataset_param, "--dataset-param"),
-                      epochs=epochs, batch_size=batch_size, lr=lr)
-    except (RegistryError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
-    done = read_runs(results)
-    if not force and not done.empty and ((done["run_id"] == cfg.run_id) & (done["status"] == "ok")).any():
-        console.print(f"[yellow]cell {cfg.run_id} is already done in {results}; showing it (use --force to rerun)")
-        show_row(done[(done["run_id"] == cfg.run_id)].iloc[-1].to_dict())
+    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr)
+    pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
+    if len(cfgs) == 1 and not pending:
+        console.print(f"[yellow]cell {cfgs[0].run_id} is already done in {results}; showing it (use --force to rerun)")
+        show_row(read_row(results, cfgs[0].run_id))
         return
+    if len(cfgs) > 1:
+        console.print(f"grid of {len(cfgs)} cells: {len(cfgs) - len(pending)} done, {len(pending)} to run"
+                      + (f", {jobs} at a time" if jobs > 1 and pending else ""))
+    problems = validate(pending, device)
+    if problems:
+        raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
+
+    def announce(o) -> None:
+        if len(cfgs) > 1 or o.code != 0:
+            console.print(cell_line(o, results))
+
+    outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
+    if len(cfgs) > 1:
+        console.print(grid_table(cfgs, results))
+    bad = [o for o in outcomes if o.code != 0]
+    if bad:
+        err_console.print(f"[red]{len(bad)} of {len(outcomes)} cells did not finish[/red]; rerun the same command to retry them")
+        sys.exit(1)
+
+
+def cell_line(outcome, results) -> str:
+    """One line on a finished cell process: its result, or why it did not finish."""
+    from .grid import EXIT_BUSY, EXIT_CONFIG, describe
+    from .store import read_row
+
+    name, code = describe(outcome.cfg), outcome.code
+    log = f" (log: {outcome.log})" if outcome.log else ""
+    if code == 0:
+        row = read_row(results, outcome.cfg.run_id)
+        asr = row.get("asr")
+        asr = "-" if asr is None else f"{100 * asr:.1f}%"
+        return f"[green]done[/green] {name}: clean top-1 {100 * row['clean_top1']:.1f}%, ASR {asr}, {row['wall_s']:.0f} s"
+    if code == EXIT_BUSY:
+        return f"[yellow]skipped[/yellow] {name}: another process is running it{log}"
+    if code == EXIT_CONFIG:
+        return f"[red]not started[/red] {name}: bad configuration{log}"
+    return f"[red]failed[/red] {name} (exit {code}); recorded with status=failed, retried next time{log}"
+
+
+def grid_table(cfgs, results) -> Table:
+    """State and headline numbers of every cell of a grid."""
+    from .config import settings
+    from .grid import state
+    from .store import read_row
+
+    table = Table(title=f"{len(cfgs)} cells in {results}")
+    setting = settings([c.to_dict() for c in cfgs])
+    cols = ["attack", "defense"] + (["setting"] if any(setting) else []) + ["seed", "state", "clean top-1", "ASR", "cell", "note"]
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("seed", "clean top-1", "ASR") else "left",
+                         overflow="fold", no_wrap=col not in ("setting", "note"),
+                         min_width={"setting": 14, "note": 8}.get(col))
+    for cfg, st_text in zip(cfgs, setting):
+        st = state(cfg, results)
+        clean = asr = note = ""
+        if st in ("done", "failed"):
+            row = read_row(results, cfg.run_id)
+            if st == "done":
+                clean = f"{100 * row['clean_top1']:.1f}%"
+                asr = "-" if row.get("asr") is None else f"{100 * row['asr']:.1f}%"
+            else:
+                note = str(row.get("error", ""))[:120]
+        ckpt = Path(results) / "checkpoints" / cfg.run_id / "last.pt"
+        if st != "done" and ckpt.is_file():
+            note = (note + "; " if note else "") + "resumes from its checkpoint"
+        colour = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
+        cells = [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])
+        table.add_row(*cells, str(cfg.seed), f"[{colour}]{st}[/{colour}]", clean, asr, cfg.run_id, note)
+    return table
+
+
+@main.command()
+@grid_options
+def status(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
+           results) -> None:
+    """List the cells of a grid (same options as `bench run`) as done, running, failed or pending."""
+    from collections import Counter
+
+    from .grid import state
+
+    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr)
+    console.print(grid_table(cfgs, results))
+    counts = Counter(state(c, results) for c in cfgs)
+    console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))
+
+
+@main.command(hidden=True)
+@click.argument("config_json")
+@click.option("--results", "-r", default=DEFAULT_RESULTS, type=click.Path(file_okay=False))
+@click.option("--device", default="auto")
+@click.option("--force", is_flag=True)
+@click.option("--keep-checkpoint", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def cell(config_json, results, device, force, keep_checkpoint, quiet) -> None:
+    """Run one resolved cell in this process (what `bench run` starts for each cell)."""
+    from .config import RunConfig
+    from .grid import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, die_with_parent
+    from .runner import ConfigError, execute, prepare
+    from .store import CellBusyError, runs_dir
+
+    die_with_parent()
+    cfg = RunConfig(**json.loads(config_json))
     try:
-        cell = prepare(cfg, device)
+        prepared = prepare(cfg, device)
     except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    if force:
-        (Path(results) / "checkpoints" / cfg.run_id / "last.pt").unlink(missing_ok=True)
-    console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={a_name} defense={d_name} profile={profile} seed={seed}")
-    # SIGTERM (a scheduler's time limit or preemption) unwinds like Ctrl-C: the cell is recorded
-    # as failed and resumes from its last checkpoint next time.
+        err_console.print(f"[red]{cfg.run_id}: {e}[/red]")
+        sys.exit(EXIT_CONFIG)
+    console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={cfg.attack} defense={cfg.defense} profile={cfg.profile} seed={cfg.seed}")
+    # SIGTERM (a scheduler's time limit, preemption, the grid stopping) unwinds like Ctrl-C: the
+    # cell is recorded as failed and resumes from its last checkpoint next time.
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _terminated)
     try:
-        row = execute(cell, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint)
-    except Exception as e:
+        row = execute(prepared, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint, force=force)
+    except CellBusyError as e:
+        err_console.print(f"[yellow]{e}[/yellow]")
+        sys.exit(EXIT_BUSY)
+    except (Exception, KeyboardInterrupt) as e:
         recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
         where = "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded"
         err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] ({where})")
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     show_row(row)
 
 
 def _terminated(signum, frame) -> None:
+    # Further signals are ignored so that they cannot interrupt the failed row being written.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -212,12 +332,13 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
     """Show clean training images beside their poisoned versions, with captions, as a PNG,
     so you can see a trigger before spending compute. No training happens."""
     from .config import resolve
+    from .grid import parse_assignments, parse_name
     from .preview import save_preview
     from .runner import ConfigError, prepare
 
-    name, params = split_name(attack, "--attack")
-    params.update(parse_assignments(attack_param, "--attack-param"))
     try:
+        name, params = parse_name(attack)
+        params.update(parse_assignments(attack_param))
         cell = prepare(resolve(name, "clip", profile, seed, params), "cpu")
         pairs = cell.attack.preview_pairs(cell.data, cell.plan, count)
         path = save_preview(pairs, f"{name} (seed {seed}): clean vs poisoned training pairs", out)

@@ -160,3 +160,32 @@ def resolve(
     if not 0 <= cfg.seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {cfg.seed}")
     return cfg
+
+
+def settings(configs: list[dict[str, Any]]) -> list[str]:
+    """For each resolved config (``RunConfig.to_dict()``), ``"k=v, ..."`` naming the values that
+    differ among the configs of the same attack, defense and profile, the seed excepted; ``""``
+    when there is nothing to tell them apart. Used to keep different settings apart in tables."""
+    flat = [_flatten(c) for c in configs]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault((c.get("attack"), c.get("defense"), c.get("profile")), []).append(i)
+    out = [""] * len(configs)
+    for members in groups.values():
+        keys = sorted({k for i in members for k in flat[i]})
+        differ = [k for k in keys if len({flat[i].get(k) for i in members}) > 1]
+        for i in members:
+            out[i] = ", ".join(f"{k.split('.')[-1]}={flat[i].get(k)}" for k in differ)
+    return out
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "seed":
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
+        else:
+            out[key] = str(value)
+    return out

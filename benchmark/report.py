@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from .config import settings
 from .store import read_runs
 
 COLUMNS = ["attack", "defense", "profile", "setting", "clean_top1", "clean_top5", "asr", "runs"]
@@ -43,29 +44,13 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return board[COLUMNS].reset_index(drop=True)
 
 
-def _flat_config(config: object) -> dict[str, str]:
-    """Resolved config (JSON string) flattened to {"attack_params.n_poison": "100", ...}, seed dropped."""
-    if not isinstance(config, str):
-        return {}
-    out: dict[str, str] = {}
-    for key, value in json.loads(config).items():
-        if key == "seed":
-            continue
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": str(v) for k, v in value.items()})
-        else:
-            out[key] = str(value)
-    return out
-
-
 def _settings(ok: pd.DataFrame) -> pd.Series:
-    flat = pd.DataFrame([_flat_config(c) for c in ok.get("config", [None] * len(ok))], index=ok.index)
-    setting = pd.Series("", index=ok.index)
-    for _, group in ok.groupby(GROUP):
-        cols = [c for c in flat.columns if flat.loc[group.index, c].nunique(dropna=False) > 1]
-        for i in group.index:
-            setting[i] = ", ".join(f"{c.split('.')[-1]}={flat.at[i, c]}" for c in cols)
-    return setting
+    configs = [json.loads(c) if isinstance(c, str) else {} for c in ok.get("config", [None] * len(ok))]
+    # rows without a stored config still group by their identity columns
+    for c, (_, r) in zip(configs, ok.iterrows()):
+        for k in GROUP:
+            c.setdefault(k, r[k])
+    return pd.Series(settings(configs), index=ok.index)
 
 
 def load_leaderboard(results: str | Path) -> pd.DataFrame:

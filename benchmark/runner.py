@@ -6,6 +6,7 @@ import platform
 import subprocess
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .evaluate import (
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
-from .store import has_finished_row, write_row
+from .store import cell_lock, has_finished_row, read_row, write_row
 from .train import set_threads, train
 from .utils import atomic_write, derive_seed
 
@@ -44,8 +45,9 @@ class Cell:
     device: torch.device
 
 
-def prepare(cfg: RunConfig, device: str = "auto") -> Cell:
-    """Check the device, load the data, build the attack and defense and poison the training set.
+def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None) -> Cell:
+    """Check the device, load the data (unless ``data``, the clean bundle of this dataset config
+    and seed, is given), build the attack and defense and poison the training set.
 
     Raises ConfigError (with the problem and the valid choices) for anything that would make the
     run fail, so bad input never starts training and never writes to the store.
@@ -57,7 +59,7 @@ def prepare(cfg: RunConfig, device: str = "auto") -> Cell:
         attack_cls, defense_cls = ATTACKS.get(cfg.attack), DEFENSES.get(cfg.defense)
         attack = attack_cls(build_params(attack_cls.Params, cfg.attack_params, f"attack {cfg.attack!r}"), cfg.seed)
         defense = defense_cls(build_params(defense_cls.Params, cfg.defense_params, f"defense {cfg.defense!r}"), cfg.seed)
-        data = dataset.load(cfg.seed)
+        data = data if data is not None else dataset.load(cfg.seed)
         attack.check(data)
         plan = attack.poison(data)
         defense.check(len(plan.train))
@@ -103,28 +105,46 @@ def git_rev() -> str:
 
 
 def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool = True,
-             keep_checkpoint: bool = False) -> dict[str, Any]:
+             keep_checkpoint: bool = False, force: bool = False) -> dict[str, Any]:
     """``prepare`` then ``execute`` one cell; see both."""
-    return execute(prepare(cfg, device), results, progress, keep_checkpoint)
+    return execute(prepare(cfg, device), results, progress, keep_checkpoint, force)
 
 
-def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Train and evaluate a prepared cell and write its row to ``results/runs/<run_id>.parquet``.
+def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: bool = False,
+            force: bool = False) -> dict[str, Any]:
+    """Train and evaluate a prepared cell and write its row to ``results/runs/<run_id>.parquet``,
+    holding the cell's lock (``store.cell_lock``) throughout.
 
-    Returns the row. A failure (Ctrl-C included) writes a row with status=failed and the error
-    when the store is writable, then re-raises. The end-of-epoch checkpoint
+    Returns the row; when the store already holds a finished row for the cell (another process
+    may have finished it meanwhile), that row, without training, unless ``force``, which also
+    discards the cell's checkpoint. A failure (Ctrl-C included) writes a row with status=failed
+    and the error when the store is writable, then re-raises. The end-of-epoch checkpoint
     (``results/checkpoints/<run_id>/last.pt``) lets an interrupted cell resume; it is deleted once
-    the row is written unless ``keep_checkpoint``.
+    the row is written unless ``keep_checkpoint``. Raises CellBusyError, writing nothing, when
+    another process is running the same cell.
     """
-    cfg, dev, results = cell.cfg, cell.device, Path(results)
+    results = Path(results)
+    with cell_lock(results, cell.cfg.run_id):
+        if not force and has_finished_row(results, cell.cfg.run_id):
+            return read_row(results, cell.cfg.run_id)
+        ckpt = results / "checkpoints" / cell.cfg.run_id / "last.pt"
+        if force:
+            ckpt.unlink(missing_ok=True)
+        return _execute(cell, results, ckpt, progress, keep_checkpoint)
+
+
+def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpoint: bool) -> dict[str, Any]:
+    cfg, dev = cell.cfg, cell.device
     if dev.type == "cpu":
         set_threads()
-    ckpt = results / "checkpoints" / cfg.run_id / "last.pt"
     row = base_row(cfg, cell.plan, dev)
     t0 = time.perf_counter()
     try:
-        manifest = json.dumps(cell.plan.manifest)
-        atomic_write(results / "manifests" / f"{cfg.run_id}.json", lambda tmp: Path(tmp).write_text(manifest))
+        manifest, manifest_path = json.dumps(cell.plan.manifest), results / "manifests" / f"{cfg.run_id}.json"
+        if ckpt.is_file() and manifest_path.is_file() and manifest_path.read_text() != manifest:
+            warnings.warn(f"cell {cfg.run_id}: the poisoned data differ from the checkpoint's; starting over")
+            ckpt.unlink()
+        atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(manifest))
         torch.manual_seed(derive_seed(cfg.seed, "model"))
         model, tokenizer = create_model(cfg.model)
         result = train(model, tokenizer, cell.plan.train, cell.defense, cfg, dev, ckpt, progress)

@@ -6,6 +6,9 @@ Readers take the union of columns, so adding a metric never breaks reading old f
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,44 @@ def write_row(row: dict[str, Any], results: str | Path) -> Path:
     return path
 
 
+class CellBusyError(RuntimeError):
+    """Another process is running this cell against the same store right now."""
+
+
+@contextlib.contextmanager
+def cell_lock(results: str | Path, run_id: str):
+    """Hold an exclusive lock on cell ``run_id`` in ``results`` (``locks/<run_id>.lock``, flock).
+
+    Two processes never train the same cell at once (their checkpoints would interleave). The
+    kernel releases the lock when the holder dies, even by SIGKILL, so a stale lock file is harmless.
+    Raises CellBusyError at once if another process holds it.
+    """
+    path = Path(results) / "locks" / f"{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CellBusyError(f"cell {run_id} is being run by another process on {results}") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def is_running(results: str | Path, run_id: str) -> bool:
+    """True when some process holds cell ``run_id``'s lock in ``results``."""
+    if not (Path(results) / "locks" / f"{run_id}.lock").is_file():
+        return False
+    try:
+        with cell_lock(results, run_id):
+            return False
+    except CellBusyError:
+        return True
+    except OSError:
+        return False
+
+
 def has_finished_row(results: str | Path, run_id: str) -> bool:
     """True when the store holds a readable row with status ok for ``run_id``."""
     path = runs_dir(results) / f"{run_id}.parquet"
@@ -43,6 +84,11 @@ def has_finished_row(results: str | Path, run_id: str) -> bool:
         return path.is_file() and pq.read_table(path, columns=["status"]).column("status")[0].as_py() == "ok"
     except (pa.ArrowException, OSError, KeyError, IndexError):
         return False
+
+
+def read_row(results: str | Path, run_id: str) -> dict[str, Any]:
+    """The stored row of cell ``run_id`` as a dict (FileNotFoundError when there is none)."""
+    return pq.read_table(runs_dir(results) / f"{run_id}.parquet").to_pylist()[0]
 
 
 def read_runs(results: str | Path) -> pd.DataFrame:

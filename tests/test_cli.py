@@ -54,7 +54,8 @@ def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
     "args,env,message",
     [
         (["--lr", "-1"], {}, "lr must be a positive"),
-        (["--seed", "-3"], {}, "seed must be in"),
+        (["--seed", "-3"], {}, "not a non-negative integer"),
+        (["--seed", "2147483648"], {}, "seed must be in"),
         (["-d", "roclip", "-D", "pool_size=100000"], {}, "exceeds the"),
         (["-d", "roclip"], {"POISONBENCH_WORDNET": "/nonexistent"}, "POISONBENCH_WORDNET=/nonexistent is not"),
         (["--device", "warp-drive"], {}, "valid devices: auto, cpu, cuda"),

@@ -1,0 +1,287 @@
+"""Grids of cells: expand ``bench run``'s lists and sweeps into resolved configs, validate them all
+before any training, and run each pending cell in its own process (``--jobs`` at a time)."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, resolve
+from .registry import ATTACKS, DATASETS, DEFENSES, build_params, param_fields
+from .store import has_finished_row, is_running, runs_dir
+
+ALL = "all"
+# `all` means every registered attack but the clean baseline, which is not an attack.
+NOT_IN_ALL = {"none"}
+
+# Exit codes of one cell's process (``bench cell``).
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 75
+
+
+def split_list(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"badnet[a=1,b=2],sig"`` -> ``["badnet[a=1,b=2]", "sig"]``.
+
+    Raises ValueError for unbalanced brackets or an empty item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            raise ValueError(f"unbalanced ']' in {text!r}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '[' in {text!r}")
+    items.append(text[start:])
+    items = [s.strip() for s in items]
+    if not all(items):
+        raise ValueError(f"empty item in {text!r}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` (inclusive) or a mix -> distinct seeds in order; ValueError otherwise."""
+    seeds: list[int] = []
+    for item in split_list(str(text)):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise ValueError(f"seed {item!r} is not a non-negative integer or a range like 0-4")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"seed range {item!r} is empty")
+        seeds += [s for s in range(lo, hi + 1) if s not in seeds]
+    return seeds
+
+
+def parse_name(spec: str) -> tuple[str, dict[str, str]]:
+    """benchopt-style ``badnet[patch_size=4,location=random]`` -> ``("badnet", {...})``."""
+    m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[(.*)\])?\s*", spec)
+    if not m:
+        raise ValueError(f"{spec!r} is not NAME or NAME[key=value,...]")
+    return m.group(1), parse_assignments([p for p in (m.group(2) or "").split(",") if p.strip()])
+
+
+def parse_assignments(items) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; ValueError for an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class GridSpec:
+    """What ``bench run`` / ``bench status`` were asked for, before expansion.
+
+    Attributes:
+        attacks, defenses: comma lists of names, each optionally ``NAME[k=v,...]``, or ``all``.
+        seeds: ``"0,1,2"`` or ``"0-2"``.
+        attack_params, defense_params, dataset_params: NAME -> comma list of values; each list is
+            swept (the grid takes the product). An attack or defense sweep applies to the
+            attacks/defenses that have the parameter.
+        training: epochs, batch_size, lr overrides (None keeps the profile's).
+    """
+
+    attacks: str = "badnet"
+    defenses: str = "clip"
+    profile: str = "cpu-small"
+    seeds: str = "0"
+    attack_params: dict[str, str] = field(default_factory=dict)
+    defense_params: dict[str, str] = field(default_factory=dict)
+    dataset_params: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def _names(text: str, registry, what: str) -> list[tuple[str, dict[str, str]]]:
+    out = []
+    for item in split_list(text):
+        if item == ALL:
+            out += [(n, {}) for n in registry.names() if n not in NOT_IN_ALL]
+        else:
+            name, params = parse_name(item)
+            registry.get(name)  # RegistryError listing the valid names
+            out.append((name, params))
+    if not out:
+        raise ValueError(f"no {what} selected")
+    return out
+
+
+def _sweeps(params: dict[str, str]) -> list[dict[str, str]]:
+    keys = list(params)
+    values = [split_list(params[k]) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def _applicable(sweep: dict[str, str], registry, name: str) -> dict[str, str]:
+    fields = {f[0] for f in param_fields(registry.get(name).Params)}
+    return {k: v for k, v in sweep.items() if k in fields}
+
+
+def expand(spec: GridSpec) -> list[RunConfig]:
+    """The distinct resolved configs of the grid, in order (attack, defense, sweeps, seed).
+
+    A swept parameter that no selected attack (or defense) has is an error; attacks without it
+    run with their default. Raises RegistryError or ValueError naming the problem.
+    """
+    attacks = _names(spec.attacks, ATTACKS, "attacks")
+    defenses = _names(spec.defenses, DEFENSES, "defenses")
+    for params, registry, chosen, what in ((spec.attack_params, ATTACKS, attacks, "attack"),
+                                           (spec.defense_params, DEFENSES, defenses, "defense")):
+        for key in params:
+            if not any(_applicable({key: ""}, registry, n) for n, _ in chosen):
+                names = ", ".join(sorted({n for n, _ in chosen}))
+                raise ValueError(f"no selected {what} ({names}) has a parameter {key!r}; see `bench list {what}s`")
+    seeds = parse_seeds(spec.seeds)
+    cfgs: dict[str, RunConfig] = {}
+    for (a, a_fixed), (d, d_fixed) in itertools.product(attacks, defenses):
+        for a_sweep, d_sweep, ds_sweep in itertools.product(
+            _sweeps(spec.attack_params), _sweeps(spec.defense_params), _sweeps(spec.dataset_params)
+        ):
+            for seed in seeds:
+                cfg = resolve(
+                    a, d, spec.profile, seed,
+                    {**a_fixed, **_applicable(a_sweep, ATTACKS, a)},
+                    {**d_fixed, **_applicable(d_sweep, DEFENSES, d)},
+                    ds_sweep, **spec.training,
+                )
+                cfgs.setdefault(cfg.run_id, cfg)
+    return list(cfgs.values())
+
+
+def validate(cfgs: list[RunConfig], device: str = "auto") -> list[str]:
+    """Problems that would make cells fail before training (``runner.prepare``'s checks: data,
+    parameters against the data, device), as messages naming the cell; empty when all can run.
+    The clean data is loaded once per dataset config and seed."""
+    from .runner import ConfigError, prepare  # imports torch; `bench status` does not need it
+
+    problems, cache = [], {}
+    for cfg in cfgs:
+        key = (cfg.dataset, json.dumps(cfg.dataset_params, sort_keys=True), cfg.seed)
+        try:
+            if key not in cache:
+                ds_cls = DATASETS.get(cfg.dataset)
+                cache[key] = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}")).load(cfg.seed)
+            prepare(cfg, device, data=cache[key])
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            problems.append(f"{describe(cfg)}: {e}")
+    return problems
+
+
+def describe(cfg: RunConfig) -> str:
+    """Short human name of a cell: ``badnet x roclip seed 0 [n_poison=50]`` (non-default
+    attack/defense parameters are not all shown; the run id identifies the cell)."""
+    return f"{cfg.attack} x {cfg.defense} seed {cfg.seed} ({cfg.run_id})"
+
+
+def state(cfg: RunConfig, results: str | Path) -> str:
+    """``done``, ``running`` (another process holds its lock), ``failed`` or ``pending``."""
+    if has_finished_row(results, cfg.run_id):
+        return "done"
+    if is_running(results, cfg.run_id):
+        return "running"
+    return "failed" if (runs_dir(results) / f"{cfg.run_id}.parquet").is_file() else "pending"
+
+
+PARENT_ENV = "POISONBENCH_GRID_PID"
+
+
+def die_with_parent() -> None:
+    """In a cell's process started by ``run_cells``: ask Linux to send SIGTERM to this process
+    when the grid process dies (even by SIGKILL), so the cell records a failed row and frees its
+    lock instead of running on orphaned. No-op elsewhere."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the grid died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def cell_command(cfg: RunConfig, results: str | Path, device: str, force: bool, keep_checkpoint: bool,
+                 quiet: bool) -> list[str]:
+    """The command line that runs one cell in a fresh Python process."""
+    cmd = [sys.executable, "-m", "poisonbench", "cell", json.dumps(cfg.to_dict()), "--results", str(results),
+           "--device", device]
+    return cmd + ["--force"] * force + ["--keep-checkpoint"] * keep_checkpoint + ["--quiet"] * quiet
+
+
+@dataclass
+class CellOutcome:
+    cfg: RunConfig
+    code: int
+    log: Path | None
+
+
+def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device: str = "auto", force: bool = False,
+              keep_checkpoint: bool = False, quiet: bool = False,
+              on_done: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+    """Run each config in its own process, ``jobs`` at a time; return their outcomes in order of
+    completion (exit codes: 0 ok, 1 failed and recorded, 2 bad config, 75 busy elsewhere).
+
+    With one job the cell's output (progress bar, result table) goes to this terminal; with more,
+    to ``results/logs/<run_id>.log``, and each process gets ``cores // jobs`` CPU threads (unless
+    OMP_NUM_THREADS is set), since oversubscribed OpenMP threads spin and slow everyone down.
+    SIGTERM to this process is passed on to the cells, which record a failed row and resume next
+    time; if this process is killed outright, Linux sends them SIGTERM too.
+    """
+    results = Path(results)
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    queue, running, outcomes = list(cfgs), {}, []
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # the handler below passes SIGTERM on to the cells
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                cfg = queue.pop(0)
+                log, out = None, None
+                if jobs > 1:
+                    log = results / "logs" / f"{cfg.run_id}.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    out = open(log, "ab")
+                proc = subprocess.Popen(cell_command(cfg, results, device, force, keep_checkpoint, quiet or jobs > 1),
+                                        env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+                running[proc.pid] = (proc, cfg, log, out)
+            pid, status = os.wait()
+            if pid not in running:
+                continue
+            proc, cfg, log, out = running.pop(pid)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if out:
+                out.close()
+            outcome = CellOutcome(cfg, proc.returncode, log)
+            outcomes.append(outcome)
+            if on_done:
+                on_done(outcome)
+    except BaseException:
+        for proc, _, _, _ in running.values():  # Ctrl-C or SIGTERM: let the cells record and exit
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, _, _ in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return outcomes
