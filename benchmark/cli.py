@@ -350,25 +350,52 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
 @main.command()
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder to read (its runs/*.parquet).")
-@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv"]), default="table", show_default=True,
-              help="table: in the terminal; md: Markdown (percent); csv: fractions.")
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json", "html"]), default="table",
+              show_default=True,
+              help="table: in the terminal; md: Markdown (percent); csv, json: fractions with interval bounds; "
+                   "html: a self-contained page with the tables and plots.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
-              help="Write the table to this file instead of the terminal (Markdown unless --format csv).")
-def report(results, fmt, out) -> None:
-    """Leaderboard of the finished runs in RESULTS: per attack, defenses ranked by ASR then clean accuracy."""
-    from .report import EmptyStoreError, load_leaderboard, rich_table, to_text
+              help="Write to this file instead of the terminal (with --format table: Markdown).")
+@click.option("--html", "html_page", is_flag=True, help="Also write RESULTS/report.html (tables and plots, self-contained).")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Write the plots (PNG and SVG) to RESULTS/plots/.")
+def report(results, fmt, out, html_page, plots) -> None:
+    """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
+    accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
+
+    \b
+    Plots (RESULTS/plots/*.png and *.svg): asr_vs_clean (the trade-off per attack),
+    asr_by_attack (grouped bars), asr_vs_poison (when a poison count was swept).
+    """
+    from .report import EmptyStoreError, load_leaderboard, rich_tables, to_html, to_text
     from .utils import atomic_write
 
     try:
         board = load_leaderboard(results)
     except EmptyStoreError as e:
         raise click.ClickException(str(e)) from None
+    paths = []
+    if plots or html_page or fmt == "html":
+        from .plots import save_plots
+
+        paths = save_plots(board, Path(results) / "plots")
+    svgs = {p.stem.replace("_", " "): p.read_text() for p in paths if p.suffix == ".svg"}
+
+    def write(path, text) -> None:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        console.print(f"wrote {path}")
+
     if fmt == "table" and out is None:
-        console.print(rich_table(board))
-        return
-    text = to_text(board, "md" if fmt == "table" else fmt)
-    if out:
-        atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-        console.print(f"wrote {out}")
+        console.print(f"[bold]poisonbench leaderboard[/bold] ({results}): percent, mean over seeds with a 95 % interval")
+        for table in rich_tables(board):
+            console.print(table)
     else:
-        click.echo(text, nl=False)
+        text = to_html(board, svgs) if fmt == "html" else to_text(board, "md" if fmt == "table" else fmt)
+        if out:
+            write(out, text)
+        else:
+            click.echo(text, nl=False)
+    if html_page:
+        write(Path(results) / "report.html", to_html(board, svgs))
+    if paths and (out or fmt == "table"):
+        console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)")

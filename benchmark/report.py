@@ -1,7 +1,14 @@
-"""Leaderboard tables from the Parquet store (the report reads nothing else)."""
+"""Leaderboard tables from the Parquet store (the report reads nothing else).
+
+Seeds of one setting are pooled (docs/DESIGN.md): accuracies get the mean and a Student-t 95 %
+interval over seeds (clipped to [0, 1]); ASR, a proportion of evaluation images (backdoors) or targets (targeted
+poisoning), gets the pooled proportion and its Wilson 95 % interval.
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -10,12 +17,72 @@ from rich.table import Table
 from .config import settings
 from .store import read_runs
 
-COLUMNS = ["attack", "defense", "profile", "setting", "clean_top1", "clean_top5", "asr", "runs"]
 GROUP = ["attack", "defense", "profile"]
+ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
+COLUMNS = (GROUP + ["setting", "seeds"]
+           + [f"{m}{s}" for m in ACCURACIES for s in ("", "_lo", "_hi")]
+           + ["asr", "asr_lo", "asr_hi", "asr_n", "n_poison"])
+LABELS = {"clean_top1": "clean top-1", "clean_top5": "clean top-5", "linear_probe_top1": "linear probe", "asr": "ASR"}
+CONFIDENCE = 0.95
 
 
 class EmptyStoreError(LookupError):
     """The results folder holds no finished run."""
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """Mean and two-sided 95 % Student-t interval of ``values`` (NaNs dropped).
+
+    Returns (mean, low, high); low = high = NaN with fewer than two values, and
+    low = high = mean when they are all equal."""
+    from scipy import stats
+
+    x = pd.Series(values, dtype="float64").dropna()
+    if x.empty:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    sem = float(x.std(ddof=1)) / math.sqrt(len(x))
+    if sem == 0:
+        return mean, mean, mean
+    lo, hi = stats.t.interval(CONFIDENCE, len(x) - 1, loc=mean, scale=sem)
+    return mean, float(lo), float(hi)
+
+
+def clipped_t_interval(values) -> tuple[float, float, float]:
+    """``t_interval`` with the bounds clipped to [0, 1], the range of an accuracy."""
+    mean, lo, hi = t_interval(values)
+    return mean, min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion ``successes / n``; (NaN, NaN) when n == 0."""
+    from scipy import stats
+
+    if n <= 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(CONFIDENCE, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _aggregate(group: pd.DataFrame) -> pd.Series:
+    out: dict[str, float] = {"seeds": group["seed"].nunique() if "seed" in group else len(group)}
+    for m in ACCURACIES:
+        out[m], out[f"{m}_lo"], out[f"{m}_hi"] = clipped_t_interval(group[m])
+    asr = group["asr"].dropna()
+    n = group.loc[asr.index, "asr_n"] if "asr_n" in group else pd.Series(dtype="float64")
+    if asr.empty:
+        out.update(asr=math.nan, asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
+    elif n.notna().all() and len(n):
+        # pooled over seeds: the successes of every seed over all their images (or targets)
+        k, total = int(round(float((asr * n).sum()))), int(n.sum())
+        out["asr"], out["asr_n"] = k / total, total
+        out["asr_lo"], out["asr_hi"] = wilson_interval(k, total)
+    else:  # rows of an older schema without asr_n: the mean, no interval
+        out.update(asr=float(asr.mean()), asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
+    out["n_poison"] = float(group["n_poison"].mean()) if "n_poison" in group else math.nan
+    return pd.Series(out)
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,25 +90,33 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
 
     Runs are comparable when their resolved configs are equal up to the seed. ``setting`` names
     the config values that differ between runs of the same (attack, defense, profile), e.g.
-    ``n_poison=50``; it is empty when there is one setting. Columns: mean clean top-1/top-5,
-    mean ASR (NaN for attacks without one) and the number of runs. Sorted by attack, then ASR
-    ascending and clean top-1 descending (the most robust defense first).
+    ``n_poison=50``; it is empty when there is one setting. Columns: COLUMNS (fractions in
+    [0, 1]; ``_lo``/``_hi`` are the 95 % interval bounds, NaN with one seed for accuracies).
+    Sorted by attack and setting, then ASR ascending and clean top-1 descending (the most robust
+    defense first).
     """
     if df.empty or "status" not in df:
         return pd.DataFrame(columns=COLUMNS)
     ok = df[df["status"] == "ok"].copy()
     if ok.empty:
         return pd.DataFrame(columns=COLUMNS)
-    for col in ("clean_top1", "clean_top5", "asr"):
-        ok[col] = pd.to_numeric(ok[col], errors="coerce") if col in ok else float("nan")
+    for col in ACCURACIES + ["asr", "asr_n", "n_poison"]:
+        ok[col] = pd.to_numeric(ok[col], errors="coerce") if col in ok else math.nan
     ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
     ok["setting"] = _settings(ok)
-    board = ok.groupby(GROUP + ["setting"], as_index=False, dropna=False).agg(
-        clean_top1=("clean_top1", "mean"), clean_top5=("clean_top5", "mean"), asr=("asr", "mean"),
-        runs=("run_id", "count"),
-    )
-    board = board.sort_values(["attack", "asr", "clean_top1"], ascending=[True, True, False], na_position="last")
+    board = ok.groupby(GROUP + ["setting"], dropna=False)[list(ok.columns)].apply(_aggregate).reset_index()
+    board["seeds"] = board["seeds"].astype(int)
+    board["asr_n"] = board["asr_n"].astype(int)
+    board = board.sort_values(["attack", "setting", "asr", "clean_top1"], ascending=[True, True, True, False],
+                              na_position="last", key=_natural)
     return board[COLUMNS].reset_index(drop=True)
+
+
+def _natural(col: pd.Series) -> pd.Series:
+    """Sort key: settings compare numbers by value (n_poison=25 before n_poison=100)."""
+    if col.name != "setting":
+        return col
+    return col.map(lambda s: tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
 
 
 def _settings(ok: pd.DataFrame) -> pd.Series:
@@ -67,31 +142,85 @@ def load_leaderboard(results: str | Path) -> pd.DataFrame:
     return board
 
 
-def _pct(x: float) -> str:
-    return "-" if pd.isna(x) else f"{100 * x:.1f}"
+def fmt_value(row, metric: str) -> str:
+    """``84.2`` or, with an interval, ``84.2 (83.1-85.3)``, in percent; ``-`` when missing."""
+    x = row[metric]
+    if pd.isna(x):
+        return "-"
+    lo, hi = row[f"{metric}_lo"], row[f"{metric}_hi"]
+    return f"{100 * x:.1f}" if pd.isna(lo) else f"{100 * x:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
 
 
-def rich_table(board: pd.DataFrame) -> Table:
-    """The leaderboard as a rich table, accuracies and ASR in percent."""
-    table = Table(title="poisonbench leaderboard (mean over seeds; %)")
+def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per attack, the leaderboard as strings for people: percent with 95 % intervals, the
+    number of seeds, and ``setting`` only when some row has one."""
     show_setting = board["setting"].astype(bool).any()
-    cols = [("attack", "left"), ("defense", "left"), ("profile", "left")] + ([("setting", "left")] if show_setting else [])
-    for col, just in cols + [("clean top-1", "right"), ("clean top-5", "right"), ("ASR", "right"), ("runs", "right")]:
-        table.add_column(col, justify=just, overflow="fold")  # fold, never cut: settings must stay distinguishable
-    for r in board.itertuples(index=False):
-        ident = [r.attack, r.defense, r.profile] + ([r.setting] if show_setting else [])
-        table.add_row(*ident, _pct(r.clean_top1), _pct(r.clean_top5), _pct(r.asr), str(r.runs))
-    return table
+    out = {}
+    for attack, part in board.groupby("attack", sort=True):
+        rows = []
+        for _, r in part.iterrows():
+            shown = {"defense": r["defense"], "profile": r["profile"]}
+            if show_setting:
+                shown["setting"] = r["setting"]
+            shown.update({f"{LABELS[m]} (%)": fmt_value(r, m) for m in ["asr"] + ACCURACIES})
+            shown["seeds"] = str(r["seeds"])
+            rows.append(shown)
+        out[attack] = pd.DataFrame(rows)
+    return out
+
+
+TITLE = "poisonbench leaderboard"
+NOTE = ("Percent; mean over seeds with a 95 % interval in parentheses (Student t for accuracies; "
+        "Wilson for ASR, pooled over the seeds' evaluation images or targets). "
+        "Per attack, defenses are ranked by ASR, then clean top-1.")
+
+
+def rich_tables(board: pd.DataFrame) -> list[Table]:
+    """One rich table per attack."""
+    tables = []
+    for attack, shown in display(board).items():
+        table = Table(title=f"{attack}")
+        for col in shown.columns:
+            table.add_column(col, justify="left" if col in ("defense", "profile", "setting") else "right",
+                             overflow="fold")
+        for r in shown.itertuples(index=False):
+            table.add_row(*r)
+        tables.append(table)
+    return tables
 
 
 def to_text(board: pd.DataFrame, fmt: str) -> str:
-    """The leaderboard as ``md`` (a Markdown table, percent) or ``csv`` (fractions in [0, 1])."""
+    """The leaderboard as ``md`` (one Markdown table per attack, percent), ``csv`` or ``json``
+    (one record per setting, fractions in [0, 1], interval bounds as ``*_lo``/``*_hi``)."""
     if fmt == "csv":
         return board.to_csv(index=False)
+    if fmt == "json":
+        return board.to_json(orient="records", indent=1) + "\n"
     if fmt == "md":
-        shown = board.copy()
-        for col in ("clean_top1", "clean_top5", "asr"):
-            shown[col] = shown[col].map(_pct)
-        shown.columns = ["attack", "defense", "profile", "setting", "clean top-1 (%)", "clean top-5 (%)", "ASR (%)", "runs"]
-        return shown.to_markdown(index=False, disable_numparse=True) + "\n"
-    raise ValueError(f"unknown format {fmt!r}; valid formats: md, csv")
+        parts = [f"# {TITLE}\n", NOTE + "\n"]
+        for attack, shown in display(board).items():
+            parts.append(f"## {attack}\n\n" + shown.to_markdown(index=False, disable_numparse=True) + "\n")
+        return "\n".join(parts)
+    raise ValueError(f"unknown format {fmt!r}; valid formats: md, csv, json, html")
+
+
+def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
+    """One self-contained HTML page: the per-attack tables and the plots inlined as SVG
+    (``svgs``: title -> SVG text), no external file or script."""
+    import html
+    import time
+
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em}"
+           "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}"
+           "figure{margin:1em 0}svg{max-width:100%;height:auto}")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title><style>{css}</style></head><body>",
+             f"<h1>{TITLE}</h1><p>{html.escape(NOTE)}</p>",
+             f"<p>{int(board['seeds'].sum())} runs in {len(board)} settings; generated {time.strftime('%Y-%m-%d %H:%M %Z')}.</p>"]
+    for attack, shown in display(board).items():
+        parts.append(f"<h2>{html.escape(attack)}</h2>" + shown.to_html(index=False, border=0, escape=True))
+    for title, svg in (svgs or {}).items():
+        body = svg[svg.find("<svg"):]  # drop the XML prologue and DOCTYPE
+        parts.append(f"<figure><figcaption><h2>{html.escape(title)}</h2></figcaption>{body}</figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

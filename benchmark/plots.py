@@ -1,0 +1,136 @@
+"""Leaderboard plots (matplotlib, PNG and SVG): the trade-off per attack, ASR by attack and
+defense, and ASR against the number of poisoned pairs for sweeps."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .utils import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(board: pd.DataFrame, metric: str) -> np.ndarray:
+    """[2, N] distances from the value to its interval bounds, in percent (0 without an interval)."""
+    v, lo, hi = (100 * board[c].to_numpy(dtype=float) for c in (metric, f"{metric}_lo", f"{metric}_hi"))
+    return np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0).clip(min=0)
+
+
+def _defense_colours(board: pd.DataFrame) -> dict[str, str]:
+    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+    return {d: cycle[i % len(cycle)] for i, d in enumerate(sorted(board["defense"].unique()))}
+
+
+def _label(r) -> str:
+    return r["defense"] + (f" ({r['setting']})" if r["setting"] else "")
+
+
+def tradeoff(board: pd.DataFrame, plt):
+    """One panel per attack: ASR (y) against clean top-1 (x), one point per defense setting with
+    its 95 % intervals; lower right is better."""
+    attacks = sorted(board["attack"].unique())
+    cols = min(4, len(attacks))
+    rows = math.ceil(len(attacks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    colours = _defense_colours(board)
+    for ax, attack in zip(axes.flat, attacks):
+        part = board[(board["attack"] == attack) & board["asr"].notna()]
+        for _, r in part.iterrows():
+            one = part.loc[[r.name]]
+            ax.errorbar(100 * r["clean_top1"], 100 * r["asr"], xerr=_err(one, "clean_top1"), yerr=_err(one, "asr"),
+                        fmt="o", color=colours[r["defense"]], capsize=3, label=_label(r))
+        ax.set_title(attack)
+        ax.set_xlabel("clean zero-shot top-1 (%)")
+        ax.set_ylabel("attack success rate (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(attacks):]:
+        ax.axis("off")
+    fig.suptitle("ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
+    fig.tight_layout()
+    return fig
+
+
+def asr_bars(board: pd.DataFrame, plt):
+    """Grouped bars: ASR per attack (groups) and defense (bars), default settings only."""
+    part = board[board["asr"].notna() & (board["setting"] == "")]
+    attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
+    colours = _defense_colours(board)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(attacks) * max(1, len(defenses)) / 2), 4))
+    width = 0.8 / max(1, len(defenses))
+    x = np.arange(len(attacks))
+    for i, d in enumerate(defenses):
+        sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
+        ax.bar(x + (i - (len(defenses) - 1) / 2) * width, 100 * sub["asr"].to_numpy(dtype=float), width,
+               yerr=_err(sub, "asr"), capsize=2, label=d, color=colours[d])
+    ax.set_xticks(x, attacks, rotation=20)
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title="defense")
+    ax.set_title("ASR by attack and defense (mean over seeds, Wilson 95 % intervals; lower is better)")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_groups(board: pd.DataFrame) -> pd.DataFrame:
+    """Rows of (attack, defense, profile) groups with at least two poison counts (a sweep)."""
+    part = board[board["asr"].notna() & board["n_poison"].notna()]
+    counts = part.groupby(["attack", "defense", "profile"])["n_poison"].transform("nunique")
+    return part[counts >= 2]
+
+
+def asr_vs_poison(board: pd.DataFrame, plt):
+    """ASR against the number of poisoned pairs, one panel per attack, a line per defense."""
+    part = sweep_groups(board)
+    attacks = sorted(part["attack"].unique())
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False)
+    colours = _defense_colours(board)
+    for ax, attack in zip(axes.flat, attacks):
+        for (d, prof), g in part[part["attack"] == attack].groupby(["defense", "profile"]):
+            g = g.sort_values("n_poison")
+            ax.errorbar(g["n_poison"], 100 * g["asr"], yerr=_err(g, "asr"), marker="o", capsize=3,
+                        color=colours[d], label=d)
+        ax.set_xscale("log")
+        ax.set_title(attack)
+        ax.set_xlabel("poisoned pairs in the training set (log scale)")
+        ax.set_ylabel("attack success rate (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ASR vs number of poisoned pairs (mean over seeds, Wilson 95 % intervals)")
+    fig.tight_layout()
+    return fig
+
+
+def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
+    """Write the plots that the leaderboard has data for as PNG (150 dpi) and SVG into ``folder``
+    (atomically); return their paths. ``asr_vs_poison`` needs a sweep over the poison count."""
+    plt = _pyplot()
+    folder = Path(folder)
+    figures = {}
+    if board["asr"].notna().any():
+        figures["asr_vs_clean"] = tradeoff(board, plt)
+        if (board["asr"].notna() & (board["setting"] == "")).any():
+            figures["asr_by_attack"] = asr_bars(board, plt)
+    if not sweep_groups(board).empty:
+        figures["asr_vs_poison"] = asr_vs_poison(board, plt)
+    paths = []
+    for name, fig in figures.items():
+        for ext in ("png", "svg"):
+            path = folder / f"{name}.{ext}"
+            atomic_write(path, lambda tmp, fig=fig, ext=ext: fig.savefig(tmp, format=ext, dpi=150))
+            paths.append(path)
+        plt.close(fig)
+    return paths

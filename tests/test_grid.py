@@ -1,0 +1,114 @@
+"""Grid expansion (cells and their hashes), the per-cell lock, and kill -9 in the middle of a grid."""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from poisonbench.config import resolve
+from poisonbench.grid import GridSpec, expand, parse_seeds, split_list, state
+from poisonbench.registry import ATTACKS
+from poisonbench.store import CellBusyError, cell_lock, read_runs
+
+
+def test_split_list_keeps_bracketed_parameters_together():
+    assert split_list("badnet[patch_size=3,location=random], blended ,sig") == [
+        "badnet[patch_size=3,location=random]", "blended", "sig"]
+    for bad in ("badnet[a=1", "badnet]", "badnet,,sig"):
+        with pytest.raises(ValueError):
+            split_list(bad)
+
+
+def test_seed_lists_and_ranges():
+    assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2]
+    assert parse_seeds("3,0-1,1") == [3, 0, 1]
+    for bad in ("-1", "a", "3-1"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_grid_has_one_cell_per_combination_with_the_hash_of_its_config():
+    cfgs = expand(GridSpec("all", "clip,roclip", "tiny", "0,1,2"))
+    attacks = [a for a in ATTACKS.names() if a != "none"]
+    assert len(cfgs) == len(attacks) * 2 * 3
+    expected = [resolve(a, d, "tiny", s).run_id for a, d, s in itertools.product(attacks, ["clip", "roclip"], [0, 1, 2])]
+    assert [c.run_id for c in cfgs] == expected  # same order, same hashes as one-cell runs
+
+
+def test_sweeps_apply_to_the_attacks_that_have_the_parameter():
+    spec = GridSpec("badnet[patch_size=3],targeted", "clip", "tiny", "0,1", attack_params={"n_poison": "25,50,100"})
+    cfgs = expand(spec)
+    badnet = [c for c in cfgs if c.attack == "badnet"]
+    assert sorted((c.attack_params["n_poison"], c.seed) for c in badnet) == sorted(itertools.product([25, 50, 100], [0, 1]))
+    assert all(c.attack_params["patch_size"] == 3 for c in badnet)
+    assert len([c for c in cfgs if c.attack == "targeted"]) == 2  # one per seed: it has no n_poison
+    assert len({c.run_id for c in cfgs}) == len(cfgs) == 8
+
+
+def test_duplicate_cells_are_run_once_and_unknown_sweeps_are_refused():
+    assert len(expand(GridSpec("badnet,badnet[n_poison=100]", "clip", "tiny", "0,0"))) == 1
+    with pytest.raises(ValueError, match="no selected attack .* has a parameter 'pool_size'"):
+        expand(GridSpec("badnet", "clip", "tiny", "0", attack_params={"pool_size": "1,2"}))
+
+
+def test_a_cell_held_by_one_process_is_busy_for_another(tmp_path):
+    cfg = resolve("badnet", "clip", "tiny")
+    assert state(cfg, tmp_path) == "pending"
+    with cell_lock(tmp_path, cfg.run_id):
+        assert state(cfg, tmp_path) == "running"
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from poisonbench.store import cell_lock\n"
+             f"with cell_lock({str(tmp_path)!r}, {cfg.run_id!r}): pass"],
+            capture_output=True, text=True)
+        assert probe.returncode != 0 and "CellBusyError" in probe.stderr
+        with pytest.raises(CellBusyError):
+            with cell_lock(tmp_path, cfg.run_id):
+                pass
+    assert state(cfg, tmp_path) == "pending"  # released
+
+
+METRICS = ["clean_top1", "clean_top5", "asr", "linear_probe_top1", "i2t_r10", "t2i_r10", "final_loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_grid_then_rerun_completes_only_the_missing_cells(tmp_path):
+    res = tmp_path / "res"
+    grid = ["run", "-p", "tiny", "-a", "badnet[n_poison=20]", "-d", "clip,roclip", "--epochs", "12", "-q"]
+    cmd = [sys.executable, "-m", "poisonbench", *grid, "--results", str(res)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # wait until the first cell is finished and the second has a checkpoint
+    while time.time() < deadline:
+        df = read_runs(res)
+        if len(df) == 1 and [p for p in res.glob("checkpoints/*/last.pt") if p.parent.name != df["run_id"][0]]:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # the orphaned cell gets SIGTERM from the kernel and records a failed row
+    before = read_runs(res).set_index("run_id")
+    assert sorted(before["status"]) == ["failed", "ok"]
+    done_id = before.index[before["status"] == "ok"][0]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 done, 1 to run" in again.stdout
+    after = read_runs(res).set_index("run_id")
+    assert len(after) == 2 and set(after["status"]) == {"ok"}
+    # the finished cell was not rerun: same metrics, same row
+    assert [after.loc[done_id, m] for m in METRICS + ["finished_at"]] == [before.loc[done_id, m] for m in METRICS + ["finished_at"]]
+    resumed = after.drop(index=done_id).iloc[0]
+    assert resumed["resumed_from_epoch"] >= 1
+
+    # the resumed cell ends with exactly the metrics of an uninterrupted run (CPU is deterministic)
+    fresh = tmp_path / "fresh"
+    solo = [sys.executable, "-m", "poisonbench", "run", "-p", "tiny", "-a", "badnet[n_poison=20]", "-d",
+            resumed["defense"], "--epochs", "12", "-q", "--results", str(fresh)]
+    assert subprocess.run(solo, capture_output=True, timeout=600).returncode == 0
+    uninterrupted = read_runs(fresh).iloc[0]
+    assert uninterrupted["run_id"] == resumed.name and uninterrupted["resumed_from_epoch"] == 0
+    for m in METRICS:
+        assert uninterrupted[m] == resumed[m], m

@@ -1,0 +1,86 @@
+"""Aggregation over seeds (intervals against reference formulas), report formats and plots."""
+import json
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from poisonbench.report import leaderboard, t_interval, to_html, to_text, wilson_interval
+
+
+def reference_wilson(k, n, z=stats.norm.ppf(0.975)):
+    """Wilson (1927) score interval, written out."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("k,n", [(5, 10), (0, 16), (16, 16), (15, 16), (8886, 9000), (3, 27000)])
+def test_wilson_interval_matches_the_formula(k, n):
+    assert wilson_interval(k, n) == pytest.approx(reference_wilson(k, n), abs=1e-9)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # textbook value
+
+
+def test_t_interval_known_values():
+    mean, lo, hi = t_interval([0.80, 0.82, 0.84])
+    half = 4.302653 * 0.02 / math.sqrt(3)  # t(0.975, df=2) * s / sqrt(n)
+    assert mean == pytest.approx(0.82) and (lo, hi) == pytest.approx((0.82 - half, 0.82 + half), abs=1e-6)
+    assert t_interval([0.5])[0] == 0.5 and math.isnan(t_interval([0.5])[1])  # one seed: no interval
+    assert t_interval([0.7, 0.7]) == (0.7, 0.7, 0.7)
+
+
+def run(seed, defense="clip", top1=0.8, asr=0.9, asr_n=9000, n_poison=100, attack="badnet"):
+    config = json.dumps({"attack": attack, "defense": defense, "profile": "cpu-small", "seed": seed,
+                         "attack_params": {"n_poison": n_poison}})
+    return {"run_id": f"{defense}{seed}{n_poison}", "status": "ok", "attack": attack, "defense": defense,
+            "profile": "cpu-small", "seed": seed, "config": config, "clean_top1": top1, "clean_top5": 0.99,
+            "linear_probe_top1": 0.85, "asr": asr, "asr_n": asr_n, "n_poison": n_poison}
+
+
+def test_seeds_are_pooled_with_intervals_and_the_number_of_seeds():
+    df = pd.DataFrame([run(0, top1=0.80, asr=0.5, asr_n=10), run(1, top1=0.82, asr=0.3, asr_n=10),
+                       run(2, top1=0.84, asr=0.4, asr_n=10), run(0, "roclip", top1=0.7, asr=0.1, asr_n=10)])
+    board = leaderboard(df).set_index("defense")
+    clip = board.loc["clip"]
+    assert clip["seeds"] == 3
+    assert (clip["clean_top1"], clip["clean_top1_lo"], clip["clean_top1_hi"]) == pytest.approx(t_interval([0.80, 0.82, 0.84]))
+    # ASR: 12 successes of 30 triggered images over the three seeds
+    assert clip["asr"] == pytest.approx(0.4) and clip["asr_n"] == 30
+    assert (clip["asr_lo"], clip["asr_hi"]) == pytest.approx(reference_wilson(12, 30))
+    assert board.loc["roclip", "seeds"] == 1 and math.isnan(board.loc["roclip", "clean_top1_lo"])
+    assert list(board.index) == ["roclip", "clip"]  # ranked by ASR
+
+
+def test_accuracy_intervals_stay_within_zero_and_one():
+    board = leaderboard(pd.DataFrame([run(0, top1=0.02), run(1, top1=0.30)]))
+    assert board.loc[0, "clean_top1_lo"] == 0.0 and board.loc[0, "clean_top1_hi"] <= 1.0
+
+
+def test_formats_carry_the_intervals():
+    board = leaderboard(pd.DataFrame([run(s, top1=0.8 + s / 100, asr=0.4, asr_n=10) for s in range(3)]))
+    md = to_text(board, "md")
+    lo, hi = reference_wilson(12, 30)
+    assert "## badnet" in md and f"40.0 ({100 * lo:.1f}-{100 * hi:.1f})" in md and "| 3 " in md
+    records = json.loads(to_text(board, "json"))
+    assert records[0]["asr_lo"] == pytest.approx(lo) and records[0]["seeds"] == 3
+    page = to_html(board, {"asr by attack": "<?xml version='1.0'?><svg xmlns='http://www.w3.org/2000/svg'></svg>"})
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "<?xml" not in page
+    assert "src=" not in page and "href=" not in page  # self-contained
+    with pytest.raises(ValueError, match="valid formats"):
+        to_text(board, "xlsx")
+
+
+def test_plots_are_written_for_the_data_there_is(tmp_path):
+    from poisonbench.plots import save_plots
+
+    rows = [run(s, d, asr=a, n_poison=n) for s in range(2) for d, a in (("clip", 0.9), ("roclip", 0.05))
+            for n in (25, 100)]
+    rows.append(run(0, "clip", attack="targeted", asr=0.75, asr_n=16, n_poison=160))
+    paths = save_plots(leaderboard(pd.DataFrame(rows)), tmp_path)
+    names = sorted(p.name for p in paths)
+    # the swept badnet gives asr_vs_poison; targeted, with one setting, gives the bars
+    assert names == sorted(f"{n}.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison") for e in ("png", "svg"))
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert (tmp_path / "asr_vs_poison.png").read_bytes()[:4] == b"\x89PNG"
