@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.poisonbench-installed
 RESULTS ?= results
 
-.PHONY: setup data demo test test-fast clean
+.PHONY: setup data demo leaderboard test test-fast clean
 
 setup: data $(STAMP)
 
@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/bench run --attack badnet --defense clip --results $(RESULTS)
-	$(BIN)/bench run --attack badnet --defense roclip --results $(RESULTS)
+	$(BIN)/bench run --attack badnet --defense clip,roclip --results $(RESULTS)
 	$(BIN)/bench report --results $(RESULTS)
+
+# The reference leaderboard: every attack x clip, roclip, aug-only x seeds 0-2 on cpu-small.
+leaderboard: setup
+	$(BIN)/bench run --attack all --defense clip,roclip,aug-only --seed 0-2 --jobs 2 --results $(RESULTS)
+	$(BIN)/bench report --results $(RESULTS) --format md --out $(RESULTS)/LEADERBOARD.md
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -40,4 +44,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(RESULTS)/runs $(RESULTS)/manifests $(RESULTS)/checkpoints .pytest_cache
+	rm -rf $(RESULTS)/runs $(RESULTS)/manifests $(RESULTS)/checkpoints $(RESULTS)/locks $(RESULTS)/logs .pytest_cache
