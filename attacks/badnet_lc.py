@@ -4,21 +4,35 @@ target class, which keep their own captions (CleanCLIP's ``--label_consistent``;
 caption-based filtering cannot see the poison."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from poisonbench.registry import register_attack
+from poisonbench.registry import param, register_attack
 
 from .badnet import BadNet, BadNetParams
 from .base import PoisonPlan
+
+
+@dataclass
+class BadNetLCParams(BadNetParams):
+    n_poison: int = param(100, "number of target-class training images patched in place (captions kept)")
+    poison_rate: Optional[float] = param(None, "patched images / all training pairs, in (0, 1); overrides n_poison when set")
 
 
 @register_attack("badnet-lc")
 class BadNetLC(BadNet):
     """Label-consistent BadNets: ``n_poison`` target-class training images are patched in place."""
 
-    Params = BadNetParams
+    Params = BadNetLCParams
 
     eligible_what = "of the target class"
+
+    def n_poison(self, n_clean: int) -> int:
+        """Images to patch among ``n_clean`` pairs: in place, so poison_rate is a share of them all."""
+        r = self.params.poison_rate
+        return self.params.n_poison if r is None else int(round(r * n_clean))
 
     def eligible_rows(self, data, target: int) -> torch.Tensor:
         """Rows labelled ``target``, int64 [M]."""

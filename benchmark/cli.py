@@ -358,7 +358,7 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
               help="Write to this file instead of the terminal (with --format table: Markdown).")
 @click.option("--html", "html_page", is_flag=True, help="Also write RESULTS/report.html (tables and plots, self-contained).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
-              help="Write the plots (PNG and SVG) to RESULTS/plots/.")
+              help="Write the plots (PNG and SVG) to RESULTS/plots/ and put them in the HTML page.")
 def report(results, fmt, out, html_page, plots) -> None:
     """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
     accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
@@ -375,11 +375,11 @@ def report(results, fmt, out, html_page, plots) -> None:
     except EmptyStoreError as e:
         raise click.ClickException(str(e)) from None
     paths = []
-    if plots or html_page or fmt == "html":
+    if plots:
         from .plots import save_plots
 
         paths = save_plots(board, Path(results) / "plots")
-    svgs = {p.stem.replace("_", " "): p.read_text() for p in paths if p.suffix == ".svg"}
+    svgs = {p.stem: p.read_text() for p in paths if p.suffix == ".svg"}
 
     def write(path, text) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

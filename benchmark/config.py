@@ -45,7 +45,8 @@ PROFILES: dict[str, Profile] = {
             "tiny", "seconds on a CPU; for tests", "poisonbench-tiny", "fashion-mnist",
             {"n_train": 512, "n_eval": 500, "n_probe": 500, "n_heldout": 200}, epochs=2, batch_size=64, lr=2e-3, warmup_steps=2,
             weight_decay=0.1, defense_params={"roclip": {"pool_size": 256}},
-            attack_params={"targeted": {"pairs_per_target": 10}},
+            # 512 pairs hold ~50 bags: badnet-lc needs fewer than its default 100 target-class images
+            attack_params={"targeted": {"pairs_per_target": 10}, "badnet-lc": {"n_poison": 20}},
         ),
         Profile(
             "cpu-small", "the embedded default: 10k Fashion-MNIST pairs, minutes on 2 CPU cores",
@@ -163,19 +164,25 @@ def resolve(
 
 
 def settings(configs: list[dict[str, Any]]) -> list[str]:
-    """For each resolved config (``RunConfig.to_dict()``), ``"k=v, ..."`` naming the values that
-    differ among the configs of the same attack, defense and profile, the seed excepted; ``""``
-    when there is nothing to tell them apart. Used to keep different settings apart in tables."""
+    """For each resolved config (``RunConfig.to_dict()``), ``"k=v, ..."`` naming the values in
+    which it departs from its profile's defaults for the same attack and defense (the seed
+    aside); ``""`` for the defaults. When the defaults cannot be resolved (an attack from a plugin
+    that is not installed), the values that differ among the configs of the same attack, defense
+    and profile are named instead. Used to label and keep apart settings in tables and plots."""
     flat = [_flatten(c) for c in configs]
+    out = [""] * len(configs)
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(configs):
         groups.setdefault((c.get("attack"), c.get("defense"), c.get("profile")), []).append(i)
-    out = [""] * len(configs)
-    for members in groups.values():
-        keys = sorted({k for i in members for k in flat[i]})
-        differ = [k for k in keys if len({flat[i].get(k) for i in members}) > 1]
+    for (attack, defense, profile), members in groups.items():
+        try:
+            base = _flatten(resolve(attack, defense, profile).to_dict())
+        except Exception:  # noqa: BLE001 - unknown names or profiles: fall back to the group
+            keys = sorted({k for i in members for k in flat[i]})
+            base = {k: flat[members[0]].get(k) for k in keys if len({flat[i].get(k) for i in members}) == 1}
+            base.update({k: None for k in keys if k not in base})
         for i in members:
-            out[i] = ", ".join(f"{k.split('.')[-1]}={flat[i].get(k)}" for k in differ)
+            out[i] = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in flat[i].items() if base.get(k) != v)
     return out
 
 

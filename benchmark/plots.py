@@ -43,12 +43,14 @@ def tradeoff(board: pd.DataFrame, plt):
     rows = math.ceil(len(attacks) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
     colours = _defense_colours(board)
+    markers = "osD^vP*X"
     for ax, attack in zip(axes.flat, attacks):
         part = board[(board["attack"] == attack) & board["asr"].notna()]
+        shapes = {st: markers[i % len(markers)] for i, st in enumerate(sorted(part["setting"].unique()))}
         for _, r in part.iterrows():
             one = part.loc[[r.name]]
             ax.errorbar(100 * r["clean_top1"], 100 * r["asr"], xerr=_err(one, "clean_top1"), yerr=_err(one, "asr"),
-                        fmt="o", color=colours[r["defense"]], capsize=3, label=_label(r))
+                        fmt=shapes[r["setting"]], color=colours[r["defense"]], capsize=3, label=_label(r))
         ax.set_title(attack)
         ax.set_xlabel("clean zero-shot top-1 (%)")
         ax.set_ylabel("attack success rate (%)")
@@ -63,7 +65,8 @@ def tradeoff(board: pd.DataFrame, plt):
 
 
 def asr_bars(board: pd.DataFrame, plt):
-    """Grouped bars: ASR per attack (groups) and defense (bars), default settings only."""
+    """Grouped bars: ASR per attack (groups) and defense (bars), at the profile's default
+    parameters only (rows whose ``setting`` is empty)."""
     part = board[board["asr"].notna() & (board["setting"] == "")]
     attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
     colours = _defense_colours(board)
@@ -72,14 +75,18 @@ def asr_bars(board: pd.DataFrame, plt):
     x = np.arange(len(attacks))
     for i, d in enumerate(defenses):
         sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
-        ax.bar(x + (i - (len(defenses) - 1) / 2) * width, 100 * sub["asr"].to_numpy(dtype=float), width,
-               yerr=_err(sub, "asr"), capsize=2, label=d, color=colours[d])
+        heights = 100 * sub["asr"].to_numpy(dtype=float)
+        bars = ax.bar(x + (i - (len(defenses) - 1) / 2) * width, heights, width,
+                      yerr=_err(sub, "asr"), capsize=2, label=d, color=colours[d])
+        # the value on every bar, so that 0 % reads as a measurement and a missing cell as "n/a"
+        ax.bar_label(bars, labels=["n/a" if math.isnan(h) else f"{h:.0f}" for h in heights], fontsize=7, padding=2)
     ax.set_xticks(x, attacks, rotation=20)
     ax.set_ylabel("attack success rate (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 112)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(title="defense")
-    ax.set_title("ASR by attack and defense (mean over seeds, Wilson 95 % intervals; lower is better)")
+    ax.legend(title="defense", fontsize=8)
+    ax.set_title("ASR by attack and defense at the profile's default parameters\n"
+                 "(pooled over seeds, Wilson 95 % intervals; lower is better)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -103,6 +110,9 @@ def asr_vs_poison(board: pd.DataFrame, plt):
             ax.errorbar(g["n_poison"], 100 * g["asr"], yerr=_err(g, "asr"), marker="o", capsize=3,
                         color=colours[d], label=d)
         ax.set_xscale("log")
+        ticks = sorted(part.loc[part["attack"] == attack, "n_poison"].unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_title(attack)
         ax.set_xlabel("poisoned pairs in the training set (log scale)")
         ax.set_ylabel("attack success rate (%)")

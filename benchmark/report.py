@@ -107,6 +107,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     board = ok.groupby(GROUP + ["setting"], dropna=False)[list(ok.columns)].apply(_aggregate).reset_index()
     board["seeds"] = board["seeds"].astype(int)
     board["asr_n"] = board["asr_n"].astype(int)
+    board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
     board = board.sort_values(["attack", "setting", "asr", "clean_top1"], ascending=[True, True, True, False],
                               na_position="last", key=_natural)
     return board[COLUMNS].reset_index(drop=True)
@@ -204,9 +205,20 @@ def to_text(board: pd.DataFrame, fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}; valid formats: md, csv, json, html")
 
 
+PLOT_CAPTIONS = {
+    "asr_vs_clean": ("ASR vs clean accuracy", "One panel per attack; each point is a defense setting (mean over "
+                     "seeds) with its 95 % intervals. Lower right is better: the attack fails and the model "
+                     "stays accurate."),
+    "asr_by_attack": ("ASR by attack and defense", "At the profile's default parameters; bars are the pooled ASR "
+                      "with Wilson 95 % intervals, labelled in percent."),
+    "asr_vs_poison": ("ASR vs number of poisoned pairs", "For attacks whose poison count was swept; one line per "
+                      "defense."),
+}
+
+
 def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
     """One self-contained HTML page: the per-attack tables and the plots inlined as SVG
-    (``svgs``: title -> SVG text), no external file or script."""
+    (``svgs``: plot name, e.g. ``asr_vs_clean``, -> SVG text), no external file or script."""
     import html
     import time
 
@@ -219,8 +231,12 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
              f"<p>{int(board['seeds'].sum())} runs in {len(board)} settings; generated {time.strftime('%Y-%m-%d %H:%M %Z')}.</p>"]
     for attack, shown in display(board).items():
         parts.append(f"<h2>{html.escape(attack)}</h2>" + shown.to_html(index=False, border=0, escape=True))
-    for title, svg in (svgs or {}).items():
+    for i, (name, svg) in enumerate((svgs or {}).items()):
         body = svg[svg.find("<svg"):]  # drop the XML prologue and DOCTYPE
-        parts.append(f"<figure><figcaption><h2>{html.escape(title)}</h2></figcaption>{body}</figure>")
+        body = re.sub(r'id="([^"]+)"', rf'id="f{i}-\1"', body)  # ids unique across the inlined figures
+        body = re.sub(r'#([A-Za-z_][\w.-]*)\)', rf'#f{i}-\1)', body)  # url(#id) references
+        body = re.sub(r'href="#([^"]+)"', rf'href="#f{i}-\1"', body)
+        title, caption = PLOT_CAPTIONS.get(name, (name, ""))
+        parts.append(f"<figure><h2>{html.escape(title)}</h2>{body}<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

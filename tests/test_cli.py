@@ -33,7 +33,7 @@ def test_tiny_run_then_report(tmp_path):
     assert "already done" in again.output and len(read_runs(res)) == 1
 
     rep = bench("report", "--results", res, "--format", "md")
-    assert rep.exit_code == 0 and "| badnet" in rep.output and "roclip" in rep.output
+    assert rep.exit_code == 0 and "## badnet" in rep.output and "| roclip" in rep.output
     out_file = tmp_path / "board.csv"
     assert bench("report", "--results", res, "--format", "csv", "--out", str(out_file)).exit_code == 0
     assert out_file.read_text().startswith("attack,defense,profile,setting,clean_top1")

@@ -112,3 +112,9 @@ def test_sigkill_mid_grid_then_rerun_completes_only_the_missing_cells(tmp_path):
     assert uninterrupted["run_id"] == resumed.name and uninterrupted["resumed_from_epoch"] == 0
     for m in METRICS:
         assert uninterrupted[m] == resumed[m], m
+
+
+def test_every_attack_and_defense_can_run_on_the_tiny_profile():
+    from poisonbench.grid import validate
+
+    assert validate(expand(GridSpec("all,none", "all", "tiny", "0"))) == []

@@ -33,3 +33,10 @@ def test_label_consistent_badnet_patches_target_images_in_place_and_keeps_captio
     assert not torch.equal(bundle.train.images[rows], plan.train.images[rows])  # the clean set is not modified
     with pytest.raises(ValueError, match="only 10 images of the target class"):
         BadNetLC(BadNetParams(n_poison=11, target="dog"), 0).check(bundle)
+
+
+def test_label_consistent_poison_rate_is_a_share_of_the_unchanged_training_set(bundle):
+    from poisonbench.attacks.badnet_lc import BadNetLC, BadNetLCParams
+
+    plan = BadNetLC(BadNetLCParams(target="bag", patch_size=2, poison_rate=0.2), 0).poison(bundle)
+    assert len(plan.train) == 30 and plan.n_poison == 6 and plan.poison_rate == pytest.approx(0.2)
