@@ -44,6 +44,12 @@ class Targeted(Attack):
             raise ValueError(f"targeted: n_targets must be in [1, {n_eval}] (the evaluation set's size), got {p.n_targets}")
         if p.pairs_per_target < 1:
             raise ValueError(f"targeted: pairs_per_target must be >= 1, got {p.pairs_per_target}")
+        total = p.n_targets * p.pairs_per_target
+        if total > len(data.train):
+            raise ValueError(
+                f"targeted: {p.n_targets} targets x {p.pairs_per_target} pairs = {total} poisoned pairs, more than "
+                f"the {len(data.train)} clean training pairs; lower pairs_per_target or n_targets"
+            )
         if n_classes < 2:
             raise ValueError(f"targeted: needs at least 2 evaluation classes to pick a wrong one, got {n_classes}")
 

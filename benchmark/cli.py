@@ -146,7 +146,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
     the attack's protocol (backdoors: triggered non-target images classified as the target;
     targeted: target images classified as their adversarial class); linear probe; retrieval.
     """
-    from .grid import run_cells, state, validate
+    from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import read_row
 
     cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr)
@@ -161,18 +161,37 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
     problems = validate(pending, device)
     if problems:
         raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
+    check_writable(results)
 
     def announce(o) -> None:
-        if len(cfgs) > 1 or o.code != 0:
+        if len(cfgs) > 1 or jobs > 1 or o.code != 0:
             console.print(cell_line(o, results))
+        if len(cfgs) == 1 and jobs > 1 and o.code == 0:  # its own output went to the log
+            show_row(read_row(results, o.cfg.run_id))
 
     outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
     if len(cfgs) > 1:
         console.print(grid_table(cfgs, results))
-    bad = [o for o in outcomes if o.code != 0]
+    busy = [o for o in outcomes if o.code == EXIT_BUSY]
+    if busy:
+        console.print(f"[yellow]{len(busy)} cell(s) are being run by another process[/yellow]; `bench status` shows when they are done")
+    bad = [o for o in outcomes if o.code not in (0, EXIT_BUSY)]
     if bad:
         err_console.print(f"[red]{len(bad)} of {len(outcomes)} cells did not finish[/red]; rerun the same command to retry them")
         sys.exit(1)
+
+
+def check_writable(results) -> None:
+    """click.UsageError, before any cell starts, when RESULTS cannot be written."""
+    import tempfile
+
+    try:
+        Path(results).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as e:
+        raise click.UsageError(f"cannot write to the results folder {results}: {e.strerror or e}; "
+                               "choose another with --results") from None
 
 
 def cell_line(outcome, results) -> str:
@@ -191,7 +210,12 @@ def cell_line(outcome, results) -> str:
         return f"[yellow]skipped[/yellow] {name}: another process is running it{log}"
     if code == EXIT_CONFIG:
         return f"[red]not started[/red] {name}: bad configuration{log}"
-    return f"[red]failed[/red] {name} (exit {code}); recorded with status=failed, retried next time{log}"
+    from .store import has_finished_row, runs_dir
+
+    recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file() and not has_finished_row(
+        results, outcome.cfg.run_id)
+    what = "recorded with status=failed" if recorded else "nothing recorded"
+    return f"[red]failed[/red] {name} (exit {code}); {what}, retried next time{log}"
 
 
 def grid_table(cfgs, results) -> Table:
@@ -218,7 +242,7 @@ def grid_table(cfgs, results) -> Table:
             else:
                 note = str(row.get("error", ""))[:120]
         ckpt = Path(results) / "checkpoints" / cfg.run_id / "last.pt"
-        if st != "done" and ckpt.is_file():
+        if st in ("failed", "pending") and ckpt.is_file():
             note = (note + "; " if note else "") + "resumes from its checkpoint"
         colour = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
         cells = [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])
@@ -281,12 +305,17 @@ def cell(config_json, results, device, force, keep_checkpoint, quiet) -> None:
 
 
 def _terminated(signum, frame) -> None:
-    # Further signals are ignored so that they cannot interrupt the failed row being written.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Further signals do nothing, so that they cannot interrupt the failed row being written
+    # (a no-op handler rather than SIG_IGN, which makes Python raise "ignored due to race condition").
+    signal.signal(signal.SIGTERM, _ignore)
+    signal.signal(signal.SIGINT, _ignore)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def show_row(row: dict) -> None:
@@ -378,7 +407,10 @@ def report(results, fmt, out, html_page, plots) -> None:
     if plots:
         from .plots import save_plots
 
-        paths = save_plots(board, Path(results) / "plots")
+        try:
+            paths = save_plots(board, Path(results) / "plots")
+        except OSError as e:
+            err_console.print(f"[yellow]plots not written ({e}); use --no-plots for a read-only results folder[/yellow]")
     svgs = {p.stem: p.read_text() for p in paths if p.suffix == ".svg"}
 
     def write(path, text) -> None:

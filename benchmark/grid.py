@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -20,6 +21,9 @@ from .store import has_finished_row, is_running, runs_dir
 ALL = "all"
 # `all` means every registered attack but the clean baseline, which is not an attack.
 NOT_IN_ALL = {"none"}
+
+# A grid larger than this is almost certainly a typo (e.g. a seed range 0-100000).
+MAX_CELLS = 10_000
 
 # Exit codes of one cell's process (``bench cell``).
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 75
@@ -56,6 +60,10 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ValueError(f"seed range {item!r} is empty")
+        if hi >= 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {hi}")
+        if hi - lo >= MAX_CELLS:
+            raise ValueError(f"seed range {item!r} has {hi - lo + 1} seeds; a grid may have at most {MAX_CELLS} cells")
         seeds += [s for s in range(lo, hi + 1) if s not in seeds]
     return seeds
 
@@ -75,6 +83,8 @@ def parse_assignments(items) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{item!r} is not NAME=VALUE")
+        if key.strip() in out:
+            raise ValueError(f"{key.strip()} is given twice; to sweep it, give one comma list: {key.strip()}=A,B")
         out[key.strip()] = value.strip()
     return out
 
@@ -139,9 +149,21 @@ def expand(spec: GridSpec) -> list[RunConfig]:
                                            (spec.defense_params, DEFENSES, defenses, "defense")):
         for key in params:
             if not any(_applicable({key: ""}, registry, n) for n, _ in chosen):
-                names = ", ".join(sorted({n for n, _ in chosen}))
-                raise ValueError(f"no selected {what} ({names}) has a parameter {key!r}; see `bench list {what}s`")
+                names = sorted({n for n, _ in chosen})
+                valid = sorted({f[0] for n in names for f in param_fields(registry.get(n).Params)})
+                raise ValueError(f"no selected {what} ({', '.join(names)}) has a parameter {key!r}; "
+                                 f"valid parameters: {', '.join(valid) or '(none)'}")
+        for name, fixed in chosen:
+            both = set(fixed) & set(params)
+            if both:
+                raise ValueError(f"{', '.join(sorted(both))} of {name} is given both in brackets and as a "
+                                 f"--{what}-param; give it once")
     seeds = parse_seeds(spec.seeds)
+    n_cells = len(attacks) * len(defenses) * len(seeds) * math.prod(
+        len(split_list(v)) for v in [*spec.attack_params.values(), *spec.defense_params.values(),
+                                      *spec.dataset_params.values()])
+    if n_cells > MAX_CELLS:
+        raise ValueError(f"the grid has {n_cells} cells; at most {MAX_CELLS} are allowed in one command")
     cfgs: dict[str, RunConfig] = {}
     for (a, a_fixed), (d, d_fixed) in itertools.product(attacks, defenses):
         for a_sweep, d_sweep, ds_sweep in itertools.product(
@@ -164,16 +186,19 @@ def validate(cfgs: list[RunConfig], device: str = "auto") -> list[str]:
     The clean data is loaded once per dataset config and seed."""
     from .runner import ConfigError, prepare  # imports torch; `bench status` does not need it
 
-    problems, cache = [], {}
-    for cfg in cfgs:
-        key = (cfg.dataset, json.dumps(cfg.dataset_params, sort_keys=True), cfg.seed)
+    def key(cfg: RunConfig) -> tuple:
+        return cfg.dataset, json.dumps(cfg.dataset_params, sort_keys=True), cfg.seed
+
+    problems, loaded, data = [], None, None
+    for cfg in sorted(cfgs, key=key):  # one clean bundle in memory at a time
         try:
-            if key not in cache:
+            if key(cfg) != loaded:
+                data, loaded = None, key(cfg)
                 ds_cls = DATASETS.get(cfg.dataset)
-                cache[key] = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}")).load(cfg.seed)
-            prepare(cfg, device, data=cache[key])
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            problems.append(f"{describe(cfg)}: {e}")
+                data = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}")).load(cfg.seed)
+            prepare(cfg, device, data=data)
+        except (ConfigError, ValueError, FileNotFoundError, MemoryError) as e:
+            problems.append(f"{describe(cfg)}: {type(e).__name__ + ': ' if isinstance(e, MemoryError) else ''}{e}")
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from importlib.metadata import entry_points
@@ -138,7 +139,9 @@ def _convert(value: Any, tp: Any) -> Any:
             raise ValueError(f"choose one of {', '.join(map(str, args))}")
         return value
     if not isinstance(value, str):
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
             return float(value)
         if isinstance(value, tp):
             return value
@@ -150,7 +153,12 @@ def _convert(value: Any, tp: Any) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError("expected true or false")
-    if tp in (int, float, str):
+    if tp is float:
+        x = float(value)
+        if not math.isfinite(x):
+            raise ValueError("expected a finite number")
+        return x
+    if tp in (int, str):
         return tp(value)
     raise TypeError(f"cannot parse a {_type_name(tp)} from the command line")
 

@@ -82,7 +82,8 @@ def _aggregate(group: pd.DataFrame) -> pd.Series:
     else:  # rows of an older schema without asr_n: the mean, no interval
         out.update(asr=float(asr.mean()), asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
     out["n_poison"] = float(group["n_poison"].mean()) if "n_poison" in group else math.nan
-    return pd.Series(out)
+    order = ["seeds"] + [c for c in COLUMNS if c in out and c != "seeds"]
+    return pd.Series({k: out[k] for k in order})  # the same keys in the same order for every group
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +98,10 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """
     if df.empty or "status" not in df:
         return pd.DataFrame(columns=COLUMNS)
-    ok = df[df["status"] == "ok"].copy()
+    ok = df[df["status"] == "ok"]
+    if "finished_at" in ok:
+        ok = ok.sort_values("finished_at", kind="stable", na_position="first")
+    ok = ok.drop_duplicates("run_id", keep="last").copy()  # a copied file must not count twice
     if ok.empty:
         return pd.DataFrame(columns=COLUMNS)
     for col in ACCURACIES + ["asr", "asr_n", "n_poison"]:

@@ -165,6 +165,10 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
                 raise
     if not keep_checkpoint:
         ckpt.unlink(missing_ok=True)
+        try:
+            ckpt.parent.rmdir()
+        except OSError:
+            pass  # not empty or already gone
     return row
 
 

@@ -129,3 +129,19 @@ def test_sigterm_records_a_failed_row_and_the_rerun_resumes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     df = read_runs(res)
     assert list(df["status"]) == ["ok"] and df.iloc[0]["resumed_from_epoch"] >= 1
+
+
+def test_unwritable_results_folder_fails_before_training_and_report_still_prints(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = CliRunner().invoke(main, ["run", "-p", "tiny", "--results", str(blocker / "res")])
+    assert out.exit_code == 2 and "cannot write to the results folder" in out.output
+
+    from poisonbench.store import write_row
+
+    res = tmp_path / "res"
+    write_row({"run_id": "a", "status": "ok", "attack": "badnet", "defense": "clip", "profile": "tiny",
+               "clean_top1": 0.5, "clean_top5": 0.9, "asr": 0.5, "asr_n": 10, "seed": 0}, res)
+    (res / "plots").write_text("a file where the plots folder should be")
+    rep = CliRunner().invoke(main, ["report", "--results", str(res)])
+    assert rep.exit_code == 0 and "plots not written" in rep.output and "badnet" in rep.output

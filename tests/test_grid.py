@@ -118,3 +118,22 @@ def test_every_attack_and_defense_can_run_on_the_tiny_profile():
     from poisonbench.grid import validate
 
     assert validate(expand(GridSpec("all,none", "all", "tiny", "0"))) == []
+
+
+@pytest.mark.parametrize("spec, message", [
+    (GridSpec(seeds="0-2147483648"), r"seed must be in \[0, 2\*\*31\)"),
+    (GridSpec(seeds="0-100000"), "at most 10000 cells"),
+    (GridSpec("badnet[n_poison=10]", attack_params={"n_poison": "20"}), "given both in brackets"),
+    (GridSpec("badnet", attack_params={"pool_size": "1"}), "valid parameters: .*n_poison"),
+])
+def test_grid_mistakes_are_refused_before_anything_runs(spec, message):
+    spec.profile = "tiny"
+    with pytest.raises(ValueError, match=message):
+        expand(spec)
+
+
+def test_a_parameter_given_twice_is_refused():
+    from poisonbench.grid import parse_assignments
+
+    with pytest.raises(ValueError, match="given twice"):
+        parse_assignments(["n_poison=10", "n_poison=20"])

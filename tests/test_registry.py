@@ -74,3 +74,9 @@ def test_duplicate_registration_is_refused():
     with pytest.raises(RegistryError, match="needs a dataclass"):
         reg.register("c")(type("C", (), {}))
     assert build_params(P, {"x": "7"}, "t").x == 7
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_non_finite_float_parameters_are_refused(value):
+    with pytest.raises(RegistryError, match="finite"):
+        resolve("wanet", "clip", "tiny", attack_params={"strength": value})

@@ -84,3 +84,15 @@ def test_plots_are_written_for_the_data_there_is(tmp_path):
     assert names == sorted(f"{n}.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison") for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in paths)
     assert (tmp_path / "asr_vs_poison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clean_baseline_rows_report_beside_attacks():
+    none = run(0, attack="none", asr=None, asr_n=None, n_poison=0)
+    board = leaderboard(pd.DataFrame([none, run(0), run(1)])).set_index("attack")
+    assert board.loc["badnet", "seeds"] == 2 and board.loc["badnet", "asr_n"] == 18000
+    assert math.isnan(board.loc["none", "asr"]) and board.loc["none", "seeds"] == 1
+
+
+def test_a_copied_result_file_is_not_counted_twice():
+    board = leaderboard(pd.DataFrame([run(0, asr=0.5, asr_n=10), run(0, asr=0.5, asr_n=10)]))
+    assert board.loc[0, "asr_n"] == 10 and board.loc[0, "seeds"] == 1

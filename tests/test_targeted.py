@@ -9,7 +9,7 @@ from poisonbench.attacks.targeted import Targeted, TargetedParams
 CLASSES = ["cat", "dog", "bag"]  # as in conftest.bundle
 
 
-def attack(n_targets=15, pairs=3, seed=0):
+def attack(n_targets=15, pairs=2, seed=0):
     return Targeted(TargetedParams(n_targets=n_targets, pairs_per_target=pairs), seed)
 
 
@@ -88,3 +88,8 @@ def test_asr_counts_targets_whose_top1_is_the_adversarial_class(bundle):
 def test_bad_parameters_are_refused(bundle, kw, msg):
     with pytest.raises(ValueError, match=msg):
         attack(**kw).check(bundle)
+
+
+def test_more_poisoned_pairs_than_clean_pairs_are_refused(bundle):
+    with pytest.raises(ValueError, match="lower pairs_per_target"):
+        attack(n_targets=4, pairs=8).check(bundle)  # 32 pairs > 30 clean pairs
