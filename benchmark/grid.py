@@ -247,6 +247,9 @@ def cell_command(cfg: RunConfig, results: str | Path, device: str, force: bool, 
 
 @dataclass
 class CellOutcome:
+    """How one cell's process ended: its config, exit code (EXIT_*; negative: killed by that
+    signal) and log file (None when its output went to the terminal)."""
+
     cfg: RunConfig
     code: int
     log: Path | None
@@ -267,7 +270,8 @@ def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device:
     results = Path(results)
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
     queue, running, outcomes = list(cfgs), {}, []
 
     def stop(signum, frame):
