@@ -36,7 +36,7 @@ def test_tiny_run_then_report(tmp_path):
     assert rep.exit_code == 0 and "## badnet" in rep.output and "| roclip" in rep.output
     out_file = tmp_path / "board.csv"
     assert bench("report", "--results", res, "--format", "csv", "--out", str(out_file)).exit_code == 0
-    assert out_file.read_text().startswith("attack,defense,profile,setting,clean_top1")
+    assert out_file.read_text().startswith("attack,defense,profile,setting,seeds,clean_top1")
 
 
 def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
