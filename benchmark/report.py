@@ -184,11 +184,18 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
     """One rich table per attack."""
     tables = []
     for attack, shown in display(board).items():
-        table = Table(title=f"{attack}")
+        title = attack
+        if shown["profile"].nunique() == 1:  # one profile: name it in the title, keep the width for numbers
+            title, shown = f"{attack} ({shown['profile'].iloc[0]})", shown.drop(columns="profile")
+        table = Table(title=title)
+        # the interval on its own line, so that a narrow terminal never breaks a number
+        cells = shown.astype(str).apply(lambda c: c.str.replace(" (", "\n(", regex=False))
         for col in shown.columns:
-            table.add_column(col, justify="left" if col in ("defense", "profile", "setting") else "right",
-                             overflow="fold")
-        for r in shown.itertuples(index=False):
+            text = col not in ("defense", "profile", "setting")
+            widest = max((len(line) for v in cells[col] for line in v.split("\n")), default=1)
+            table.add_column(col, justify="right" if text else "left", overflow="fold",
+                             min_width=widest if text else None)
+        for r in cells.itertuples(index=False):
             table.add_row(*r)
         tables.append(table)
     return tables
