@@ -11,9 +11,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .display import cell_line, console, grid_table, show_row
 from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, param_fields
 
-console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_RESULTS = "results"
@@ -194,62 +194,6 @@ def check_writable(results) -> None:
                                "choose another with --results") from None
 
 
-def cell_line(outcome, results) -> str:
-    """One line on a finished cell process: its result, or why it did not finish."""
-    from .grid import EXIT_BUSY, EXIT_CONFIG, describe
-    from .store import read_row
-
-    name, code = describe(outcome.cfg), outcome.code
-    log = f" (log: {outcome.log})" if outcome.log else ""
-    if code == 0:
-        row = read_row(results, outcome.cfg.run_id)
-        asr = row.get("asr")
-        asr = "-" if asr is None else f"{100 * asr:.1f}%"
-        return f"[green]done[/green] {name}: clean top-1 {100 * row['clean_top1']:.1f}%, ASR {asr}, {row['wall_s']:.0f} s"
-    if code == EXIT_BUSY:
-        return f"[yellow]skipped[/yellow] {name}: another process is running it{log}"
-    if code == EXIT_CONFIG:
-        return f"[red]not started[/red] {name}: bad configuration{log}"
-    from .store import has_finished_row, runs_dir
-
-    recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file() and not has_finished_row(
-        results, outcome.cfg.run_id)
-    what = "recorded with status=failed" if recorded else "nothing recorded"
-    return f"[red]failed[/red] {name} (exit {code}); {what}, retried next time{log}"
-
-
-def grid_table(cfgs, results) -> Table:
-    """State and headline numbers of every cell of a grid."""
-    from .config import settings
-    from .grid import state
-    from .store import read_row
-
-    table = Table(title=f"{len(cfgs)} cells in {results}")
-    setting = settings([c.to_dict() for c in cfgs])
-    cols = ["attack", "defense"] + (["setting"] if any(setting) else []) + ["seed", "state", "clean top-1", "ASR", "cell", "note"]
-    for col in cols:
-        table.add_column(col, justify="right" if col in ("seed", "clean top-1", "ASR") else "left",
-                         overflow="fold", no_wrap=col not in ("setting", "note"),
-                         min_width={"setting": 14, "note": 8}.get(col))
-    for cfg, st_text in zip(cfgs, setting):
-        st = state(cfg, results)
-        clean = asr = note = ""
-        if st in ("done", "failed"):
-            row = read_row(results, cfg.run_id)
-            if st == "done":
-                clean = f"{100 * row['clean_top1']:.1f}%"
-                asr = "-" if row.get("asr") is None else f"{100 * row['asr']:.1f}%"
-            else:
-                note = str(row.get("error", ""))[:120]
-        ckpt = Path(results) / "checkpoints" / cfg.run_id / "last.pt"
-        if st in ("failed", "pending") and ckpt.is_file():
-            note = (note + "; " if note else "") + "resumes from its checkpoint"
-        colour = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
-        cells = [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])
-        table.add_row(*cells, str(cfg.seed), f"[{colour}]{st}[/{colour}]", clean, asr, cfg.run_id, note)
-    return table
-
-
 @main.command()
 @grid_options
 def status(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
@@ -316,38 +260,6 @@ def _terminated(signum, frame) -> None:
 
 def _ignore(signum, frame) -> None:
     pass
-
-
-def show_row(row: dict) -> None:
-    """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack)."""
-    def pct(x) -> str:
-        return "-" if x is None or x != x else f"{100 * x:.1f}%"
-
-    table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row['seed']}, {row['profile']})")
-    for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
-        table.add_column(col, justify="right")
-    asr, n = row.get("asr"), row.get("asr_n")
-    if asr is not None and asr == asr and n:
-        asr_cell = f"{pct(asr)} ({round(asr * n)}/{n})"
-    else:
-        asr_cell = pct(asr)
-    table.add_row(
-        pct(row["clean_top1"]), pct(row["clean_top5"]), asr_cell, pct(row.get("linear_probe_top1")),
-        f"{row['n_poison']} ({100 * row['poison_rate']:.2f}%)", f"{row['wall_s']:.0f} s",
-    )
-    console.print(table)
-    nontarget = row.get("clean_top1_nontarget")
-    if isinstance(nontarget, float) and nontarget == nontarget:
-        console.print(f"clean top-1 of the same {n} non-target images without the trigger: {pct(row['clean_top1_nontarget'])}")
-    records = row.get("targets")
-    if records is not None and not isinstance(records, float) and len(records):  # NaN when read back for other attacks
-        targets = Table(title="targets (zero-shot top-1 of each clean target image)")
-        for col in ("eval row", "true class", "adversarial class", "predicted", "success"):
-            targets.add_column(col)
-        for t in records:
-            targets.add_row(str(t["eval_row"]), t["true_class"], t["adversarial_class"], t["predicted_class"],
-                            "yes" if t["success"] else "no")
-        console.print(targets)
 
 
 @main.command()
