@@ -9,11 +9,13 @@ from rich.table import Table
 console = Console()
 
 
+def pct(x) -> str:
+    """A fraction in [0, 1] as ``84.2%``; ``-`` for None or NaN."""
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
+
+
 def show_row(row: dict) -> None:
     """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack)."""
-    def pct(x) -> str:
-        return "-" if x is None or x != x else f"{100 * x:.1f}%"
-
     table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row['seed']}, {row['profile']})")
     for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
         table.add_column(col, justify="right")
@@ -29,7 +31,7 @@ def show_row(row: dict) -> None:
     console.print(table)
     nontarget = row.get("clean_top1_nontarget")
     if isinstance(nontarget, float) and nontarget == nontarget:
-        console.print(f"clean top-1 of the same {n} non-target images without the trigger: {pct(row['clean_top1_nontarget'])}")
+        console.print(f"clean top-1 of the same {n} non-target images without the trigger: {pct(nontarget)}")
     records = row.get("targets")
     if records is not None and not isinstance(records, float) and len(records):  # NaN when read back for other attacks
         targets = Table(title="targets (zero-shot top-1 of each clean target image)")
@@ -44,21 +46,17 @@ def show_row(row: dict) -> None:
 def cell_line(outcome, results) -> str:
     """One line on a finished cell process: its result, or why it did not finish."""
     from .grid import EXIT_BUSY, EXIT_CONFIG, describe
-    from .store import read_row
+    from .store import has_finished_row, read_row, runs_dir
 
     name, code = describe(outcome.cfg), outcome.code
     log = f" (log: {outcome.log})" if outcome.log else ""
     if code == 0:
         row = read_row(results, outcome.cfg.run_id)
-        asr = row.get("asr")
-        asr = "-" if asr is None else f"{100 * asr:.1f}%"
-        return f"[green]done[/green] {name}: clean top-1 {100 * row['clean_top1']:.1f}%, ASR {asr}, {row['wall_s']:.0f} s"
+        return f"[green]done[/green] {name}: clean top-1 {pct(row['clean_top1'])}, ASR {pct(row.get('asr'))}, {row['wall_s']:.0f} s"
     if code == EXIT_BUSY:
         return f"[yellow]skipped[/yellow] {name}: another process is running it{log}"
     if code == EXIT_CONFIG:
         return f"[red]not started[/red] {name}: bad configuration{log}"
-    from .store import has_finished_row, runs_dir
-
     recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file() and not has_finished_row(
         results, outcome.cfg.run_id)
     what = "recorded with status=failed" if recorded else "nothing recorded"
@@ -84,8 +82,7 @@ def grid_table(cfgs, results) -> Table:
         if st in ("done", "failed"):
             row = read_row(results, cfg.run_id)
             if st == "done":
-                clean = f"{100 * row['clean_top1']:.1f}%"
-                asr = "-" if row.get("asr") is None else f"{100 * row['asr']:.1f}%"
+                clean, asr = pct(row["clean_top1"]), pct(row.get("asr"))
             else:
                 note = str(row.get("error", ""))[:120]
         ckpt = Path(results) / "checkpoints" / cfg.run_id / "last.pt"
