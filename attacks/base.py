@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.datasets.base import CaptionDataset, DatasetBundle, with_article
 from poisonbench.utils import derive_seed, hash_json
 
 
@@ -103,4 +103,4 @@ def class_captions(data: DatasetBundle, cls: int, n: int, rng: random.Random) ->
         return [data.train.captions[i] for i in rng.sample(rows, n)]
     if rows:
         return [data.train.captions[rng.choice(rows)] for _ in range(n)]
-    return [rng.choice(data.caption_templates).format(rng.choice(words)) for _ in range(n)]
+    return [rng.choice(data.caption_templates).format(with_article(rng.choice(words))) for _ in range(n)]

@@ -87,6 +87,14 @@ class EvalSet:
         raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
 
 
+def with_article(phrase: str) -> str:
+    """``phrase`` with the indefinite article its first letter calls for: "an overcoat", "a bag".
+
+    By spelling (a vowel letter takes "an"), which is right for every class word shipped here.
+    """
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
 @dataclass
 class DatasetBundle:
     """What a registered dataset provides for one run.
@@ -96,8 +104,9 @@ class DatasetBundle:
         eval: the evaluation split with its class names and zero-shot templates.
         class_words: for each class, the words a caption uses for it (the class name and synonyms);
             attacks use them to find or write captions naming a class.
-        caption_templates: templates (one ``{}``) for writing a caption of a class when the
-            training captions have none naming it.
+        caption_templates: templates with one ``{}`` for a noun phrase with its article
+            (``with_article``), for writing a caption of a class when the training captions have
+            none naming it.
         probe_train: labelled images of the evaluation dataset's train split for the linear probe
             (tested on ``eval``), or None when the dataset has none.
         heldout: clean image–caption pairs never trained on, for retrieval recall@k, or None.

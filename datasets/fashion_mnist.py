@@ -19,39 +19,40 @@ import torch
 
 from poisonbench.registry import param, register_dataset
 
-from .base import CaptionDataset, DatasetBundle, EvalSet
+from .base import CaptionDataset, DatasetBundle, EvalSet, with_article
 
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 # Words a caption may use for each class; the first is the class name.
 CLASS_WORDS = [
     ["t-shirt", "tee", "tee shirt", "short-sleeved top"],
-    ["trouser", "trousers", "pants", "slacks"],
+    ["trouser", "pair of trousers", "pair of pants", "pair of slacks"],
     ["pullover", "sweater", "jumper", "knit sweater"],
     ["dress", "gown", "frock", "summer dress"],
     ["coat", "jacket", "overcoat", "parka"],
-    ["sandal", "sandals", "strappy sandal", "flip-flop"],
+    ["sandal", "pair of sandals", "strappy sandal", "flip-flop"],
     ["shirt", "button-up shirt", "blouse", "collared shirt"],
     ["sneaker", "trainer", "running shoe", "sports shoe"],
     ["bag", "handbag", "purse", "tote bag"],
     ["ankle boot", "boot", "bootie", "short boot"],
 ]
 
+# Each ``{}`` takes a noun phrase with its article ("an overcoat", "a dark pair of trousers").
 CAPTION_TEMPLATES = [
-    "a photo of a {}.",
-    "a grayscale product photo of a {}",
-    "a {} on a black background",
-    "a small picture of a {}.",
-    "this is a {}",
-    "a {} for sale in an online shop",
-    "an image showing a {}",
+    "a photo of {}.",
+    "a grayscale product photo of {}",
+    "{} on a black background",
+    "a small picture of {}.",
+    "this is {}",
+    "{} for sale in an online shop",
+    "an image showing {}",
     "catalog photo: {}",
-    "my new {}",
-    "a close-up of a {}.",
-    "a low resolution image of a {}",
-    "the {} from the fashion catalogue",
-    "a black and white picture of a {}",
-    "product shot of a {}, centered",
+    "just bought {}",
+    "a close-up of {}.",
+    "a low resolution image of {}",
+    "{} from the fashion catalogue",
+    "a black and white picture of {}",
+    "product shot of {}, centered",
 ]
 
 ADJECTIVES = ["", "", "", "stylish ", "cheap ", "new ", "classic ", "simple ", "dark ", "light "]
@@ -160,9 +161,10 @@ def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_caption(label: int, rng: random.Random) -> str:
-    """One caption for class ``label``: a random template, adjective and class word from ``rng``."""
+    """One caption for class ``label``: a random template, adjective and class word from ``rng``,
+    with the indefinite article the phrase needs ("an overcoat", "a new ankle boot")."""
     word = rng.choice(CLASS_WORDS[label])
-    return rng.choice(CAPTION_TEMPLATES).format(rng.choice(ADJECTIVES) + word)
+    return rng.choice(CAPTION_TEMPLATES).format(with_article(rng.choice(ADJECTIVES) + word))
 
 
 @dataclass

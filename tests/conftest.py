@@ -22,4 +22,4 @@ def bundle() -> DatasetBundle:
         list(CLASSES),
         ["a photo of a {}."],
     )
-    return DatasetBundle(train, ev, [[c] for c in CLASSES], ["a picture of a {}"])
+    return DatasetBundle(train, ev, [[c] for c in CLASSES], ["a picture of {}"])

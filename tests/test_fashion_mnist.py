@@ -88,3 +88,18 @@ def test_captions_are_varied():
     captions = {fm.write_caption(3, rng) for _ in range(200)}
     assert len(fm.CAPTION_TEMPLATES) >= 10 and all(len(w) >= 3 for w in fm.CLASS_WORDS)
     assert len(captions) > 50
+
+
+def test_captions_are_grammatical():
+    """Every class word gets the article its spelling calls for, and no adjective is doubled."""
+    rng = random.Random(1)
+    captions = [fm.write_caption(y, rng) for y in range(10) for _ in range(300)]
+    assert any("an ankle boot" in c for c in captions) and any("an overcoat" in c for c in captions)
+    assert any("a pair of" in c for c in captions)
+    for c in captions:
+        words = c.split()
+        for a, b in zip(words, words[1:]):
+            assert not (a == "a" and b[0] in "aeiou"), c
+            assert not (a == "an" and b[0] not in "aeiou"), c
+            assert a != b, c
+        assert not any(f"a {w}" in c for w in ("trousers", "pants", "slacks", "sandals")), c

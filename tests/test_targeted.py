@@ -50,7 +50,7 @@ def test_templates_used_when_no_training_caption_names_the_class(bundle):
     bundle.train.captions = ["a photo of something"] * len(bundle.train)
     plan = attack(n_targets=3, pairs=2).poison(bundle)
     for t, c in zip([t for t in plan.manifest["targets"] for _ in range(2)], plan.train.captions[-6:]):
-        assert c == f"a picture of a {t['adversarial_class']}"
+        assert c == f"a picture of a {t['adversarial_class']}"  # with_article adds the "a"
 
 
 def test_poisoning_is_deterministic_given_the_seed(bundle):
