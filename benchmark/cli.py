@@ -92,7 +92,16 @@ def grid_options(f):
                           "Applies to the selected attacks that have it."),
         click.option("--defense-param", "-D", multiple=True, metavar="NAME=V1[,V2..]",
                      help="Defense parameter (repeatable); several values sweep it."),
-        click.option("--dataset-param", multiple=True, metavar="NAME=V1[,V2..]", help="Dataset parameter, e.g. n_train=20000."),
+        click.option("--data", metavar="csv:PATH|wds:URLS",
+                     help="Train on your own image–caption files instead of the profile's data: a CSV/TSV "
+                          "(columns filepath,title; paths relative to it) or WebDataset shards "
+                          "(wds:shards/{00000..00099}.tar). Read only; poisoned pairs never touch them."),
+        click.option("--eval", "eval_set", metavar="SET",
+                     help="Evaluation set for --data: fashion-mnist (default), imagenet:ROOT, cifar10:ROOT, "
+                          "cifar100:ROOT or imagefolder:ROOT (local folders; nothing is downloaded)."),
+        click.option("--dataset-param", multiple=True, metavar="NAME=V1[,V2..]",
+                     help="Dataset parameter, e.g. n_train=20000, or for --data: caption_key=caption, "
+                          "max_skip_rate=0.05. See `bench list datasets`."),
         click.option("--epochs", type=int, help="Override the profile's epochs."),
         click.option("--batch-size", type=int, help="Override the profile's batch size."),
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
@@ -104,7 +113,8 @@ def grid_options(f):
     return f
 
 
-def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr):
+def expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
+                epochs, batch_size, lr):
     """The grid's resolved configs; click.UsageError naming the problem."""
     from .grid import GridSpec, expand, parse_assignments
 
@@ -112,7 +122,7 @@ def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dat
         spec = GridSpec(
             attack, defense, profile, seed,
             parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
-            {"epochs": epochs, "batch_size": batch_size, "lr": lr},
+            {"epochs": epochs, "batch_size": batch_size, "lr": lr}, data, eval_set,
         )
         return expand(spec)
     except (RegistryError, ValueError) as e:
@@ -127,7 +137,7 @@ def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dat
 @click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def run(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
+def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
         results, jobs, device, force, keep_checkpoint, quiet) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -149,7 +159,8 @@ def run(attack, defense, profile, seed, attack_param, defense_param, dataset_par
     from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import read_row
 
-    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr)
+    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
+                       epochs, batch_size, lr)
     pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
     if len(cfgs) == 1 and not pending:
         console.print(f"[yellow]cell {cfgs[0].run_id} is already done in {results}; showing it (use --force to rerun)")
@@ -196,14 +207,15 @@ def check_writable(results) -> None:
 
 @main.command()
 @grid_options
-def status(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr,
+def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
            results) -> None:
     """List the cells of a grid (same options as `bench run`) as done, running, failed or pending."""
     from collections import Counter
 
     from .grid import state
 
-    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, dataset_param, epochs, batch_size, lr)
+    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
+                       epochs, batch_size, lr)
     console.print(grid_table(cfgs, results))
     counts = Counter(state(c, results) for c in cfgs)
     console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))

@@ -117,11 +117,15 @@ def resolve(
     attack_params: dict[str, Any] | None = None,
     defense_params: dict[str, Any] | None = None,
     dataset_params: dict[str, Any] | None = None,
+    dataset: str | None = None,
     **training: Any,
 ) -> RunConfig:
     """Resolve names, profile defaults and overrides into a RunConfig.
 
-    ``training`` may override epochs, batch_size, lr, warmup_steps, weight_decay or model.
+    ``dataset`` replaces the profile's dataset (e.g. ``files`` for CSV/WebDataset data); the
+    profile's dataset parameters that it also has still apply. A dataset ``image_size`` of 0 is
+    set to the model's input size. ``training`` may override epochs, batch_size, lr,
+    warmup_steps, weight_decay or model.
     Raises RegistryError (unknown name or parameter, listing valid ones) or ValueError.
     """
     prof = get_profile(profile)
@@ -132,16 +136,22 @@ def resolve(
     training = {k: v for k, v in training.items() if v is not None}
     a_over = {**prof.attack_params.get(attack, {}), **(attack_params or {})}
     d_over = {**prof.defense_params.get(defense, {}), **(defense_params or {})}
-    ds_over = {**prof.dataset_params, **(dataset_params or {})}
+    dataset = dataset or prof.dataset
+    ds_fields = {f.name for f in dataclasses.fields(DATASETS.get(dataset).Params)}
+    ds_over = {**{k: v for k, v in prof.dataset_params.items() if k in ds_fields}, **(dataset_params or {})}
+    model = training.get("model", prof.model)
+    ds_params = dataclasses.asdict(DATASETS.params(dataset, ds_over))
+    if ds_params.get("image_size") == 0:
+        ds_params["image_size"] = model_image_size(model)
     cfg = RunConfig(
         attack=attack,
         attack_params=dataclasses.asdict(ATTACKS.params(attack, a_over)),
         defense=defense,
         defense_params=dataclasses.asdict(DEFENSES.params(defense, d_over)),
-        dataset=prof.dataset,
-        dataset_params=dataclasses.asdict(DATASETS.params(prof.dataset, ds_over)),
+        dataset=dataset,
+        dataset_params=ds_params,
         profile=prof.name,
-        model=training.get("model", prof.model),
+        model=model,
         seed=int(seed),
         epochs=int(training.get("epochs", prof.epochs)),
         batch_size=int(training.get("batch_size", prof.batch_size)),
@@ -161,6 +171,21 @@ def resolve(
     if not 0 <= cfg.seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {cfg.seed}")
     return cfg
+
+
+def model_image_size(model: str) -> int:
+    """Input side, in pixels, of open_clip architecture ``model`` (read from its config; nothing
+    is built). ValueError listing the valid models for an unknown one."""
+    import open_clip
+
+    from .models import register_model_configs
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown model {model!r}; valid models: {', '.join(open_clip.list_models())}")
+    size = cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def settings(configs: list[dict[str, Any]]) -> list[str]:

@@ -100,6 +100,8 @@ class GridSpec:
             swept (the grid takes the product). An attack or defense sweep applies to the
             attacks/defenses that have the parameter.
         training: epochs, batch_size, lr overrides (None keeps the profile's).
+        data, eval: training pairs from files (``csv:PATH`` or ``wds:URLS``; the ``files``
+            dataset) and its evaluation set (``cifar10:ROOT`` ...); None keeps the profile's data.
     """
 
     attacks: str = "badnet"
@@ -110,6 +112,16 @@ class GridSpec:
     defense_params: dict[str, str] = field(default_factory=dict)
     dataset_params: dict[str, str] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    eval: str | None = None
+
+    def dataset(self) -> tuple[str | None, dict[str, str]]:
+        """(dataset name or None for the profile's, its fixed parameters) from ``data``/``eval``."""
+        if self.eval and not self.data:
+            raise ValueError("--eval chooses the evaluation set of --data; give --data csv:PATH or wds:URLS too")
+        if not self.data:
+            return None, {}
+        return "files", {"train": self.data, **({"eval": self.eval} if self.eval else {})}
 
 
 def _names(text: str, registry, what: str) -> list[tuple[str, dict[str, str]]]:
@@ -159,6 +171,7 @@ def expand(spec: GridSpec) -> list[RunConfig]:
                 raise ValueError(f"{', '.join(sorted(both))} of {name} is given both in brackets and as a "
                                  f"--{what}-param; give it once")
     seeds = parse_seeds(spec.seeds)
+    dataset, ds_fixed = spec.dataset()
     n_cells = len(attacks) * len(defenses) * len(seeds) * math.prod(
         len(split_list(v)) for v in [*spec.attack_params.values(), *spec.defense_params.values(),
                                       *spec.dataset_params.values()])
@@ -174,7 +187,7 @@ def expand(spec: GridSpec) -> list[RunConfig]:
                     a, d, spec.profile, seed,
                     {**a_fixed, **_applicable(a_sweep, ATTACKS, a)},
                     {**d_fixed, **_applicable(d_sweep, DEFENSES, d)},
-                    ds_sweep, **spec.training,
+                    {**ds_fixed, **ds_sweep}, dataset, **spec.training,
                 )
                 cfgs.setdefault(cfg.run_id, cfg)
     return list(cfgs.values())

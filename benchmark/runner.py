@@ -138,6 +138,7 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
     if dev.type == "cpu":
         set_threads()
     row = base_row(cfg, cell.plan, dev)
+    row.update(n_skipped=cell.data.skipped, n_eval_skipped=cell.data.eval_skipped)
     t0 = time.perf_counter()
     try:
         manifest, manifest_path = json.dumps(cell.plan.manifest), results / "manifests" / f"{cfg.run_id}.json"
@@ -145,6 +146,12 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             warnings.warn(f"cell {cfg.run_id}: the poisoned data differ from the checkpoint's; starting over")
             ckpt.unlink()
         atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(manifest))
+        if cfg.dataset == "files" and cell.plan.n_poison:
+            from .datasets.files import write_poison
+
+            p = cfg.dataset_params
+            row["poison_files"] = str(write_poison(cell.plan.train, p["train"], results / "poison" / cfg.run_id,
+                                                   p["image_key"], p["caption_key"]))
         torch.manual_seed(derive_seed(cfg.seed, "model"))
         model, tokenizer = create_model(cfg.model)
         result = train(model, tokenizer, cell.plan.train, cell.defense, cfg, dev, ckpt, progress)

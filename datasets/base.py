@@ -87,6 +87,16 @@ class EvalSet:
         raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
 
 
+def draw_rows(n: int, k: int, g: torch.Generator, what: str) -> torch.Tensor:
+    """Sorted row indices int64 [k] drawn without replacement from ``n`` (seeded by ``g``); all
+    ``n`` when ``k`` is 0 or ``n``. ValueError when ``k`` exceeds ``n``."""
+    if k == 0 or k == n:
+        return torch.arange(n)
+    if not 0 <= k <= n:
+        raise ValueError(f"{what}={k} exceeds the {n} images available")
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
 def with_article(phrase: str) -> str:
     """``phrase`` with the indefinite article its first letter calls for: "an overcoat", "a bag".
 
@@ -110,6 +120,8 @@ class DatasetBundle:
         probe_train: labelled images of the evaluation dataset's train split for the linear probe
             (tested on ``eval``), or None when the dataset has none.
         heldout: clean image–caption pairs never trained on, for retrieval recall@k, or None.
+        skipped / eval_skipped: training / evaluation images left out because they could not be
+            read (files only; recorded in the result row).
     """
 
     train: CaptionDataset
@@ -118,3 +130,5 @@ class DatasetBundle:
     caption_templates: list[str]
     probe_train: EvalSet | None = None
     heldout: CaptionDataset | None = None
+    skipped: int = 0
+    eval_skipped: int = 0

@@ -19,7 +19,7 @@ import torch
 
 from poisonbench.registry import param, register_dataset
 
-from .base import CaptionDataset, DatasetBundle, EvalSet, with_article
+from .base import CaptionDataset, DatasetBundle, EvalSet, draw_rows, with_article
 
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
@@ -193,27 +193,19 @@ class FashionMNIST:
         train_x, train_y = load_split(root, "train")
         test_x, test_y = load_split(root, "test")
         g = torch.Generator().manual_seed(seed)
-        train_idx = _draw(len(train_y), self.params.n_train, g, "n_train")
-        eval_idx = _draw(len(test_y), self.params.n_eval, g, "n_eval")
+        train_idx = draw_rows(len(train_y), self.params.n_train, g, "fashion-mnist: n_train")
+        eval_idx = draw_rows(len(test_y), self.params.n_eval, g, "fashion-mnist: n_eval")
         rng = random.Random(seed)
         labels = train_y[train_idx]
         captions = [write_caption(int(y), rng) for y in labels]
         train = CaptionDataset(train_x[train_idx], captions, labels)
         ev = EvalSet(test_x[eval_idx], test_y[eval_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
-        probe_idx = _draw(len(train_y), self.params.n_probe, g, "n_probe")
+        probe_idx = draw_rows(len(train_y), self.params.n_probe, g, "fashion-mnist: n_probe")
         probe = EvalSet(train_x[probe_idx], train_y[probe_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
-        held_idx = _draw(len(test_y), self.params.n_heldout, g, "n_heldout") if self.params.n_heldout else None
+        held_idx = draw_rows(len(test_y), self.params.n_heldout, g, "fashion-mnist: n_heldout") if self.params.n_heldout else None
         heldout = None
         if held_idx is not None:
             held_rng = random.Random(seed + 1)  # captions independent of the training captions
             held_caps = [write_caption(int(y), held_rng) for y in test_y[held_idx]]
             heldout = CaptionDataset(test_x[held_idx], held_caps, test_y[held_idx])
         return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES), probe, heldout)
-
-
-def _draw(n: int, k: int, g: torch.Generator, name: str) -> torch.Tensor:
-    if k == 0 or k == n:
-        return torch.arange(n)
-    if k > n:
-        raise ValueError(f"fashion-mnist: {name}={k} exceeds the {n} images of the split")
-    return torch.randperm(n, generator=g)[:k].sort().values

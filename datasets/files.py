@@ -9,13 +9,19 @@ another sample.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
+
+from poisonbench.evaluate import eval_geometry
+from poisonbench.registry import param, register_dataset
+
+from .base import CaptionDataset, DatasetBundle
+from .evalsets import load_eval
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -50,8 +56,7 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises all three for bad data
         raise ValueError(f"not a readable image ({e})") from None
     x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    t = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)])
-    return t(x)
+    return eval_geometry(x.unsqueeze(0), size)[0]
 
 
 def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: str = "title",
@@ -119,3 +124,164 @@ def read_wds_pairs(urls: str, size: int = 64) -> Pairs:
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def read_pairs(spec: str, size: int, image_key: str = "filepath", caption_key: str = "title",
+               delimiter: str = "auto") -> Pairs:
+    """Pairs from ``csv:PATH`` (``read_csv_pairs``) or ``wds:URLS`` (``read_wds_pairs``).
+
+    Raises ValueError for another prefix, FileNotFoundError for a missing file or shard."""
+    kind, _, where = spec.partition(":")
+    if kind == "csv" and where:
+        return read_csv_pairs(Path(where).expanduser(), image_key, caption_key, delimiter, size)
+    if kind == "wds" and where:
+        return read_wds_pairs(where, size)
+    raise ValueError(f"training data {spec!r}: give csv:PATH (a CSV/TSV of image paths and captions) "
+                     "or wds:URLS (WebDataset shards, e.g. wds:data/{00000..00009}.tar)")
+
+
+def label_by_caption(captions: list[str], class_words: list[list[str]]) -> torch.Tensor:
+    """The class each caption names, int64 [N]: the class whose words (whole words, any case)
+    occur in it when exactly one class's do, -1 when none or several do. Attacks use these labels
+    to pick poison sources outside (or inside) the target class."""
+    word_class = {w.lower(): c for c, words in enumerate(class_words) for w in words}
+    # longest first, so that "ankle boot" wins over "boot" at the same position
+    alternatives = sorted(word_class, key=len, reverse=True)
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in alternatives) + r")\b", re.IGNORECASE)
+    labels = []
+    for caption in captions:
+        found = {word_class[m.group(0).lower()] for m in pattern.finditer(caption)}
+        labels.append(found.pop() if len(found) == 1 else -1)
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+@dataclass
+class FilesParams:
+    train: str = param("", "training pairs: csv:PATH (CSV/TSV; image paths relative to it) or wds:URLS (WebDataset shards)")
+    eval: str = param("fashion-mnist", "evaluation set: fashion-mnist, imagenet:ROOT, cifar10:ROOT, cifar100:ROOT or imagefolder:ROOT")
+    image_key: str = param("filepath", "CSV column of image paths")
+    caption_key: str = param("title", "CSV column of captions")
+    delimiter: str = param("auto", "CSV delimiter: auto (tab for .tsv, comma otherwise) or one character")
+    image_size: int = param(0, "side, in pixels, images are decoded to (shorter side resized, centre crop); 0 = the model's input size")
+    max_skip_rate: float = param(0.01, "fail when more than this fraction of the training images cannot be read")
+    n_train: int = param(0, "training pairs drawn (seeded); 0 = all")
+    n_eval: int = param(0, "evaluation images drawn (seeded); 0 = all")
+    n_probe: int = param(10000, "linear-probe images from the evaluation set's train split (seeded); 0 = all")
+    n_heldout: int = param(1000, "pairs held out of the training data (never trained on) for retrieval recall@k")
+
+
+@register_dataset("files")
+class Files:
+    """Image–caption pairs from CSV/TSV or WebDataset shards, with a separate evaluation set.
+
+    The training files are only read: poisoned pairs live in memory and in the run's own output
+    (``poison_files``), never in the user's data. All pairs are decoded into memory, uint8 at
+    ``image_size``: 64 px is 12 KiB a pair, 224 px 147 KiB.
+    """
+
+    Params = FilesParams
+
+    def __init__(self, params: FilesParams):
+        if not params.train:
+            raise ValueError("dataset files: no training data; give --data csv:PATH or --data wds:URLS")
+        if not 0.0 <= params.max_skip_rate < 1.0:
+            raise ValueError(f"files: max_skip_rate must be in [0, 1), got {params.max_skip_rate}")
+        for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
+            if getattr(params, name) < 0:
+                raise ValueError(f"files: {name} must be >= 0, got {getattr(params, name)}")
+        if params.image_size != 0 and params.image_size < 8:
+            raise ValueError(f"files: image_size must be >= 8 pixels (or 0 = the model's), got {params.image_size}")
+        self.params = params
+
+    def load(self, seed: int) -> DatasetBundle:
+        """Read and decode the pairs and the evaluation set; hold ``n_heldout`` pairs out.
+
+        Raises FileNotFoundError (missing file, shard or folder) or ValueError (bad layout, or
+        more unreadable training images than ``max_skip_rate``; the message lists the first ones).
+        """
+        p = self.params
+        if p.image_size == 0:
+            raise ValueError("files: image_size is 0; resolve the config (config.resolve sets the model's size)")
+        pairs = read_pairs(p.train, p.image_size, p.image_key, p.caption_key, p.delimiter)
+        total = len(pairs.captions) + len(pairs.skipped)
+        if total == 0:
+            raise ValueError(f"{p.train}: no image–caption pairs")
+        rate = len(pairs.skipped) / total
+        if rate > p.max_skip_rate:
+            first = "; ".join(f"{w}: {r}" for w, r in pairs.skipped[:3])
+            raise ValueError(f"{p.train}: {len(pairs.skipped)} of {total} images ({rate:.1%}) cannot be read, above "
+                             f"max_skip_rate={p.max_skip_rate:g} (first: {first}); fix the data or raise max_skip_rate")
+        g = torch.Generator().manual_seed(seed)
+        ev, probe, eval_skipped = load_eval(p.eval, p.image_size, p.n_eval, p.n_probe, g)
+        class_words = eval_class_words(p.eval, ev.classnames)
+        labels = label_by_caption(pairs.captions, class_words)
+        everything = CaptionDataset(pairs.images, pairs.captions, labels)
+        order = torch.randperm(len(everything), generator=g)
+        if p.n_heldout >= len(everything):
+            raise ValueError(f"files: n_heldout={p.n_heldout} leaves no training pairs of {len(everything)}")
+        held = order[: p.n_heldout].sort().values
+        rest = order[p.n_heldout :].sort().values
+        if p.n_train:
+            if p.n_train > len(rest):
+                raise ValueError(f"files: n_train={p.n_train} exceeds the {len(rest)} pairs left after n_heldout")
+            rest = rest[torch.randperm(len(rest), generator=g)[: p.n_train]].sort().values
+        heldout = everything.subset(held) if p.n_heldout else None
+        return DatasetBundle(everything.subset(rest), ev, class_words, ["a photo of {}."], probe, heldout,
+                             skipped=len(pairs.skipped), eval_skipped=eval_skipped)
+
+
+def eval_class_words(spec: str, classnames: list[str]) -> list[list[str]]:
+    """Words that name each evaluation class in a caption: Fashion-MNIST's synonyms, else the
+    class name itself."""
+    if spec == "fashion-mnist":
+        from .fashion_mnist import CLASS_WORDS
+
+        return [list(w) for w in CLASS_WORDS]
+    return [[name] for name in classnames]
+
+
+def write_poison(train: CaptionDataset, spec: str, folder: str | Path, image_key: str = "filepath",
+                 caption_key: str = "title") -> Path:
+    """Write the poisoned pairs of ``train`` (rows flagged in ``train.is_poison``) in the format of
+    the source ``spec``, next to, never into, the user's data: for ``csv:`` a ``poison.csv`` with
+    the same columns and the images as PNG files beside it; for ``wds:`` one shard
+    ``poison-000000.tar`` (``.png`` + ``.txt`` per sample, written with webdataset's TarWriter).
+    Another trainer can then read the user's files plus these to reproduce the poisoned set.
+
+    The folder is written whole or not at all (built under a temporary name, then renamed).
+    Returns the file written (CSV or shard).
+    """
+    import shutil
+
+    folder = Path(folder)
+    rows = train.is_poison.nonzero().squeeze(1).tolist()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pngs = [_png(train.images[r]) for r in rows]
+    captions = [train.captions[r] for r in rows]
+    if spec.startswith("wds:"):
+        import webdataset as wds
+
+        name = "poison-000000.tar"
+        with wds.TarWriter(str(tmp / name)) as sink:
+            for i, (png, caption) in enumerate(zip(pngs, captions)):
+                sink.write({"__key__": f"poison{i:06d}", "png": png, "txt": caption})
+    else:
+        import pandas as pd
+
+        name = "poison.csv"
+        (tmp / "images").mkdir()
+        for i, png in enumerate(pngs):
+            (tmp / "images" / f"{i:06d}.png").write_bytes(png)
+        pd.DataFrame({image_key: [f"images/{i:06d}.png" for i in range(len(rows))], caption_key: captions}).to_csv(
+            tmp / name, index=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder / name
+
+
+def _png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
