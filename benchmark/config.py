@@ -65,6 +65,23 @@ PROFILES: dict[str, Profile] = {
             # target (1.6 % for all 16) already reach 15/16 against CLIP.
             attack_params={"targeted": {"pairs_per_target": 10}},
         ),
+        Profile(
+            "paper", "RoCLIP's setting (docs/roclip-spec.md §2): open_clip RN50 from scratch on your "
+            "CC3M-style --data, ImageNet zero-shot; for GPUs", "RN50", "files",
+            # eval "imagenet" without a folder makes the run ask for --eval imagenet:ROOT
+            {"eval": "imagenet", "n_heldout": 1000, "n_probe": 10000},
+            # The authors' code defaults: 24 epochs, 5e-5 with 10k warm-up steps, AdamW wd 0.1; their
+            # run used 2 GPUs x 256 (batch_size is per process: --nproc 2 gives their 512).
+            epochs=24, batch_size=256, lr=5e-5, warmup_steps=10000, weight_decay=0.1,
+            defense_params={"roclip": {"pool_size": 21845, "match_every": 2}},
+            # Their backdoor runs: 300 poisoned pairs of 1M (0.03 %), target "mushroom"; CleanCLIP's
+            # 16 px patch at a random position of the 224 px image (spec §3.2).
+            attack_params={
+                **{a: {"n_poison": 300, "target": "mushroom"} for a in ("blended", "sig", "wanet")},
+                **{a: {"n_poison": 300, "target": "mushroom", "patch_size": 16, "location": "random"}
+                   for a in ("badnet", "badnet-lc")},
+            },
+        ),
     ]
 }
 
