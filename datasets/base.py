@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 import torch
 
 
+def is_lazy(images) -> bool:
+    """True for a ``lazy.LazyImages`` (decoded on access), False for an in-memory tensor."""
+    return getattr(images, "lazy", False)
+
+
 @dataclass
 class CaptionDataset:
     """In-memory image–caption training pairs.
 
     Attributes:
-        images: uint8 tensor [N, 3, H, W], values 0..255 (RGB; grey images are repeated to 3 channels).
+        images: uint8 tensor [N, 3, H, W], values 0..255 (RGB; grey images are repeated to 3 channels),
+            or a ``lazy.LazyImages`` that decodes rows when indexed (data too large for memory).
         captions: N caption strings.
         labels: int64 tensor [N]; the class index of each pair where the dataset knows it, -1 otherwise
             (poisoned pairs carry the label of their source image, not the target label).
@@ -40,15 +46,17 @@ class CaptionDataset:
         return self.images.shape[0]
 
     def subset(self, index: torch.Tensor) -> "CaptionDataset":
-        """Rows ``index`` (int64 [M]) as a new dataset."""
-        return CaptionDataset(
-            self.images[index], [self.captions[i] for i in index.tolist()], self.labels[index], self.is_poison[index]
-        )
+        """Rows ``index`` (int64 [M]) as a new dataset (a copy of in-memory images; lazy ones stay lazy)."""
+        images = self.images.take(index) if is_lazy(self.images) else self.images[index]
+        return CaptionDataset(images, [self.captions[i] for i in index.tolist()], self.labels[index], self.is_poison[index])
 
     def append(self, other: "CaptionDataset") -> "CaptionDataset":
         """This dataset followed by ``other`` (images must have the same size)."""
+        if is_lazy(other.images):
+            raise ValueError("only in-memory images can be appended to a training set")
+        images = self.images.cat(other.images) if is_lazy(self.images) else torch.cat([self.images, other.images])
         return CaptionDataset(
-            torch.cat([self.images, other.images]),
+            images,
             self.captions + other.captions,
             torch.cat([self.labels, other.labels]),
             torch.cat([self.is_poison, other.is_poison]),

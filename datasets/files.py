@@ -31,7 +31,7 @@ class Pairs:
     """Decoded pairs.
 
     Attributes:
-        images: uint8 [N, 3, size, size].
+        images: uint8 [N, 3, size, size], or a ``lazy.LazyImages`` standing in for it.
         captions: N strings, exactly as stored.
         skipped: (where, reason) of each sample left out because its image could not be read.
     """
@@ -69,17 +69,8 @@ def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: s
         FileNotFoundError: no such file. ValueError: a named column is missing (the message lists
         the file's columns).
     """
-    import pandas as pd
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no CSV file at {path}")
-    sep = ("\t" if path.suffix.lower() == ".tsv" else ",") if delimiter == "auto" else delimiter
-    # keep_default_na=False: a caption "NA" or "" stays a string, never becomes NaN
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
-    missing = [k for k in (image_key, caption_key) if k not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; columns: {', '.join(table.columns)}")
+    table = read_csv_table(path, image_key, caption_key, delimiter)
     images, captions, skipped = [], [], []
     for rel, caption in zip(table[image_key], table[caption_key]):
         file = path.parent / rel
@@ -90,6 +81,21 @@ def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: s
             continue
         captions.append(caption)
     return Pairs(_stack(images, size), captions, skipped)
+
+
+def read_csv_table(path: Path, image_key: str, caption_key: str, delimiter: str = "auto"):
+    """The CSV/TSV as a pandas DataFrame of strings (a caption "NA" or "" stays a string).
+    Raises FileNotFoundError or ValueError (a named column is missing; the message lists the columns)."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no CSV file at {path}")
+    sep = ("\t" if path.suffix.lower() == ".tsv" else ",") if delimiter == "auto" else delimiter
+    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+    missing = [k for k in (image_key, caption_key) if k not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; columns: {', '.join(table.columns)}")
+    return table
 
 
 def read_wds_pairs(urls: str, size: int = 64) -> Pairs:
@@ -127,15 +133,46 @@ def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def read_pairs(spec: str, size: int, image_key: str = "filepath", caption_key: str = "title",
-               delimiter: str = "auto") -> Pairs:
-    """Pairs from ``csv:PATH`` (``read_csv_pairs``) or ``wds:URLS`` (``read_wds_pairs``).
+               delimiter: str = "auto", load: str = "memory") -> Pairs:
+    """Pairs from ``csv:PATH`` (``read_csv_pairs``) or ``wds:URLS`` (``read_wds_pairs``), decoded
+    into memory, or with ``load="lazy"`` as a ``lazy.LazyImages`` (every image decoded once here
+    to find the unreadable ones); ``auto`` is lazy when the decoded images would pass
+    ``LAZY_ABOVE_BYTES``.
 
     Raises ValueError for another prefix, FileNotFoundError for a missing file or shard."""
+    from .lazy import LazyImages, Member, index_shards
+
     kind, _, where = spec.partition(":")
-    if kind == "csv" and where:
-        return read_csv_pairs(Path(where).expanduser(), image_key, caption_key, delimiter, size)
-    if kind == "wds" and where:
-        return read_wds_pairs(where, size)
+    if kind not in ("csv", "wds") or not where:
+        raise ValueError(f"training data {spec!r}: give csv:PATH (a CSV/TSV of image paths and captions) "
+                         "or wds:URLS (WebDataset shards, e.g. wds:data/{00000..00009}.tar)")
+    if kind == "csv":
+        table = read_csv_table(Path(where).expanduser(), image_key, caption_key, delimiter)
+        members = [Member(str(Path(where).expanduser().parent / rel)) for rel in table[image_key]]
+        captions, skipped = list(table[caption_key]), []
+    else:
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(where))
+        if load == "memory" or any("://" in s or s.startswith("pipe:") for s in shards):
+            return read_wds_pairs(where, size)
+        members, captions, skipped = index_shards(shards)
+    lazy = load == "lazy" or (load == "auto" and len(members) * 3 * size * size > LAZY_ABOVE_BYTES)
+    if not lazy:
+        return read_csv_pairs(Path(where).expanduser(), image_key, caption_key, delimiter, size) if kind == "csv" \
+            else read_wds_pairs(where, size)
+    images = LazyImages(members, size)
+    bad = dict(images.check())
+    keep = [i for i, m in enumerate(members) if _where(m) not in bad]
+    images = LazyImages([members[i] for i in keep], size)
+    return Pairs(images, [captions[i] for i in keep], skipped + list(bad.items()))
+
+
+LAZY_ABOVE_BYTES = 8 * 2**30  # decoded training images above this are loaded lazily by load=auto
+
+
+def _where(m) -> str:
+    return m.path + (f"@{m.offset}" if m.size >= 0 else "")
     raise ValueError(f"training data {spec!r}: give csv:PATH (a CSV/TSV of image paths and captions) "
                      "or wds:URLS (WebDataset shards, e.g. wds:data/{00000..00009}.tar)")
 
@@ -168,6 +205,8 @@ class FilesParams:
     n_eval: int = param(0, "evaluation images drawn (seeded); 0 = all")
     n_probe: int = param(10000, "linear-probe images from the evaluation set's train split (seeded); 0 = all")
     n_heldout: int = param(1000, "pairs held out of the training data (never trained on) for retrieval recall@k")
+    load: str = param("auto", "memory (decode all pairs once), lazy (decode each batch; local files and shards) "
+                              "or auto (lazy above 8 GiB of decoded images)")
 
 
 @register_dataset("files")
@@ -175,8 +214,9 @@ class Files:
     """Image–caption pairs from CSV/TSV or WebDataset shards, with a separate evaluation set.
 
     The training files are only read: poisoned pairs live in memory and in the run's own output
-    (``poison_files``), never in the user's data. All pairs are decoded into memory, uint8 at
-    ``image_size``: 64 px is 12 KiB a pair, 224 px 147 KiB.
+    (``poison_files``), never in the user's data. Pairs are decoded into memory (uint8 at
+    ``image_size``: 64 px is 12 KiB a pair, 224 px 147 KiB) or, with ``load`` lazy (auto above
+    8 GiB), decoded batch by batch during training (``lazy.LazyImages``).
     """
 
     Params = FilesParams
@@ -189,6 +229,8 @@ class Files:
         for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
             if getattr(params, name) < 0:
                 raise ValueError(f"files: {name} must be >= 0, got {getattr(params, name)}")
+        if params.load not in ("auto", "memory", "lazy"):
+            raise ValueError(f"files: load must be auto, memory or lazy, got {params.load!r}")
         if params.image_size != 0 and params.image_size < 8:
             raise ValueError(f"files: image_size must be >= 8 pixels (or 0 = the model's), got {params.image_size}")
         self.params = params
@@ -202,7 +244,7 @@ class Files:
         p = self.params
         if p.image_size == 0:
             raise ValueError("files: image_size is 0; resolve the config (config.resolve sets the model's size)")
-        pairs = read_pairs(p.train, p.image_size, p.image_key, p.caption_key, p.delimiter)
+        pairs = read_pairs(p.train, p.image_size, p.image_key, p.caption_key, p.delimiter, p.load)
         total = len(pairs.captions) + len(pairs.skipped)
         if total == 0:
             raise ValueError(f"{p.train}: no image–caption pairs")
@@ -225,7 +267,9 @@ class Files:
             if p.n_train > len(rest):
                 raise ValueError(f"files: n_train={p.n_train} exceeds the {len(rest)} pairs left after n_heldout")
             rest = rest[torch.randperm(len(rest), generator=g)[: p.n_train]].sort().values
-        heldout = everything.subset(held) if p.n_heldout else None
+        heldout = None
+        if p.n_heldout:  # decoded: the evaluation code takes in-memory images
+            heldout = CaptionDataset(everything.images[held], [everything.captions[i] for i in held.tolist()], labels[held])
         return DatasetBundle(everything.subset(rest), ev, class_words, ["a photo of {}."], probe, heldout,
                              skipped=len(pairs.skipped), eval_skipped=eval_skipped)
 

@@ -180,3 +180,43 @@ def test_bad_training_data_fails_before_training(spec, message):
 def test_bad_eval_set_names_the_choices(spec, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_eval(spec, 28, 0, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("source", ["csv", "wds"])
+def test_lazy_loading_trains_exactly_as_in_memory(fashion_files, source, tmp_path):
+    """load=lazy decodes batch by batch; the pairs, the poisoning and every metric equal load=memory."""
+    from poisonbench.datasets.lazy import LazyImages
+    from poisonbench.runner import run_cell
+
+    root, _, _ = fashion_files
+    spec = f"csv:{root / 'train.csv'}" if source == "csv" else "wds:" + str(root / "shard-{00000..00001}.tar")
+    rows, data = {}, {}
+    for load in ("memory", "lazy"):
+        params = {"train": spec, "n_train": 0, "n_heldout": 50, "load": load}
+        data[load] = Files(DATASETS.params("files", {**params, "image_size": 28, "n_eval": 100, "n_probe": 100})).load(0)
+        cfg = resolve("badnet-lc", "roclip", "tiny", 0, {"n_poison": 5}, {"pool_size": 128}, params, "files", epochs=2)
+        rows[load] = run_cell(cfg, tmp_path / load, device="cpu", progress=False)
+    assert isinstance(data["lazy"].train.images, LazyImages) and isinstance(data["memory"].train.images, torch.Tensor)
+    assert torch.equal(data["lazy"].train.images[torch.arange(len(data["lazy"].train))], data["memory"].train.images)
+    assert data["lazy"].train.captions == data["memory"].train.captions
+    for key in ("clean_top1", "asr", "linear_probe_top1", "final_loss", "n_poison", "manifest_hash", "i2t_r10"):
+        assert rows["lazy"][key] == rows["memory"][key], key
+
+
+def test_lazy_images_take_cat_and_assign_match_a_tensor(fashion_files):
+    from poisonbench.datasets.lazy import LazyImages, Member
+
+    root, images, _ = fashion_files
+    lazy = LazyImages([Member(str(root / f"img/{i}.png")) for i in range(10)], 28)
+    ref = images[:10].unsqueeze(1).repeat(1, 3, 1, 1)
+    extra = torch.full((2, 3, 28, 28), 7, dtype=torch.uint8)
+    sub = lazy.take(torch.tensor([9, 2, 4])).cat(extra)
+    expect = torch.cat([ref[[9, 2, 4]], extra])
+    assert sub.shape == (5, 3, 28, 28) and torch.equal(sub[torch.arange(5)], expect) and torch.equal(sub[1], ref[2])
+    sub[torch.tensor([0])] = torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+    assert int(sub[0].sum()) == 0 and torch.equal(lazy[9], ref[9])  # the source object is unchanged
+    (root / "img" / "gone.png").write_bytes(b"")
+    broken = LazyImages([Member(str(root / "img" / "gone.png"))], 28)
+    assert broken.check()[0][1] == "empty file"
+    with pytest.raises(RuntimeError, match="gone.png cannot be read any more"):
+        broken[0]
