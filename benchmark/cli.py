@@ -143,7 +143,7 @@ class SectionedCommand(click.Command):
 SLURM_HELP = (
     "With --launcher slurm each cell is one SLURM job, submitted through submitit (several cells: one "
     "job array), and `bench run` returns once they are queued, printing their job ids; --wait blocks "
-    "until they end. Job logs: RESULTS/slurm/<job id>/ (the cell's output is <job id>_0_log.out). The "
+    "until they end. Job logs: RESULTS/slurm/<job id>/ (the output of the cell: <job id>_0_log.out). The "
     "jobs write their rows to RESULTS as local runs do, so `bench status` (same options) shows their "
     "progress and `bench report` their results; on a cluster RESULTS must be on a filesystem the nodes "
     "share. A job that reaches its time limit or is preempted is requeued and resumes from the cell's "

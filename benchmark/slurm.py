@@ -162,7 +162,7 @@ def make_executor(launcher: str, folder: str | Path, opts: SlurmOptions, name: s
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if launcher == "slurm" else "local")
     params = dict(name=name, timeout_min=int(opts.time_min), nodes=1, tasks_per_node=1,
                   gpus_per_node=opts.gpus_per_node, cpus_per_task=opts.cpus_per_task or 8 * max(1, opts.gpus_per_node),
-                  mem_gb=opts.mem_gb)
+                  mem_gb=opts.mem_gb, stderr_to_stdout=True)  # one log per job
     if launcher == "slurm":
         params.update(slurm_partition=opts.partition, slurm_additional_parameters=dict(opts.extra) or None,
                       slurm_array_parallelism=opts.array_parallelism)

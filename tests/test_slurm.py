@@ -91,6 +91,7 @@ def test_slurm_submits_one_array_with_the_requested_resources_and_does_not_wait(
                  "--time=90", "--account=proj", f"--job-name=pb-{cfgs[0].run_id}+1", "--ntasks-per-node=1",
                  f"--output={res.absolute()}/slurm/%A_%a/%A_%a_0_log.out", "--signal=USR2@"]:
         assert f"#SBATCH {line}" in scripts[0], line
+    assert "#SBATCH --error" not in scripts[0]  # the cell's stdout and stderr share one log
     assert fake_cells == [(c.run_id, 2) for c in cfgs]  # several GPUs: the cell runs under torchrun
     assert "job 4242_0" in out.output and "job 4242_1" in out.output and "bench status" in out.output
     assert f"{res}/slurm/<job id>/" in out.output
