@@ -106,7 +106,7 @@ def grid_options(f):
         click.option("--batch-size", type=int, help="Override the profile's batch size."),
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
         click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
-                     help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/, logs/."),
+                     help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/, logs/, slurm/ (job logs)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -129,7 +129,42 @@ def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dat
         raise click.UsageError(str(e)) from None
 
 
-@main.command()
+class SectionedCommand(click.Command):
+    """A command whose --help lists some options under their own titled section, with an
+    introduction: ``sections = {title: (intro, [parameter names])}``."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, list[str]]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections or {}
+
+    def format_options(self, ctx, formatter) -> None:
+        grouped = {name for _, names in self.sections.values() for name in names}
+        params = self.get_params(ctx)
+        rows = [r for p in params if p.name not in grouped and (r := p.get_help_record(ctx))]
+        with formatter.section("Options"):
+            formatter.write_dl(rows)
+        for title, (intro, names) in self.sections.items():
+            with formatter.section(title):
+                formatter.write_text(intro)
+                formatter.write_paragraph()
+                formatter.write_dl([r for p in params if p.name in names and (r := p.get_help_record(ctx))])
+
+
+SLURM_HELP = (
+    "With --launcher slurm each cell is one SLURM job, submitted through submitit (several cells: one "
+    "job array), and `bench run` returns once they are queued, printing their job ids; --wait blocks "
+    "until they end. Job logs: RESULTS/slurm/<job id>/ (the output of the cell: <job id>_0_log.out). The "
+    "jobs write their rows to RESULTS as local runs do, so `bench status` (same options) shows their "
+    "progress and `bench report` their results; on a cluster RESULTS must be on a filesystem the nodes "
+    "share. A job that reaches its time limit or is preempted is requeued and resumes from the cell's "
+    "last epoch. --launcher submitit-local runs the same jobs as processes on this machine, to test "
+    "the SLURM path without a cluster (it ignores --partition and the --slurm-* options)."
+)
+SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min",
+                 "slurm_array_parallelism", "slurm_param"]
+
+
+@main.command(cls=SectionedCommand, sections={"SLURM (--launcher slurm)": (SLURM_HELP, SLURM_OPTIONS)})
 @grid_options
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Cells run at once on this machine; each gets cores/jobs CPU threads.")
@@ -137,8 +172,23 @@ def expand_grid(attack, defense, profile, seed, attack_param, defense_param, dat
 @click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
+              help="local: processes on this machine (--jobs at a time); slurm: one SLURM job per cell; "
+                   "submitit-local: the SLURM path's jobs run on this machine, for testing without a cluster.")
+@click.option("--wait", is_flag=True, help="Wait for the submitted jobs to end and print the usual summary.")
+@click.option("--partition", help="SLURM partition to submit to (`sinfo -s` lists them). Required by --launcher slurm.")
+@click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(min=0),
+              help="GPUs per cell's job (0 for a CPU partition).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), help="CPU cores per job  [default: 8 per GPU]")
+@click.option("--mem-gb", type=click.FloatRange(min=0, min_open=True), help="Memory per job in GB  [default: the partition's]")
+@click.option("--time-min", default=24 * 60, show_default=True, type=click.IntRange(min=1),
+              help="Time limit per job in minutes; a job that reaches it is requeued and resumes.")
+@click.option("--slurm-array-parallelism", type=click.IntRange(min=1), help="At most this many of the grid's jobs run at once.")
+@click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
+              help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-        results, jobs, device, force, keep_checkpoint, quiet) -> None:
+        results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
+        cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
     A cell is one attack x defense x seed x parameter setting; lists and `all` make a grid of
@@ -159,6 +209,12 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import read_row
 
+    submitted = launcher != "local"
+    if submitted:
+        opts = slurm_options(launcher, jobs, device, partition, gpus_per_node, cpus_per_task, mem_gb, time_min,
+                             slurm_array_parallelism, slurm_param)
+    elif wait or partition or cpus_per_task or mem_gb or slurm_array_parallelism or slurm_param:
+        raise click.UsageError("--wait, --partition and the other SLURM options need --launcher slurm (or submitit-local)")
     cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
                        epochs, batch_size, lr)
     pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
@@ -169,18 +225,25 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     if len(cfgs) > 1:
         console.print(f"grid of {len(cfgs)} cells: {len(cfgs) - len(pending)} done, {len(pending)} to run"
                       + (f", {jobs} at a time" if jobs > 1 and pending else ""))
-    problems = validate(pending, device)
+    # a job's device is checked on its node; here, the data and parameters
+    problems = validate(pending, "cpu" if submitted and (device == "auto" or device.startswith("cuda")) else device)
     if problems:
         raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
     check_writable(results)
+    logged = jobs > 1 or submitted  # a cell's own output goes to its log
 
     def announce(o) -> None:
-        if len(cfgs) > 1 or jobs > 1 or o.code != 0:
+        if len(cfgs) > 1 or logged or o.code != 0:
             console.print(cell_line(o, results))
-        if len(cfgs) == 1 and jobs > 1 and o.code == 0:  # its own output went to the log
+        if len(cfgs) == 1 and logged and o.code == 0:
             show_row(read_row(results, o.cfg.run_id))
 
-    outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
+    if submitted:
+        outcomes = submit_and_wait(pending, results, launcher, opts, device, force, keep_checkpoint, wait, announce)
+        if not wait:
+            return
+    else:
+        outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
     if len(cfgs) > 1:
         console.print(grid_table(cfgs, results))
     busy = [o for o in outcomes if o.code == EXIT_BUSY]
@@ -190,6 +253,62 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     if bad:
         err_console.print(f"[red]{len(bad)} of {len(outcomes)} cells did not finish[/red]; rerun the same command to retry them")
         sys.exit(1)
+
+
+def slurm_options(launcher, jobs, device, partition, gpus_per_node, cpus_per_task, mem_gb, time_min,
+                  slurm_array_parallelism, slurm_param):
+    """``bench run``'s SLURM options as slurm.SlurmOptions; click.UsageError, before anything is
+    submitted, when the launcher cannot work (no sbatch, no partition, ...)."""
+    from .grid import parse_assignments
+    from .slurm import LaunchError, SlurmOptions, check_launcher
+
+    if jobs != 1:
+        raise click.UsageError("--jobs is for --launcher local; every submitted cell is its own job "
+                               "(--slurm-array-parallelism limits how many run at once)")
+    try:
+        opts = SlurmOptions(partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_array_parallelism,
+                            parse_assignments(slurm_param))
+        check_launcher(launcher, opts, device)
+    except (LaunchError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    return opts
+
+
+def submit_and_wait(cfgs, results, launcher, opts, device, force, keep_checkpoint, wait, on_done):
+    """Submit the cells' jobs, print their ids, log folder and how to follow them; with ``wait``,
+    wait for them and return their outcomes (else an empty list)."""
+    import shlex
+
+    from submitit.core.utils import FailedJobError
+
+    from .grid import describe
+    from .slurm import LOG_FOLDER, submit_cells, wait_for
+
+    if not cfgs:
+        console.print("nothing to submit: every cell is done")
+        return []
+    try:
+        submitted = submit_cells(cfgs, results, launcher, opts, device, force, keep_checkpoint)
+    except (FailedJobError, OSError) as e:
+        raise click.ClickException(f"submission failed, check the SLURM options: {e}") from None
+    where = f"SLURM partition {opts.partition}" if launcher == "slurm" else "submitit's local executor (this machine)"
+    console.print(f"submitted {len(submitted)} cell(s) to {where}:")
+    for job, cfg in zip(submitted, cfgs):
+        console.print(f"  job {job.job_id}  {describe(cfg)}")
+    params = click.get_current_context().params
+    status = ["bench", "status", "-a", params["attack"], "-d", params["defense"], "-p", params["profile"],
+              "-s", params["seed"]]
+    for flag, key in (("-A", "attack_param"), ("-D", "defense_param"), ("--dataset-param", "dataset_param")):
+        status += [a for v in params[key] for a in (flag, v)]
+    for key in ("epochs", "batch_size", "lr"):
+        status += [f"--{key.replace('_', '-')}", str(params[key])] if params[key] is not None else []
+    status += ["-r", str(results)]
+    console.print(f"logs: {Path(results) / LOG_FOLDER}/<job id>/", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"progress: {shlex.join(status)}", soft_wrap=True, markup=False, highlight=False)
+    if not wait:
+        return []
+    console.print("waiting for the jobs to end (Ctrl-C stops waiting; the jobs go on)")
+    return wait_for(submitted, cfgs, on_done, poll_s=10.0 if launcher == "slurm" else 1.0)
 
 
 def check_writable(results) -> None:
