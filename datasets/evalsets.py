@@ -54,7 +54,7 @@ def parse_eval(spec: str) -> tuple[str, Path | None]:
     if kind == "fashion-mnist":
         return kind, None
     if not root:
-        raise ValueError(f"evaluation set {kind} needs its folder: {kind}:ROOT")
+        raise ValueError(f"evaluation set {kind} needs its folder: give --eval {kind}:ROOT")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{kind}: no folder at {path}")

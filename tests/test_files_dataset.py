@@ -174,7 +174,7 @@ def test_bad_training_data_fails_before_training(spec, message):
 
 @pytest.mark.parametrize("spec, message", [
     ("mnist:/x", "valid: fashion-mnist, imagenet:ROOT"),
-    ("cifar10", "needs its folder: cifar10:ROOT"),
+    ("cifar10", "needs its folder: give --eval cifar10:ROOT"),
     ("imagenet:/no/such/dir", "no folder at /no/such/dir"),
 ])
 def test_bad_eval_set_names_the_choices(spec, message):
