@@ -10,6 +10,7 @@ identity or a no-op, so a single process runs exactly the code it ran before DDP
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -124,5 +125,7 @@ def gather_with_grad(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[t
         return image_emb, text_emb
     from open_clip.loss import gather_features
 
-    return gather_features(image_emb, text_emb, local_loss=False, gather_with_grad=True,
-                           rank=rank(), world_size=world_size())
+    with warnings.catch_warnings():  # open_clip's gather uses torch.distributed.nn.all_gather, deprecated in torch 2.x
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+        return gather_features(image_emb, text_emb, local_loss=False, gather_with_grad=True,
+                               rank=rank(), world_size=world_size())

@@ -45,9 +45,12 @@ class Cell:
     device: torch.device
 
 
-def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None) -> Cell:
+def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None,
+            world_size: int | None = None) -> Cell:
     """Check the device, load the data (unless ``data``, the clean bundle of this dataset config
     and seed, is given), build the attack and defense and poison the training set.
+    ``world_size``: the processes that will train it (default: torchrun's WORLD_SIZE, else 1);
+    the training set must hold one global batch of batch_size x world_size pairs.
 
     Raises ConfigError (with the problem and the valid choices) for anything that would make the
     run fail, so bad input never starts training and never writes to the store.
@@ -65,8 +68,10 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         defense.check(len(plan.train))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
-    if len(plan.train) < cfg.batch_size:
-        raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size}")
+    world = distributed.launched_world_size() if world_size is None else world_size
+    if len(plan.train) < cfg.batch_size * world:
+        per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
+        raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size * world}{per}")
     return Cell(cfg, data, attack, plan, defense, dev)
 
 

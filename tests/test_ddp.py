@@ -5,6 +5,7 @@ Starting a process that imports torch and open_clip takes seconds, so one spawn 
 scenario (``scenarios``); each scenario saves what it saw, or its traceback, per rank, and the
 tests check those."""
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -18,12 +19,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from click.testing import CliRunner
+
 from poisonbench import distributed
+from poisonbench.cli import main
 from poisonbench.config import resolve
 from poisonbench.datasets.base import CaptionDataset
 from poisonbench.defenses.base import TrainState
 from poisonbench.defenses.clip import CLIP, CLIPParams
 from poisonbench.defenses.roclip import RoCLIP, RoCLIPParams
+from poisonbench.grid import cell_command
 from poisonbench.models import create_model
 from poisonbench.store import read_runs
 
@@ -148,7 +153,16 @@ def tiny_data(n=40) -> CaptionDataset:
     return CaptionDataset(torch.randint(0, 256, (n, 3, 28, 28), generator=g, dtype=torch.uint8), captions, labels)
 
 
-def train_roclip(out) -> dict:
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after_first_epoch(epoch, model):
+    if epoch == 1:
+        raise Crash
+
+
+def train_roclip(out, on_epoch_end=None) -> dict:
     from poisonbench.train import train
 
     cfg = resolve("none", "roclip", "tiny", defense_params={"pool_size": 24, "match_every": 1, "augment": False},
@@ -156,11 +170,22 @@ def train_roclip(out) -> dict:
     defense = RoCLIP(RoCLIPParams(pool_size=24, match_every=1, augment=False), seed=0)
     torch.manual_seed(0)
     model, tokenizer = create_model("poisonbench-tiny")
-    result = train(model, tokenizer, tiny_data(), defense, cfg, torch.device("cpu"), out / "last.pt", progress=False)
-    return {"pool": defense.pool.state_dict(), "steps": result.steps}
+    result = train(model, tokenizer, tiny_data(), defense, cfg, torch.device("cpu"), out / "last.pt", progress=False,
+                   on_epoch_end=on_epoch_end)
+    return {"pool": defense.pool.state_dict(), "steps": result.steps, "model": model.state_dict(),
+            "resumed_from_epoch": result.resumed_from_epoch}
 
 
 def pool_scenario(rank, out):
+    return train_roclip(out)
+
+
+def resume_scenario(rank, out):
+    """Killed after epoch 1 (on every rank, as torchrun would), then run again."""
+    try:
+        train_roclip(out, crash_after_first_epoch)
+    except Crash:
+        pass
     return train_roclip(out)
 
 
@@ -185,6 +210,15 @@ def test_roclip_pool_is_identical_on_every_rank(scenarios, name):
         assert torch.load(scenarios.folder(name) / "last.pt", weights_only=True)["world_size"] == WORLD
     else:
         assert not torch.equal(pa["bank"], pb["bank"])
+
+
+def test_ddp_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(scenarios):
+    for rank in range(WORLD):
+        resumed, straight = scenarios("resume", rank), scenarios("pool", rank)
+        assert resumed["resumed_from_epoch"] == 1 and straight["resumed_from_epoch"] == 0
+        assert torch.equal(resumed["pool"]["bank"], straight["pool"]["bank"])
+        for k, v in straight["model"].items():
+            assert torch.equal(resumed["model"][k], v), k
 
 
 # --- c. one result row for a cell run by 2 processes ----------------------------------------
@@ -217,5 +251,44 @@ def test_a_two_process_cell_writes_exactly_one_row_from_rank_0(scenarios):
     assert not (results / "checkpoints" / r["run_id"]).exists()
 
 
-SCENARIOS = {"gradients": gradients_scenario, "pool": pool_scenario,
+# --- the command line --------------------------------------------------------------------
+
+
+def test_cell_command_runs_torchrun_for_several_processes():
+    cfg = resolve("badnet", "clip", "tiny")
+    cell = ["-m", "poisonbench", "cell", json.dumps(cfg.to_dict()), "--results", "res", "--device"]
+    assert cell_command(cfg, "res", "cpu", False, False, True) == [sys.executable, *cell, "cpu", "--quiet"]
+    assert cell_command(cfg, "res", "cuda", False, True, False, nproc=2) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cell, "cuda",
+        "--keep-checkpoint"]
+    with pytest.raises(ValueError, match="nproc"):
+        cell_command(cfg, "res", "cpu", False, False, False, nproc=0)
+
+
+def test_more_processes_than_gpus_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = CliRunner().invoke(main, ["run", "-p", "tiny", "--nproc", "2", "--device", "cuda", "-r", str(tmp_path)])
+    assert out.exit_code == 2 and "1 GPU(s) are visible; give --nproc 1 or less" in out.output
+    out = CliRunner().invoke(main, ["run", "-p", "tiny", "--nproc", "2", "--device", "cuda:0", "-r", str(tmp_path)])
+    assert out.exit_code == 2 and "give --device cuda" in out.output
+    assert not (tmp_path / "runs").exists()
+
+
+SCENARIOS = {"gradients": gradients_scenario, "pool": pool_scenario, "resume": resume_scenario,
              "pool_without_gather": pool_without_gather_scenario, "cell": cell_scenario}
+
+
+@pytest.mark.slow
+def test_bench_run_nproc_2_through_torchrun(tmp_path):
+    res = tmp_path / "res"
+    bench = [sys.executable, "-m", "poisonbench"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    out = subprocess.run(bench + ["run", "-p", "tiny", "-a", "badnet", "-d", "roclip", "--epochs", "2", "--nproc", "2",
+                                  "--device", "cpu", "-q", "-r", str(res)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    print(f"bench run --nproc 2 (tiny, roclip): {time.perf_counter() - t0:.1f} s")
+    df = read_runs(res)
+    assert len(df) == 1 and df.iloc[0]["status"] == "ok" and df.iloc[0]["world_size"] == 2
+    assert out.stdout.count("clean top-1") == 1  # one result table: only rank 0 prints it
