@@ -5,6 +5,7 @@ Starting a process that imports torch and open_clip takes seconds, so one spawn 
 scenario (``scenarios``); each scenario saves what it saw, or its traceback, per rank, and the
 tests check those."""
 import copy
+import datetime
 import json
 import os
 import socket
@@ -18,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from click.testing import CliRunner
 
 from poisonbench import distributed
@@ -44,7 +44,8 @@ def free_port() -> int:
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a scenario that fails on one rank only leaves the other waiting in a collective: until this timeout
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(minutes=5))
     try:
         for name, fn in SCENARIOS.items():
             try:
@@ -162,6 +163,17 @@ def crash_after_first_epoch(epoch, model):
         raise Crash
 
 
+class RecordingImages:
+    """Training images that remember which rows each step read."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.shape, self.rows = images, images.shape, []
+
+    def __getitem__(self, idx):
+        self.rows.append(idx.clone())
+        return self.images[idx]
+
+
 def train_roclip(out, on_epoch_end=None) -> dict:
     from poisonbench.train import train
 
@@ -170,10 +182,12 @@ def train_roclip(out, on_epoch_end=None) -> dict:
     defense = RoCLIP(RoCLIPParams(pool_size=24, match_every=1, augment=False), seed=0)
     torch.manual_seed(0)
     model, tokenizer = create_model("poisonbench-tiny")
-    result = train(model, tokenizer, tiny_data(), defense, cfg, torch.device("cpu"), out / "last.pt", progress=False,
+    data = tiny_data()
+    data.images = RecordingImages(data.images)
+    result = train(model, tokenizer, data, defense, cfg, torch.device("cpu"), out / "last.pt", progress=False,
                    on_epoch_end=on_epoch_end)
     return {"pool": defense.pool.state_dict(), "steps": result.steps, "model": model.state_dict(),
-            "resumed_from_epoch": result.resumed_from_epoch}
+            "resumed_from_epoch": result.resumed_from_epoch, "rows": data.images.rows}
 
 
 def pool_scenario(rank, out):
@@ -210,6 +224,18 @@ def test_roclip_pool_is_identical_on_every_rank(scenarios, name):
         assert torch.load(scenarios.folder(name) / "last.pt", weights_only=True)["world_size"] == WORLD
     else:
         assert not torch.equal(pa["bank"], pb["bank"])
+
+
+def test_each_rank_takes_its_slice_of_the_global_batch_of_a_common_permutation(scenarios):
+    from poisonbench.utils import derive_seed
+
+    rows = [scenarios("pool", r)["rows"] for r in range(WORLD)]
+    steps = 40 // (4 * WORLD)
+    for epoch in (1, 2):
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(derive_seed(0, "shuffle", epoch)))
+        for b in range(steps):
+            step = (epoch - 1) * steps + b
+            assert torch.equal(torch.cat([rows[r][step] for r in range(WORLD)]), order[b * 8 : (b + 1) * 8])
 
 
 def test_ddp_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(scenarios):
