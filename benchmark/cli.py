@@ -168,7 +168,12 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @grid_options
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Cells run at once on this machine; each gets cores/jobs CPU threads.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes that train each cell together (torch.distributed DDP, started with torchrun): "
+                   "one per GPU on CUDA (process r uses cuda:r), gloo on the CPU, where each gets "
+                   "cores/(jobs x nproc) threads. --batch-size is per process: the global batch is "
+                   "batch size x nproc.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (with --nproc: auto, cpu or cuda).")
 @click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -187,7 +192,7 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-        results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
+        results, jobs, nproc, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
         cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -205,11 +210,25 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     Metrics: clean zero-shot top-1/top-5 on the evaluation set; attack success rate (ASR) by
     the attack's protocol (backdoors: triggered non-target images classified as the target;
     targeted: target images classified as their adversarial class); linear probe; retrieval.
+
+    \b
+    Several processes per cell: --nproc N here, or on a cluster
+    `torchrun --nproc_per_node N [--nnodes ...] -m poisonbench run ...` (the cells then run one
+    after the other in the torchrun processes; RESULTS must be on a shared filesystem).
+
+    \b
+    Paper scale (RoCLIP's setting: RN50 from scratch, your CC3M-style data, ImageNet zero-shot):
+      bench run -p paper -a badnet -d clip,roclip --nproc 2 --device cuda \\
+        --data wds:/data/cc3m/{00000..00331}.tar --eval imagenet:/data/imagenet
+    on SLURM, --launcher slurm --partition gpu --gpus-per-node 2 in place of --nproc 2. See README.md.
     """
+    from . import distributed
     from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import read_row
 
     submitted = launcher != "local"
+    if submitted and nproc > 1:
+        raise click.UsageError("with --launcher slurm, --gpus-per-node sets the processes per cell; drop --nproc")
     if submitted:
         opts = slurm_options(launcher, jobs, device, partition, gpus_per_node, cpus_per_task, mem_gb, time_min,
                              slurm_array_parallelism, slurm_param)
@@ -217,6 +236,14 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
         raise click.UsageError("--wait, --partition and the other SLURM options need --launcher slurm (or submitit-local)")
     cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
                        epochs, batch_size, lr)
+    if distributed.launched():
+        if nproc > 1 or jobs > 1:
+            raise click.UsageError(f"this command was started by torchrun ({distributed.launched_world_size()} processes); "
+                                   "drop --nproc and --jobs (torchrun's --nproc_per_node sets the processes)")
+        run_here(cfgs, results, device, force, keep_checkpoint, quiet)
+        return
+    if nproc > 1:
+        check_nproc(nproc, device)
     pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
     if len(cfgs) == 1 and not pending:
         console.print(f"[yellow]cell {cfgs[0].run_id} is already done in {results}; showing it (use --force to rerun)")
@@ -226,7 +253,8 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
         console.print(f"grid of {len(cfgs)} cells: {len(cfgs) - len(pending)} done, {len(pending)} to run"
                       + (f", {jobs} at a time" if jobs > 1 and pending else ""))
     # a job's device is checked on its node; here, the data and parameters
-    problems = validate(pending, "cpu" if submitted and (device == "auto" or device.startswith("cuda")) else device)
+    problems = validate(pending, "cpu" if submitted and (device == "auto" or device.startswith("cuda")) else device,
+                        1 if submitted else nproc)
     if problems:
         raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
     check_writable(results)
@@ -243,7 +271,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
         if not wait:
             return
     else:
-        outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
+        outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce, nproc=nproc)
     if len(cfgs) > 1:
         console.print(grid_table(cfgs, results))
     busy = [o for o in outcomes if o.code == EXIT_BUSY]
@@ -311,6 +339,59 @@ def submit_and_wait(cfgs, results, launcher, opts, device, force, keep_checkpoin
     return wait_for(submitted, cfgs, on_done, poll_s=10.0 if launcher == "slurm" else 1.0)
 
 
+def check_nproc(nproc: int, device: str) -> None:
+    """click.UsageError when ``nproc`` processes per cell cannot run on ``device``: a pinned GPU,
+    or more processes than GPUs."""
+    import torch
+
+    if device.startswith("cuda:"):
+        raise click.UsageError(f"--device {device} pins one GPU, but --nproc {nproc} needs one GPU per process; "
+                               "give --device cuda (process r uses cuda:r; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        n = torch.cuda.device_count()
+        if nproc > n:
+            raise click.UsageError(f"--nproc {nproc} needs one GPU per process, but {n} GPU(s) are visible; "
+                                   f"give --nproc {n} or less, or --device cpu")
+
+
+def run_here(cfgs, results, device, force, keep_checkpoint, quiet) -> None:
+    """``bench run`` in a process started by torchrun: the pending cells one after the other,
+    each trained by all of torchrun's processes together (rank 0 decides what is pending, checks,
+    prints and writes). A failed cell ends the command (exit 1): torchrun then stops every process."""
+    from . import distributed
+    from .grid import EXIT_BUSY, EXIT_OK, state, validate
+    from .runner import pick_device
+
+    try:
+        distributed.init(pick_device(device))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    main = distributed.is_main()
+    if not main:
+        console.quiet = True
+    pending, problems = None, None
+    if main:
+        pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
+        console.print(f"{len(cfgs)} cell(s): {len(cfgs) - len(pending)} done, {len(pending)} to run, "
+                      f"each by {distributed.world_size()} processes")
+        problems = validate(pending, device, distributed.world_size())
+        if not problems:
+            try:
+                check_writable(results)
+            except click.UsageError as e:
+                problems = [e.message]
+    pending, problems = distributed.broadcast_object((pending, problems))
+    if problems:
+        raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
+    for cfg in pending:
+        code = run_cell_here(cfg, results, device, force, keep_checkpoint, quiet)
+        if code not in (EXIT_OK, EXIT_BUSY):  # the ranks may disagree on what comes next: stop them all
+            sys.exit(code)
+    if len(cfgs) > 1:
+        console.print(grid_table(cfgs, results))
+    distributed.shutdown()
+
+
 def check_writable(results) -> None:
     """click.UsageError, before any cell starts, when RESULTS cannot be written."""
     import tempfile
@@ -348,20 +429,39 @@ def status(attack, defense, profile, seed, attack_param, defense_param, data, ev
 @click.option("--keep-checkpoint", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True)
 def cell(config_json, results, device, force, keep_checkpoint, quiet) -> None:
-    """Run one resolved cell in this process (what `bench run` starts for each cell)."""
+    """Run one resolved cell in this process (what `bench run` starts for each cell), or in each
+    of the processes torchrun started (``torchrun --nproc_per_node N -m poisonbench cell ...``),
+    which train it together."""
+    from . import distributed
     from .config import RunConfig
-    from .grid import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, die_with_parent
+    from .grid import EXIT_OK, die_with_parent
+
+    die_with_parent()
+    code = run_cell_here(RunConfig(**json.loads(config_json)), results, device, force, keep_checkpoint, quiet)
+    if code == EXIT_OK:
+        distributed.shutdown()
+    sys.exit(code)
+
+
+def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
+    """Prepare and execute one cell in this process (joining torchrun's process group when it
+    started this one; only rank 0 prints); the exit code (grid.EXIT_*)."""
+    from . import distributed
+    from .grid import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
     from .runner import ConfigError, execute, prepare
     from .store import CellBusyError, runs_dir
 
-    die_with_parent()
-    cfg = RunConfig(**json.loads(config_json))
     try:
         prepared = prepare(cfg, device)
     except ConfigError as e:
         err_console.print(f"[red]{cfg.run_id}: {e}[/red]")
-        sys.exit(EXIT_CONFIG)
-    console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={cfg.attack} defense={cfg.defense} profile={cfg.profile} seed={cfg.seed}")
+        return EXIT_CONFIG
+    distributed.init(prepared.device)
+    if not distributed.is_main():
+        console.quiet = True
+    world = distributed.world_size()
+    console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={cfg.attack} defense={cfg.defense} profile={cfg.profile} seed={cfg.seed}"
+                  + (f", {world} processes" if world > 1 else ""))
     # SIGTERM (a scheduler's time limit, preemption, the grid stopping) unwinds like Ctrl-C: the
     # cell is recorded as failed and resumes from its last checkpoint next time.
     signal.signal(signal.SIGTERM, _terminated)
@@ -370,13 +470,21 @@ def cell(config_json, results, device, force, keep_checkpoint, quiet) -> None:
         row = execute(prepared, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint, force=force)
     except CellBusyError as e:
         err_console.print(f"[yellow]{e}[/yellow]")
-        sys.exit(EXIT_BUSY)
-    except (Exception, KeyboardInterrupt) as e:
+        return EXIT_BUSY
+    except (Exception, KeyboardInterrupt) as e:  # SIGTERM's SystemExit goes on: exit 128 + 15
+        if not distributed.is_main():
+            err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {e}[/red]")
+            return EXIT_FAILED
         recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
         where = "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded"
         err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] ({where})")
-        sys.exit(EXIT_FAILED)
-    show_row(row)
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if row is not None:
+        show_row(row)
+    return EXIT_OK
 
 
 def _terminated(signum, frame) -> None:

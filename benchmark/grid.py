@@ -2,6 +2,7 @@
 before any training, and run each pending cell in its own process (``--jobs`` at a time)."""
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
@@ -193,10 +194,11 @@ def expand(spec: GridSpec) -> list[RunConfig]:
     return list(cfgs.values())
 
 
-def validate(cfgs: list[RunConfig], device: str = "auto") -> list[str]:
+def validate(cfgs: list[RunConfig], device: str = "auto", nproc: int = 1) -> list[str]:
     """Problems that would make cells fail before training (``runner.prepare``'s checks: data,
-    parameters against the data, device), as messages naming the cell; empty when all can run.
-    The clean data is loaded once per dataset config and seed."""
+    parameters against the data, device, a global batch of batch_size x ``nproc`` pairs), as
+    messages naming the cell; empty when all can run. The clean data is loaded once per dataset
+    config and seed."""
     from .runner import ConfigError, prepare  # imports torch; `bench status` does not need it
 
     def key(cfg: RunConfig) -> tuple:
@@ -209,7 +211,7 @@ def validate(cfgs: list[RunConfig], device: str = "auto") -> list[str]:
                 data, loaded = None, key(cfg)
                 ds_cls = DATASETS.get(cfg.dataset)
                 data = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}")).load(cfg.seed)
-            prepare(cfg, device, data=data)
+            prepare(cfg, device, data=data, world_size=nproc)
         except (ConfigError, ValueError, FileNotFoundError, MemoryError) as e:
             problems.append(f"{describe(cfg)}: {type(e).__name__ + ': ' if isinstance(e, MemoryError) else ''}{e}")
     return problems
@@ -233,29 +235,56 @@ def state(cfg: RunConfig, results: str | Path) -> str:
 PARENT_ENV = "POISONBENCH_GRID_PID"
 
 
+def _sigterm_on_parent_death() -> bool:
+    """Ask Linux to send SIGTERM to this process when its parent dies; False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 def die_with_parent() -> None:
     """In a cell's process started by ``run_cells``: ask Linux to send SIGTERM to this process
     when the grid process dies (even by SIGKILL), so the cell records a failed row and frees its
-    lock instead of running on orphaned. No-op elsewhere."""
+    lock instead of running on orphaned. Under ``--nproc`` the parent is torchrun, which gets
+    SIGTERM when the grid dies and passes it on. No-op elsewhere."""
     parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent or not _sigterm_on_parent_death():
         return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    if "LOCAL_RANK" in os.environ:  # started by torchrun, itself started by the grid
         return
     if os.getppid() != int(parent):  # the grid died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cell_command(cfg: RunConfig, results: str | Path, device: str, force: bool, keep_checkpoint: bool,
-                 quiet: bool) -> list[str]:
-    """The command line that runs one cell in a fresh Python process."""
-    cmd = [sys.executable, "-m", "poisonbench", "cell", json.dumps(cfg.to_dict()), "--results", str(results),
-           "--device", device]
+                 quiet: bool, nproc: int = 1) -> list[str]:
+    """The command line that runs one cell in a fresh Python process, or with ``nproc`` > 1 in
+    ``nproc`` processes on this node that train it together (torch.distributed DDP), started by
+    ``python -m torch.distributed.run --standalone --nproc_per_node nproc``. ``device`` is
+    ``auto``, ``cpu`` or ``cuda`` (with nproc > 1, process r uses cuda:r). A launcher for
+    several nodes (e.g. SLURM) replaces the torchrun part and keeps ``-m poisonbench cell ...``.
+
+    Raises ValueError when ``nproc`` < 1.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launcher + ["-m", "poisonbench", "cell", json.dumps(cfg.to_dict()), "--results", str(results),
+                      "--device", device]
     return cmd + ["--force"] * force + ["--keep-checkpoint"] * keep_checkpoint + ["--quiet"] * quiet
+
+
+def torchrun_exit_code(cfg: RunConfig, results: str | Path, code: int) -> int:
+    """The cell's exit code (EXIT_*) from that of torchrun, which exits 1 whatever its processes'
+    codes were: EXIT_BUSY when another process holds the cell's lock, else ``code``."""
+    if code != EXIT_OK and not has_finished_row(results, cfg.run_id) and is_running(results, cfg.run_id):
+        return EXIT_BUSY
+    return code
 
 
 @dataclass
@@ -270,21 +299,25 @@ class CellOutcome:
 
 def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device: str = "auto", force: bool = False,
               keep_checkpoint: bool = False, quiet: bool = False,
-              on_done: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
-    """Run each config in its own process, ``jobs`` at a time; return their outcomes in order of
-    completion (exit codes: 0 ok, 1 failed and recorded, 2 bad config, 75 busy elsewhere).
+              on_done: Callable[[CellOutcome], None] | None = None, nproc: int = 1) -> list[CellOutcome]:
+    """Run each config in its own process (``nproc`` processes under torchrun, see
+    ``cell_command``), ``jobs`` at a time; return their outcomes in order of completion (exit
+    codes: 0 ok, 1 failed and recorded, 2 bad config, 75 busy elsewhere).
 
     With one job the cell's output (progress bar, result table) goes to this terminal; with more,
-    to ``results/logs/<run_id>.log``, and each process gets ``cores // jobs`` CPU threads (unless
-    OMP_NUM_THREADS is set), since oversubscribed OpenMP threads spin and slow everyone down.
+    to ``results/logs/<run_id>.log``. Each process gets ``cores // (jobs x nproc)`` CPU threads
+    (unless OMP_NUM_THREADS is set), since oversubscribed OpenMP threads spin and slow everyone down.
     SIGTERM to this process is passed on to the cells, which record a failed row and resume next
     time; if this process is killed outright, Linux sends them SIGTERM too.
     """
     results = Path(results)
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+    if jobs * nproc > 1 and "OMP_NUM_THREADS" not in env:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, cores // (jobs * nproc)))
+    # torchrun is not ours to make die with this process: the kernel does it (its workers then
+    # get SIGTERM from torchrun, and die with it too: die_with_parent)
+    preexec = _sigterm_on_parent_death if nproc > 1 and sys.platform.startswith("linux") else None
     queue, running, outcomes = list(cfgs), {}, []
 
     def stop(signum, frame):
@@ -300,14 +333,17 @@ def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device:
                     log = results / "logs" / f"{cfg.run_id}.log"
                     log.parent.mkdir(parents=True, exist_ok=True)
                     out = open(log, "ab")
-                proc = subprocess.Popen(cell_command(cfg, results, device, force, keep_checkpoint, quiet or jobs > 1),
-                                        env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+                cmd = cell_command(cfg, results, device, force, keep_checkpoint, quiet or jobs > 1, nproc)
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        preexec_fn=preexec)
                 running[proc.pid] = (proc, cfg, log, out)
             pid, status = os.wait()
             if pid not in running:
                 continue
             proc, cfg, log, out = running.pop(pid)
             proc.returncode = os.waitstatus_to_exitcode(status)
+            if nproc > 1:
+                proc.returncode = torchrun_exit_code(cfg, results, proc.returncode)
             if out:
                 out.close()
             outcome = CellOutcome(cfg, proc.returncode, log)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .attacks.base import Attack, PoisonPlan, ZeroShotModel
 from .config import RunConfig
 from .datasets.base import DatasetBundle
@@ -45,9 +45,12 @@ class Cell:
     device: torch.device
 
 
-def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None) -> Cell:
+def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None,
+            world_size: int | None = None) -> Cell:
     """Check the device, load the data (unless ``data``, the clean bundle of this dataset config
     and seed, is given), build the attack and defense and poison the training set.
+    ``world_size``: the processes that will train it (default: torchrun's WORLD_SIZE, else 1);
+    the training set must hold one global batch of batch_size x world_size pairs.
 
     Raises ConfigError (with the problem and the valid choices) for anything that would make the
     run fail, so bad input never starts training and never writes to the store.
@@ -65,18 +68,21 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         defense.check(len(plan.train))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
-    if len(plan.train) < cfg.batch_size:
-        raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size}")
+    world = distributed.launched_world_size() if world_size is None else world_size
+    if len(plan.train) < cfg.batch_size * world:
+        per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
+        raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size * world}{per}")
     return Cell(cfg, data, attack, plan, defense, dev)
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda`` or ``cuda:N``.
+    """``auto`` -> CUDA when available, else CPU; ``cpu``; ``cuda`` or ``cuda:N``. Under torchrun
+    a CUDA device is ``cuda:LOCAL_RANK`` (``distributed.local_device``).
 
     Raises ValueError for an unknown device or a GPU that is not there.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"), name)
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -88,7 +94,7 @@ def pick_device(name: str = "auto") -> torch.device:
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here (cuda:0..)")
     elif dev.type != "cpu":
         raise ValueError(f"device {name!r} is not supported; valid devices: auto, cpu, cuda, cuda:N")
-    return dev
+    return distributed.local_device(dev, name)
 
 
 def git_rev() -> str:
@@ -111,7 +117,7 @@ def run_cell(cfg: RunConfig, results: Path, device: str = "auto", progress: bool
 
 
 def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: bool = False,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False) -> dict[str, Any] | None:
     """Train and evaluate a prepared cell and write its row to ``results/runs/<run_id>.parquet``,
     holding the cell's lock (``store.cell_lock``) throughout.
 
@@ -122,15 +128,47 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     (``results/checkpoints/<run_id>/last.pt``) lets an interrupted cell resume; it is deleted once
     the row is written unless ``keep_checkpoint``. Raises CellBusyError, writing nothing, when
     another process is running the same cell.
+
+    In a process group (torchrun; ``distributed``) every rank calls this. Rank 0 alone does all of
+    the above and tells the others whether to train; they train along (``train``) and return None,
+    writing nothing. A failure on any rank ends every rank's training (torchrun stops the others),
+    and rank 0 records the failed row.
     """
     results = Path(results)
-    with cell_lock(results, cell.cfg.run_id):
-        if not force and has_finished_row(results, cell.cfg.run_id):
-            return read_row(results, cell.cfg.run_id)
-        ckpt = results / "checkpoints" / cell.cfg.run_id / "last.pt"
-        if force:
-            ckpt.unlink(missing_ok=True)
-        return _execute(cell, results, ckpt, progress, keep_checkpoint)
+    ckpt = results / "checkpoints" / cell.cfg.run_id / "last.pt"
+    if not distributed.is_main():
+        if distributed.broadcast_object(None) == "train":
+            _train(cell, ckpt, progress=False)
+        return None
+    told = False
+
+    def tell(decision: str) -> None:  # to the other ranks: train, or stop (done, busy, error)
+        nonlocal told
+        told = True
+        distributed.broadcast_object(decision)
+
+    try:
+        with cell_lock(results, cell.cfg.run_id):
+            if not force and has_finished_row(results, cell.cfg.run_id):
+                tell("done")
+                return read_row(results, cell.cfg.run_id)
+            if force:
+                ckpt.unlink(missing_ok=True)
+            tell("train")
+            return _execute(cell, results, ckpt, progress, keep_checkpoint)
+    finally:
+        if not told:  # the cell is busy elsewhere, or the store failed: the other ranks must not wait
+            distributed.broadcast_object("stop")
+
+
+def _train(cell: Cell, ckpt: Path, progress: bool):
+    """A fresh model (seeded by the cell's seed, the same on every rank) trained on the poisoned
+    data: (model, tokenizer, TrainResult)."""
+    if cell.device.type == "cpu":
+        set_threads()
+    torch.manual_seed(derive_seed(cell.cfg.seed, "model"))
+    model, tokenizer = create_model(cell.cfg.model)
+    return model, tokenizer, train(model, tokenizer, cell.plan.train, cell.defense, cell.cfg, cell.device, ckpt, progress)
 
 
 def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpoint: bool) -> dict[str, Any]:
@@ -152,9 +190,7 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             p = cfg.dataset_params
             row["poison_files"] = str(write_poison(cell.plan.train, p["train"], results / "poison" / cfg.run_id,
                                                    p["image_key"], p["caption_key"]))
-        torch.manual_seed(derive_seed(cfg.seed, "model"))
-        model, tokenizer = create_model(cfg.model)
-        result = train(model, tokenizer, cell.plan.train, cell.defense, cfg, dev, ckpt, progress)
+        model, tokenizer, result = _train(cell, ckpt, progress)
         row.update(train_s=result.train_s, steps=result.steps, final_loss=result.final_loss,
                    resumed_from_epoch=result.resumed_from_epoch)
         row.update(evaluate(model, tokenizer, cell, dev))
@@ -227,7 +263,8 @@ def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str
         "profile": cfg.profile,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size,  # per process
+        "world_size": distributed.world_size(),  # processes: the global batch is batch_size x world_size
         "n_train": len(plan.train),
         "n_poison": plan.n_poison,
         "poison_rate": plan.poison_rate,

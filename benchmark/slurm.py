@@ -16,7 +16,6 @@ end-of-epoch checkpoint) and submitit requeues the job, whose rerun resumes from
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import signal
@@ -63,11 +62,6 @@ class SlurmOptions:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def _supports_nproc() -> bool:
-    # MERGE(ddp): remove this shim once grid.cell_command has its `nproc` keyword.
-    return "nproc" in inspect.signature(grid.cell_command).parameters
-
-
 def check_launcher(launcher: str, opts: SlurmOptions, device: str = "auto") -> None:
     """Raise LaunchError, before anything is submitted, when ``launcher`` with ``opts`` cannot work:
     ``slurm`` without ``sbatch``/``srun`` on PATH or without a partition, ``--device cuda`` without
@@ -82,8 +76,6 @@ def check_launcher(launcher: str, opts: SlurmOptions, device: str = "auto") -> N
                             "same jobs on this machine with --launcher submitit-local")
         if not opts.partition:
             problems.append("--launcher slurm needs --partition NAME (`sinfo -s` lists the partitions)")
-    if opts.gpus_per_node > 1 and not _supports_nproc():
-        problems.append(f"--gpus-per-node {opts.gpus_per_node}: this version runs a cell on one GPU; use --gpus-per-node 1")
     if device.startswith("cuda") and opts.gpus_per_node < 1:
         problems.append(f"--device {device} needs --gpus-per-node 1 or more (or use --device cpu)")
     if problems:
@@ -94,9 +86,7 @@ def cell_job_command(cfg: RunConfig, results: str | Path, device: str = "auto", 
                      keep_checkpoint: bool = False, nproc: int = 1) -> list[str]:
     """The command a cell's job runs: ``grid.cell_command`` without a progress bar (the output goes
     to the job's log); with ``nproc`` > 1 under torchrun, one process per GPU."""
-    if nproc > 1:  # MERGE(ddp): call grid.cell_command(..., nproc=nproc) unconditionally
-        return grid.cell_command(cfg, results, device, force, keep_checkpoint, True, nproc=nproc)
-    return grid.cell_command(cfg, results, device, force, keep_checkpoint, True)
+    return grid.cell_command(cfg, results, device, force, keep_checkpoint, True, nproc=nproc)
 
 
 def _ignore_preemption_signal() -> None:

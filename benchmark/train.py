@@ -1,5 +1,6 @@
 """One training loop for every defense: AdamW, warm-up + cosine schedule, logit scale clamped at
-100, AMP (bf16) on CUDA, seeded and deterministic on CPU, a checkpoint at the end of each epoch."""
+100, AMP (bf16) on CUDA, seeded and deterministic on CPU, a checkpoint at the end of each epoch,
+one process or several under torchrun (DistributedDataParallel, see ``distributed``)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import distributed
 from .config import RunConfig
 from .datasets.base import CaptionDataset
 from .defenses.base import Defense, TrainState
@@ -78,31 +80,49 @@ def train(
 
     Each epoch shuffles with a generator seeded from (seed, epoch) and reseeds torch's global RNG
     (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
-    uninterrupted run. A checkpoint whose config hash matches ``cfg`` is resumed.
+    uninterrupted run. A checkpoint whose config hash (and number of processes) matches is resumed.
     ``on_epoch_end(epoch, model)``, if given, is called after each epoch's checkpoint.
 
+    In a process group of W ranks (``distributed.init``) every rank calls this with the same
+    arguments: ``cfg.batch_size`` is per rank, so a step sees a global batch of batch_size x W
+    pairs, of which rank r takes the r-th contiguous slice of the common epoch permutation, with
+    its own augmentation seed. The model is wrapped in DistributedDataParallel and the defense's
+    loss receives the embeddings gathered from all ranks with gradients
+    (``distributed.gather_with_grad``), so its pool, if any, is the same on every rank. Only rank
+    0 writes the checkpoint and shows the progress bar; every rank loads the same checkpoint.
+
     Raises:
-        ValueError: fewer training pairs than one batch.
+        ValueError: fewer training pairs than one global batch.
         NonFiniteLossError: the loss became NaN or inf.
     """
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
     n, bs = len(data), cfg.batch_size
-    if n < bs:
-        raise ValueError(f"{n} training pairs are fewer than one batch of {bs}; lower batch_size")
-    steps_per_epoch = n // bs  # drop_last, as the official code
+    global_bs = bs * world
+    if n < global_bs:
+        per = f" ({bs} per process x {world} processes)" if world > 1 else ""
+        raise ValueError(f"{n} training pairs are fewer than one batch of {global_bs}{per}; lower batch_size")
+    steps_per_epoch = n // global_bs  # drop_last, as the official code
     total = steps_per_epoch * cfg.epochs
     size = image_size(model)
     tokens = tokenizer(defense.text_transform(data.captions))
     transform = defense.train_transform(size)
 
     model.to(device).train()
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
     amp = device.type == "cuda"
 
     start_epoch, step = 1, 0
+    distributed.barrier()  # rank 0 may have removed a stale checkpoint: all ranks see the same file
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
-        if state.get("config_hash") == cfg.config_hash:
+        if state.get("world_size", 1) != world:
+            warnings.warn(f"the checkpoint {checkpoint} was written by {state.get('world_size', 1)} process(es), "
+                          f"this run has {world}; training from scratch")
+        elif state.get("config_hash") == cfg.config_hash:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -111,7 +131,8 @@ def train(
 
     def encode_captions(k: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
-        return encode_tokens(model, tokens[torch.randint(0, n, (k,), generator=g)], batch_size=1024, device=device)
+        emb = encode_tokens(model, tokens[torch.randint(0, n, (k,), generator=g)], batch_size=1024, device=device)
+        return distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
 
     loss_value = float("nan")
     t0 = time.perf_counter()
@@ -123,21 +144,22 @@ def train(
         TextColumn("{task.fields[rate]:.0f} samples/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        disable=not progress,
+        disable=not (progress and main),
         transient=False,
     )
     with bar:
-        if start_epoch > 1:
+        if start_epoch > 1 and main:
             bar.console.print(f"resuming from the checkpoint of epoch {start_epoch - 1} ({checkpoint})")
         task = bar.add_task(f"{cfg.defense} / {cfg.attack}", total=total, completed=step, loss=float("nan"), rate=0.0)
         for epoch in range(start_epoch, cfg.epochs + 1):
-            torch.manual_seed(derive_seed(cfg.seed, "augment", epoch))
+            torch.manual_seed(augment_seed(cfg.seed, epoch, rank, world))
             order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", epoch)))
             defense.start_epoch(TrainState(epoch, step, encode_captions))
             bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
             t_epoch = time.perf_counter()
             for b in range(steps_per_epoch):
-                idx = order[b * bs : (b + 1) * bs]
+                start = b * global_bs + rank * bs  # this rank's slice of the global batch
+                idx = order[start : start + bs]
                 images = data.images[idx]
                 if transform is not None:
                     images = transform(images.to(device).float() / 255.0)
@@ -146,8 +168,9 @@ def train(
                 x = normalize(images)
                 t = tokens[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    img_emb, txt_emb, scale = model(x, t)
-                    loss = defense.loss(img_emb.float(), txt_emb.float(), scale.float(), TrainState(epoch, step))
+                    img_emb, txt_emb, scale = net(x, t)
+                    img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
+                    loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(step, epoch, loss.item())
                 optimizer.zero_grad(set_to_none=True)
@@ -158,16 +181,24 @@ def train(
                     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
                 step += 1
                 loss_value = loss.item()
-                rate = (b + 1) * bs / (time.perf_counter() - t_epoch)
+                rate = (b + 1) * global_bs / (time.perf_counter() - t_epoch)
                 bar.update(task, advance=1, loss=loss_value, rate=rate)
-            if progress:  # one line per epoch: a log that survives when the bar is not a live terminal
+            if progress and main:  # one line per epoch: a log that survives when the bar is not a live terminal
                 bar.console.print(f"epoch {epoch}/{cfg.epochs}: loss {loss_value:.3f}, {rate:.0f} samples/s, "
                                   f"{time.perf_counter() - t_epoch:.0f} s")
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense)
+            if checkpoint is not None and main:
+                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world)
+            distributed.barrier()  # no rank runs ahead of the last checkpoint
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
+
+
+def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1) -> int:
+    """Seed of torch's global RNG (the augmentations) for ``epoch`` on ``rank`` of ``world``
+    processes: distinct per rank, so that ranks do not draw the same augmentations; in one
+    process the seed of (seed, epoch) alone, as before DDP."""
+    return derive_seed(seed, "augment", epoch) if world == 1 else derive_seed(seed, "augment", epoch, rank)
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -183,10 +214,14 @@ def load_checkpoint(path: Path) -> dict | None:
         return None
 
 
-def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense) -> None:
-    """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``)."""
+def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense,
+                    world_size: int = 1) -> None:
+    """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``).
+    ``world_size``, the number of processes that trained it, is stored: a run with another
+    number of processes (another global batch) does not resume it."""
     state = {
         "config_hash": cfg.config_hash,
+        "world_size": world_size,
         "epoch": epoch,
         "step": step,
         "model": model.state_dict(),
