@@ -201,17 +201,35 @@ def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1) -> int:
     return derive_seed(seed, "augment", epoch) if world == 1 else derive_seed(seed, "augment", epoch, rank)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded safely (changed, truncated or not poisonbench's)."""
+
+
 def load_checkpoint(path: Path) -> dict | None:
-    """The checkpoint at ``path``, or None when there is none or it is unreadable (then a warning
-    says so and training starts from scratch). Loaded with ``weights_only=True``: plain tensors and
-    numbers, never code."""
+    """The checkpoint at ``path``, or None when there is none.
+
+    Loaded with ``torch.load(weights_only=True)``: plain tensors and numbers, never code, so a
+    pickle that would run code is rejected before anything in it runs. Checkpoints are written
+    atomically, so an unreadable one was changed by something else: it is refused, not silently
+    replaced by training from scratch.
+
+    Raises:
+        CheckpointError: the file is not a loadable poisonbench checkpoint; the message says how
+            to start the cell over.
+    """
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, tampered, or not a checkpoint at all
-        warnings.warn(f"ignoring unreadable checkpoint {path} ({type(e).__name__}: {e}); training from scratch")
-        return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # tampered, truncated, code in the pickle, or not a checkpoint at all
+        raise CheckpointError(
+            f"refusing checkpoint {path}: it cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "poisonbench writes checkpoints atomically, so something else changed it; delete it, or rerun with "
+            "--force, to train this cell from scratch") from None
+    if not isinstance(state, dict) or not {"config_hash", "epoch", "step", "model"} <= set(state):
+        raise CheckpointError(f"refusing checkpoint {path}: not a poisonbench checkpoint (no config_hash/epoch/step/"
+                              "model); delete it, or rerun with --force, to train this cell from scratch")
+    return state
 
 
 def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense,

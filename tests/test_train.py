@@ -6,7 +6,7 @@ import torch
 from poisonbench.config import resolve
 from poisonbench.models import create_model
 from poisonbench.runner import prepare
-from poisonbench.train import load_checkpoint, lr_lambda, param_groups, train
+from poisonbench.train import CheckpointError, load_checkpoint, lr_lambda, param_groups, train
 
 
 class Crash(RuntimeError):
@@ -44,12 +44,30 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(v, reference[k]), k
 
 
-def test_unreadable_checkpoint_is_ignored_with_a_warning(tmp_path):
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.warns(UserWarning, match="ignoring unreadable checkpoint"):
-        assert load_checkpoint(bad) is None
+def test_tampered_or_code_carrying_checkpoint_is_refused(tmp_path):
+    """Garbage, a truncated checkpoint, a foreign dict and a pickle that would run code are all
+    refused with CheckpointError; the code never runs."""
+    import pickle
+
+    good = tmp_path / "good.pt"
+    torch.save({"config_hash": "x", "epoch": 1, "step": 2, "model": {"w": torch.ones(3)}}, good)
+    assert load_checkpoint(good)["step"] == 2
     assert load_checkpoint(tmp_path / "missing.pt") is None
+    marker = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cases = {"garbage.pt": b"not a checkpoint", "truncated.pt": good.read_bytes()[:200],
+             "evil.pt": pickle.dumps({"model": Evil()})}
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name in [*cases, "foreign.pt"]:
+        with pytest.raises(CheckpointError, match="refusing checkpoint .*delete it, or rerun with --force"):
+            load_checkpoint(tmp_path / name)
+    assert not marker.exists()
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
