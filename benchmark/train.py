@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +158,7 @@ def train(
             defense.start_epoch(TrainState(epoch, step, encode_captions))
             bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
             t_epoch = time.perf_counter()
-            for b in range(steps_per_epoch):
-                start = b * global_bs + rank * bs  # this rank's slice of the global batch
-                idx = order[start : start + bs]
-                images = data.images[idx]
+            for b, (idx, images) in enumerate(prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world))):
                 if transform is not None:
                     images = transform(images.to(device).float() / 255.0)
                 else:
@@ -192,6 +190,29 @@ def train(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
+
+
+def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, world: int = 1):
+    """Row indices (int64 [batch_size]) of this rank's slice of each of ``steps`` global batches of
+    the epoch permutation ``order`` (global batch = batch_size x world; rank r takes the r-th slice)."""
+    for b in range(steps):
+        start = (b * world + rank) * batch_size
+        yield order[start : start + batch_size]
+
+
+def prefetched(images, batches):
+    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``, fetching the next batch in a
+    background thread while the caller trains on the current one: lazily decoded images
+    (``datasets.lazy``) are then read and decoded during the GPU step, not before it."""
+    batches = iter(batches)
+    with ThreadPoolExecutor(1) as loader:
+        rows = next(batches, None)
+        pending = loader.submit(images.__getitem__, rows) if rows is not None else None
+        while pending is not None:
+            current, fetched = rows, pending.result()
+            rows = next(batches, None)
+            pending = loader.submit(images.__getitem__, rows) if rows is not None else None
+            yield current, fetched
 
 
 def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1) -> int:
