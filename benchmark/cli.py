@@ -95,13 +95,13 @@ def grid_options(f):
         click.option("--data", metavar="csv:PATH|wds:URLS",
                      help="Train on your own image–caption files instead of the profile's data: a CSV/TSV "
                           "(columns filepath,title; paths relative to it) or WebDataset shards "
-                          "(wds:shards/{00000..00099}.tar). Read only; poisoned pairs never touch them."),
+                          "('wds:shards/{00000..00099}.tar', quoted). Read only; poisoned pairs never touch them."),
         click.option("--eval", "eval_set", metavar="SET",
                      help="Evaluation set for --data: fashion-mnist (default), imagenet:ROOT, cifar10:ROOT, "
                           "cifar100:ROOT or imagefolder:ROOT (local folders; nothing is downloaded)."),
         click.option("--dataset-param", multiple=True, metavar="NAME=V1[,V2..]",
-                     help="Dataset parameter, e.g. n_train=20000, or for --data: caption_key=caption, "
-                          "max_skip_rate=0.05. See `bench list datasets`."),
+                     help="Dataset parameter (repeatable, one name each; several values sweep it), e.g. "
+                          "n_train=20000, or for --data: caption_key=caption. See `bench list datasets`."),
         click.option("--epochs", type=int, help="Override the profile's epochs."),
         click.option("--batch-size", type=int, help="Override the profile's batch size."),
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
@@ -219,7 +219,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     \b
     Paper scale (RoCLIP's setting: RN50 from scratch, your CC3M-style data, ImageNet zero-shot):
       bench run -p paper -a badnet -d clip,roclip --nproc 2 --device cuda \\
-        --data wds:/data/cc3m/{00000..00331}.tar --eval imagenet:/data/imagenet
+        --data 'wds:/data/cc3m/{00000..00331}.tar' --eval imagenet:/data/imagenet
     on SLURM, --launcher slurm --partition gpu --gpus-per-node 2 in place of --nproc 2. See README.md.
     """
     from . import distributed

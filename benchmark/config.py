@@ -215,10 +215,12 @@ def settings(configs: list[dict[str, Any]]) -> list[str]:
     out = [""] * len(configs)
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(configs):
-        groups.setdefault((c.get("attack"), c.get("defense"), c.get("profile")), []).append(i)
-    for (attack, defense, profile), members in groups.items():
+        groups.setdefault((c.get("attack"), c.get("defense"), c.get("profile"), c.get("dataset")), []).append(i)
+    for (attack, defense, profile, _), members in groups.items():
         try:
-            base = _flatten(resolve(attack, defense, profile).to_dict())
+            dataset = configs[members[0]].get("dataset")
+            same = dataset if dataset != get_profile(profile).dataset else None
+            base = _flatten(resolve(attack, defense, profile, dataset=same).to_dict())
         except Exception:  # noqa: BLE001 - unknown names or profiles: fall back to the group
             keys = sorted({k for i in members for k in flat[i]})
             base = {k: flat[members[0]].get(k) for k in keys if len({flat[i].get(k) for i in members}) == 1}

@@ -29,6 +29,10 @@ def show_row(row: dict) -> None:
         f"{row['n_poison']} ({100 * row['poison_rate']:.2f}%)", f"{row['wall_s']:.0f} s",
     )
     console.print(table)
+    for key, what in (("n_skipped", "training"), ("n_eval_skipped", "evaluation")):
+        if row.get(key):
+            console.print(f"[yellow]{row[key]} {what} image(s) could not be read and were left out "
+                          f"(column {key} of the row)[/yellow]")
     nontarget = row.get("clean_top1_nontarget")
     if isinstance(nontarget, float) and nontarget == nontarget:
         console.print(f"clean top-1 of the same {n} non-target images without the trigger: {pct(nontarget)}")

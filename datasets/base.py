@@ -92,7 +92,14 @@ class EvalSet:
         for i, c in enumerate(self.classnames):
             if c == name or c.lower() == name.lower():
                 return i
-        raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
+        if len(self.classnames) <= 30:
+            raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), [c.lower() for c in self.classnames], n=5, cutoff=0.5)
+        close += [c for c in self.classnames if name.lower() in c.lower() and c.lower() not in close][:5]
+        raise ValueError(f"class {name!r} is not among the {len(self.classnames)} evaluation classes; closest: "
+                         f"{', '.join(close[:8]) or '(none)'}")
 
 
 def draw_rows(n: int, k: int, g: torch.Generator, what: str) -> torch.Tensor:

@@ -140,8 +140,8 @@ def _cifar(kind: str, root: Path) -> tuple[list[str], dict[str, Labelled]]:
             ds = cls(str(root), train=train, download=False)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
-            raise FileNotFoundError(f"{kind}: no readable {kind} under {root} (torchvision: {e}); put the "
-                                    f"python version's folder {folder} there (nothing is downloaded)") from None
+            raise FileNotFoundError(f"{kind}: no readable {kind} under {root}; put the python version's folder "
+                                    f"{folder} there (nothing is downloaded)") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits[split] = Labelled(None, images, list(ds.targets))
     return [c.replace("_", " ") for c in ds.classes], splits

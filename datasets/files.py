@@ -110,8 +110,8 @@ def read_wds_pairs(urls: str, size: int = 64) -> Pairs:
 
     shards = list(braceexpand.braceexpand(urls))
     for s in shards:
-        if "://" not in s and not Path(s).is_file():
-            raise FileNotFoundError(f"no WebDataset shard at {s}")
+        if "://" not in s:
+            check_shard(s)
     images, captions, skipped = [], [], []
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -126,6 +126,23 @@ def read_wds_pairs(urls: str, size: int = 64) -> Pairs:
             continue
         captions.append(sample["txt"].decode("utf-8"))
     return Pairs(_stack(images, size), captions, skipped)
+
+
+def check_shard(path: str) -> None:
+    """Read the tar headers of local shard ``path``. Raises FileNotFoundError when it is not
+    there, ValueError naming it when it is not a complete tar file (a partial download, another
+    format), since a broken shard would otherwise stop training half-way."""
+    import tarfile
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no WebDataset shard at {path}")
+    try:
+        with tarfile.open(path) as tar:
+            for _ in tar:
+                pass
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"WebDataset shard {path} is not a complete tar file ({e}); download it again, or leave it "
+                         "out of the brace range") from None
 
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .files import IMAGE_EXTENSIONS, decode_image
+from .files import IMAGE_EXTENSIONS, check_shard, decode_image
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class Member:
 def index_shards(shards: list[str]) -> tuple[list[Member], list[str], list[tuple[str, str]]]:
     """Image members and captions of local WebDataset shards, in shard order: (members, captions,
     skipped (where, reason) for samples without an image or a ``.txt``). Reads tar headers and the
-    small caption members only. Raises FileNotFoundError for a missing shard."""
+    small caption members only. Raises FileNotFoundError for a missing shard, ValueError for a
+    broken one (``files.check_shard``)."""
     members, captions, skipped = [], [], []
     for shard in shards:
-        if not Path(shard).is_file():
-            raise FileNotFoundError(f"no WebDataset shard at {shard} (lazy loading reads local shards only)")
+        check_shard(shard)
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(shard) as tar:
             for info in tar:

@@ -220,3 +220,36 @@ def test_lazy_images_take_cat_and_assign_match_a_tensor(fashion_files):
     assert broken.check()[0][1] == "empty file"
     with pytest.raises(RuntimeError, match="gone.png cannot be read any more"):
         broken[0]
+
+
+@pytest.mark.parametrize("load", ["memory", "lazy"])
+def test_truncated_or_foreign_shard_is_named_before_training(fashion_files, tmp_path, load):
+    root, _, _ = fashion_files
+    (tmp_path / "shard-00000.tar").write_bytes((root / "shard-00000.tar").read_bytes())
+    (tmp_path / "shard-00001.tar").write_bytes((root / "shard-00001.tar").read_bytes()[:30000])
+    cfg = resolve("badnet", "clip", "tiny", 0, dataset="files",
+                  dataset_params={"train": "wds:" + str(tmp_path / "shard-{00000..00001}.tar"), "load": load})
+    with pytest.raises(ConfigError, match=r"shard-00001.tar is not a complete tar file.*download it again"):
+        prepare(cfg, "cpu")
+    cfg = resolve("badnet", "clip", "tiny", 0, dataset="files", dataset_params={"train": f"wds:{root / 'train.csv'}"})
+    with pytest.raises(ConfigError, match="train.csv is not a complete tar file"):
+        prepare(cfg, "cpu")
+
+
+def test_unknown_target_among_many_classes_names_the_closest(tmp_path):
+    from poisonbench.datasets.base import EvalSet
+
+    ev = EvalSet(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64),
+                 imagenet_classnames(), openai_templates())
+    with pytest.raises(ValueError, match=r"not among the 1000 evaluation classes; closest: .*plastic bag") as e:
+        ev.class_index("bag")
+    assert len(str(e.value)) < 300
+
+
+def test_setting_label_of_files_runs_names_only_what_departs():
+    from poisonbench.config import settings
+
+    base = resolve("badnet", "clip", "tiny", 0, dataset="files", dataset_params={"train": "csv:a.csv"}).to_dict()
+    other = resolve("badnet", "clip", "tiny", 0, dataset="files",
+                    dataset_params={"train": "csv:a.csv", "n_heldout": 50}).to_dict()
+    assert settings([base, other]) == ["train=csv:a.csv", "train=csv:a.csv, n_heldout=50"]
