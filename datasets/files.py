@@ -175,9 +175,15 @@ def read_pairs(spec: str, size: int, image_key: str = "filepath", caption_key: s
             return read_wds_pairs(where, size)
         members, captions, skipped = index_shards(shards)
     lazy = load == "lazy" or (load == "auto" and len(members) * 3 * size * size > LAZY_ABOVE_BYTES)
-    if not lazy:
-        return read_csv_pairs(Path(where).expanduser(), image_key, caption_key, delimiter, size) if kind == "csv" \
-            else read_wds_pairs(where, size)
+    if not lazy:  # decode the listed members now; the CSV or the shard headers are not read again
+        images, kept, bad = [], [], []
+        for m, caption in zip(members, captions):
+            try:
+                images.append(decode_image(m.read(), size))
+                kept.append(caption)
+            except (OSError, ValueError) as e:
+                bad.append((_where(m), str(e) if isinstance(e, ValueError) else f"cannot read ({e.strerror or e})"))
+        return Pairs(_stack(images, size), kept, skipped + bad)
     images = LazyImages(members, size)
     bad = dict(images.check())
     keep = [i for i, m in enumerate(members) if _where(m) not in bad]
