@@ -86,21 +86,28 @@ class Attack:
         return []
 
 
-def class_captions(data: DatasetBundle, cls: int, n: int, rng: random.Random) -> list[str]:
+def class_caption_rows(data: DatasetBundle, cls: int) -> list[int]:
+    """Training rows whose caption names class ``cls`` (whole-word match of any of
+    ``data.class_words[cls]``), restricted to rows labelled ``cls`` when there are any, else to
+    unlabelled rows (-1); ascending."""
+    rows = data.train.captions_naming(data.class_words[cls])
+    labels = data.train.labels.tolist()
+    return [i for i in rows if labels[i] == cls] or [i for i in rows if labels[i] < 0]
+
+
+def class_captions(data: DatasetBundle, cls: int, n: int, rng: random.Random, rows: list[int] | None = None) -> list[str]:
     """``n`` captions naming class ``cls`` for poisoned pairs.
 
-    Drawn from the training captions that name the class (whole-word match of any of
-    ``data.class_words[cls]``, restricted to rows labelled ``cls`` when labels are known): without
-    replacement when there are at least ``n`` (as in the RoCLIP authors' ``create_poison.ipynb``,
-    docs/roclip-spec.md §3.1), with replacement otherwise. When no training caption names the class,
-    they are written from ``data.caption_templates`` and the class words.
+    Drawn from the training captions that name the class (``class_caption_rows``, or ``rows`` when
+    the caller has them already): without replacement when there are at least ``n`` (as in the
+    RoCLIP authors' ``create_poison.ipynb``, docs/roclip-spec.md §3.1), with replacement otherwise.
+    When no training caption names the class, they are written from ``data.caption_templates``
+    and the class words.
     """
-    words = data.class_words[cls]
-    rows = data.train.captions_naming(words)
-    labelled = [i for i in rows if int(data.train.labels[i]) == cls]
-    rows = labelled or [i for i in rows if int(data.train.labels[i]) < 0]
+    rows = class_caption_rows(data, cls) if rows is None else rows
     if len(rows) >= n:
         return [data.train.captions[i] for i in rng.sample(rows, n)]
     if rows:
         return [data.train.captions[rng.choice(rows)] for _ in range(n)]
+    words = data.class_words[cls]
     return [rng.choice(data.caption_templates).format(with_article(rng.choice(words))) for _ in range(n)]

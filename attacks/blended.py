@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from poisonbench.registry import param, register_attack
 
-from .backdoor import BackdoorAttack, BackdoorParams
+from .backdoor import BackdoorAttack, BackdoorParams, map_pixels
 
 
 @dataclass
@@ -34,8 +34,8 @@ def blend(images: torch.Tensor, key: torch.Tensor, alpha: float) -> torch.Tensor
     k = key.float()
     if k.shape[-2:] != images.shape[-2:]:
         k = F.interpolate(k[None], size=tuple(images.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)[0]
-    out = (1.0 - alpha) * images.float() + alpha * k
-    return out.round().clamp(0, 255).to(torch.uint8)
+    k = alpha * k
+    return map_pixels(images, lambda x: x.mul_(1.0 - alpha).add_(k))
 
 
 def load_key(path: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from poisonbench.registry import param, register_attack
 
-from .backdoor import BackdoorAttack, BackdoorParams
+from .backdoor import BackdoorAttack, BackdoorParams, map_pixels
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SIG(BackdoorAttack):
 
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         wave = sinusoid(images.shape[-1], self.params.delta, self.params.frequency)
-        return (images.float() + wave).round().clamp(0, 255).to(torch.uint8)
+        return map_pixels(images, lambda x: x.add_(wave))
 
     def trigger_manifest(self) -> dict:
         return {"type": "sig", "delta": self.params.delta, "frequency": self.params.frequency}

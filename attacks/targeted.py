@@ -23,7 +23,7 @@ from poisonbench.evaluate import eval_geometry
 from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
 
-from .base import Attack, PoisonPlan, ZeroShotModel, class_captions
+from .base import Attack, PoisonPlan, ZeroShotModel, class_caption_rows, class_captions
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Targeted(Attack):
         if list(images.shape[-2:]) != size:
             images = TF.resize(images, size, antialias=True)
         rng = random.Random(derive_seed("attack", self.name, self.seed, 2))
-        captions = [c for a in adversarial.tolist() for c in class_captions(data, a, k, rng)]
+        rows_of = {a: class_caption_rows(data, a) for a in set(adversarial.tolist())}  # one caption scan per class
+        captions = [c for a in adversarial.tolist() for c in class_captions(data, a, k, rng, rows_of[a])]
         poisoned = CaptionDataset(
             images.repeat_interleave(k, dim=0), captions,
             data.eval.labels[rows].repeat_interleave(k), torch.ones(len(rows) * k, dtype=torch.bool),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from poisonbench.registry import param, register_attack
 
-from .backdoor import BackdoorAttack, BackdoorParams
+from .backdoor import BackdoorAttack, BackdoorParams, map_pixels
 
 
 @dataclass
@@ -45,10 +45,9 @@ class WaNet(BackdoorAttack):
         self.control = ins / ins.abs().mean()
 
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n, _, h, w = images.shape
-        grid = warp_grid(self.control, h, w, self.params.strength).expand(n, -1, -1, -1)
-        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-        return out.round().clamp(0, 255).to(torch.uint8)
+        grid = warp_grid(self.control, *images.shape[-2:], self.params.strength)
+        return map_pixels(images, lambda x: F.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bilinear",
+                                                           padding_mode="border", align_corners=True))
 
     def trigger_manifest(self) -> dict:
         return {"type": "warp", "k": self.params.k, "strength": self.params.strength, "control": self.control.tolist()}

@@ -582,3 +582,52 @@ def report(results, fmt, out, html_page, plots) -> None:
         write(Path(results) / "report.html", to_html(board, svgs))
     if paths and (out or fmt == "table"):
         console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)")
+
+
+@main.command()
+@click.option("--profile", "-p", default="cpu-small", show_default=True,
+              help="Profile whose model, data, batch size, optimizer and defense settings are measured.")
+@click.option("--steps", default=26, show_default=True, type=click.IntRange(min=1),
+              help="Optimizer steps per epoch of each training measurement.")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Epochs per training measurement (cpu-small's RoCLIP matches in epoch 3 of every 3).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Repetitions of each measurement, interleaved; medians are reported.")
+@click.option("--poison-images", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Training images to poison; 0 = the whole training split (60k for Fashion-MNIST).")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval"]),
+              help="Measure only this stage (repeatable)  [default: all three]")
+@click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
+              help="Results folder; the figures go to RESULTS/perf/perf-<time>.parquet.")
+def perf(profile, steps, epochs, repeats, poison_images, stages, results) -> None:
+    """Measure the harness on this machine (CPU) and print medians, ratios and the targets.
+
+    \b
+    training   samples/s of the real trainer per defense against a bare open_clip loop on the same
+               pre-made tensors; the share of wall time spent waiting for data and augmenting
+    poisoning  seconds to apply each trigger to every training image and to build each attack's
+               poisoned training set
+    eval       seconds of zero-shot, ASR, linear probe and retrieval on the evaluation set
+    and the process's peak resident memory after each stage. With the defaults this takes about
+    5 minutes on 2 cores; keep the machine otherwise idle while it runs.
+    """
+    from rich.progress import Progress
+
+    from .display import perf_memory, perf_tables
+    from .perf import PerfOptions, run_perf, summary, write
+
+    opts = PerfOptions(profile, steps, epochs, repeats, poison_images, tuple(stages) or ("training", "poisoning", "eval"))
+    with Progress(console=console, transient=True) as progress:
+        try:
+            frame = run_perf(opts, progress)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    m = frame.iloc[0]
+    console.print(f"[bold]bench perf[/bold] on {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
+                  f"torch {m['torch']}, Python {m['python']}; bare loop = a hand-written open_clip loop on "
+                  "pre-made tensors")
+    med = summary(frame)
+    for table in perf_tables(med, m):
+        console.print(table)
+    console.print(perf_memory(med))
+    console.print(f"wrote {write(frame, Path(results) / 'perf')}")

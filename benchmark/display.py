@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -96,3 +97,53 @@ def grid_table(cfgs, results) -> Table:
         cells = [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])
         table.add_row(*cells, str(cfg.seed), f"[{colour}]{st}[/{colour}]", clean, asr, cfg.run_id, note)
     return table
+
+
+def perf_tables(summary, machine) -> list[Table]:
+    """``bench perf``'s medians (``perf.summary``) as one table per stage; ``machine`` (a row of
+    the measurement frame) names the profile."""
+
+    def value(stage, variant, measure):
+        hit = summary[(summary.stage == stage) & (summary.variant == variant) & (summary.measure == measure)]
+        return hit.iloc[0] if len(hit) else None
+
+    def met(r) -> str:
+        return "" if r is None or r.met is None else ("[green]yes[/green]" if r.met else "[red]no[/red]")
+
+    def secs(r) -> str:
+        return "-" if r is None else f"{r.value:.3f}"
+
+    tables = []
+    variants = lambda stage: [v for v in dict.fromkeys(summary[summary.stage == stage].variant) if v != "process"]
+    if "training" in set(summary.stage):
+        t = Table(title=f"training, {machine['profile']} profile: samples/s (medians)", box=box.SIMPLE_HEAD)
+        for col in ("variant", "samples/s", "ratio", "target", "met", "data wait", "augment"):
+            t.add_column(col, justify="left" if col in ("variant", "target") else "right")
+        for v in variants("training"):
+            r, wait, aug = (value("training", v, m) for m in ("samples_per_s", "data_wait_share", "augment_share"))
+            t.add_row(v, f"{r.value:.0f}", "" if r.ratio != r.ratio else f"{r.ratio:.2f}", r.target, met(r),
+                      "" if wait is None else f"{wait.value:.1%}", "" if aug is None else f"{aug.value:.1%}")
+        tables.append(t)
+    if "poisoning" in set(summary.stage):
+        n = int(summary[summary.measure == "n_images"].value.iloc[0])
+        t = Table(title=f"poisoning {n} training images: seconds (target <= 1 s)", box=box.SIMPLE_HEAD)
+        for col in ("attack", "trigger on every image", "met", "poisoned training set", "met"):
+            t.add_column(col, justify="left" if col == "attack" else "right")
+        for v in variants("poisoning"):
+            trig, plan = value("poisoning", v, "trigger_s"), value("poisoning", v, "poison_s")
+            t.add_row(v, secs(trig), met(trig), secs(plan), met(plan))
+        tables.append(t)
+    if "eval" in set(summary.stage):
+        t = Table(title="evaluation: seconds", box=box.SIMPLE_HEAD)
+        for col in ("zero-shot", "ASR", "linear probe", "retrieval", "total"):
+            t.add_column(col, justify="right")
+        t.add_row(*(secs(value("eval", "evaluate", m)) for m in
+                    ("zero_shot_s", "attack_eval_s", "probe_s", "retrieval_s", "eval_s")))
+        tables.append(t)
+    return tables
+
+
+def perf_memory(summary) -> str:
+    """The process's peak resident memory after each stage of ``bench perf``, as one line."""
+    peaks = summary[summary.measure == "peak_rss_mib"]
+    return "peak resident memory: " + ", ".join(f"{r.value:.0f} MiB after {r.stage}" for r in peaks.itertuples())

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from .config import RunConfig, resolve
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params, param_fields
 from .store import has_finished_row, is_running, runs_dir
+from .utils import usable_cores
 
 ALL = "all"
 # `all` means every registered attack but the clean baseline, which is not an attack.
@@ -313,8 +314,7 @@ def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device:
     results = Path(results)
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
     if jobs * nproc > 1 and "OMP_NUM_THREADS" not in env:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // (jobs * nproc)))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // (jobs * nproc)))
     # torchrun is not ours to make die with this process: the kernel does it (its workers then
     # get SIGTERM from torchrun, and die with it too: die_with_parent)
     preexec = _sigterm_on_parent_death if nproc > 1 and sys.platform.startswith("linux") else None

@@ -191,8 +191,8 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             row["poison_files"] = str(write_poison(cell.plan.train, p["train"], results / "poison" / cfg.run_id,
                                                    p["image_key"], p["caption_key"]))
         model, tokenizer, result = _train(cell, ckpt, progress)
-        row.update(train_s=result.train_s, steps=result.steps, final_loss=result.final_loss,
-                   resumed_from_epoch=result.resumed_from_epoch)
+        row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
+                   steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)
         row.update(evaluate(model, tokenizer, cell, dev))
         row["status"] = "ok"
     except BaseException as e:  # Ctrl-C too: the cell is recorded as failed and retried next time
@@ -218,7 +218,8 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
 def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, Any]:
     """Clean zero-shot top-1/top-5 on the evaluation set, the attack's metrics, the linear probe
     (``linear_probe_top1``) and retrieval recall@1/5/10 (``i2t_r1`` ... ``t2i_r10``) when the
-    dataset provides their data."""
+    dataset provides their data; with the seconds each took (``zero_shot_s``, ``attack_eval_s``,
+    ``probe_s``, ``retrieval_s``) and in all (``eval_s``)."""
     model.eval()
     t0 = time.perf_counter()
     ev = cell.data.eval
@@ -236,19 +237,34 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
         "clean_top5": topk_accuracy(topk, ev.labels, 5),
         "n_eval": len(ev),
     }
+    lap = Laps(metrics, t0)
+    lap("zero_shot_s")
     metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size), cell.data, cell.plan))
+    lap("attack_eval_s")
     probe = cell.data.probe_train
     if probe is not None:
         probe_feats = encode_images(model, eval_geometry(probe.images, size), device=device, unit=False)
         metrics["linear_probe_top1"], metrics["linear_probe_c"] = linear_probe(
             probe_feats, probe.labels, eval_feats, ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe"))
+        lap("probe_s")
     held = cell.data.heldout
     if held is not None:
         image_emb = encode_images(model, eval_geometry(held.images, size), device=device)
         metrics.update(retrieval_recall(image_emb, encode_texts(model, tokenizer, held.captions, device=device)))
+        lap("retrieval_s")
     metrics["eval_s"] = time.perf_counter() - t0
     return metrics
 
+
+class Laps:
+    """Stopwatch writing the seconds since the previous lap (or since it was made) into ``out[name]``."""
+
+    def __init__(self, out: dict[str, Any], start: float | None = None):
+        self.out, self.last = out, time.perf_counter() if start is None else start
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.out[name], self.last = now - self.last, now
 
 
 def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .datasets.base import CaptionDataset
 from .defenses.base import Defense, TrainState
 from .evaluate import encode_tokens, eval_geometry, normalize
 from .models import image_size
-from .utils import atomic_write, derive_seed
+from .utils import atomic_write, derive_seed, usable_cores
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -35,10 +35,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What ``train`` did. Times are wall-clock seconds of this call (epochs resumed from a
+    checkpoint are not counted): ``train_s`` the whole loop, ``data_wait_s`` the part spent waiting
+    for a batch of images (``prefetched``), ``augment_s`` the part in the image augmentation (on
+    CUDA, only its launch: kernels run asynchronously)."""
+
     steps: int
     final_loss: float
     train_s: float
     resumed_from_epoch: int
+    data_wait_s: float = 0.0
+    augment_s: float = 0.0
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -136,6 +143,8 @@ def train(
         return distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
 
     loss_value = float("nan")
+    fetch = {"wait_s": 0.0}
+    augment_s = 0.0
     t0 = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -158,9 +167,12 @@ def train(
             defense.start_epoch(TrainState(epoch, step, encode_captions))
             bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
             t_epoch = time.perf_counter()
-            for b, (idx, images) in enumerate(prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world))):
+            batches = prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world), fetch)
+            for b, (idx, images) in enumerate(batches):
                 if transform is not None:
+                    t_aug = time.perf_counter()
                     images = transform(images.to(device).float() / 255.0)
+                    augment_s += time.perf_counter() - t_aug
                 else:
                     images = eval_geometry(images, size).to(device)
                 x = normalize(images)
@@ -189,7 +201,7 @@ def train(
             distributed.barrier()  # no rank runs ahead of the last checkpoint
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
-    return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1)
+    return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1, fetch["wait_s"], augment_s)
 
 
 def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, world: int = 1):
@@ -200,16 +212,20 @@ def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, 
         yield order[start : start + batch_size]
 
 
-def prefetched(images, batches):
+def prefetched(images, batches, stats: dict | None = None):
     """(rows, uint8 images[rows]) for each ``rows`` of ``batches``, fetching the next batch in a
     background thread while the caller trains on the current one: lazily decoded images
-    (``datasets.lazy``) are then read and decoded during the GPU step, not before it."""
+    (``datasets.lazy``) are then read and decoded during the GPU step, not before it.
+    ``stats["wait_s"]``, if given, accumulates the seconds the caller waited for a batch."""
     batches = iter(batches)
     with ThreadPoolExecutor(1) as loader:
         rows = next(batches, None)
         pending = loader.submit(images.__getitem__, rows) if rows is not None else None
         while pending is not None:
+            t_wait = time.perf_counter()
             current, fetched = rows, pending.result()
+            if stats is not None:
+                stats["wait_s"] += time.perf_counter() - t_wait
             rows = next(batches, None)
             pending = loader.submit(images.__getitem__, rows) if rows is not None else None
             yield current, fetched
@@ -276,8 +292,4 @@ def set_threads() -> None:
     ``OMP_NUM_THREADS`` says otherwise."""
     if os.environ.get("OMP_NUM_THREADS"):
         return  # torch already follows it
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    torch.set_num_threads(usable_cores())

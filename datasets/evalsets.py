@@ -138,7 +138,7 @@ def _cifar(kind: str, root: Path) -> tuple[list[str], dict[str, Labelled]]:
     for split, train in (("test", False), ("train", True)):
         try:
             ds = cls(str(root), train=train, download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
             folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
             raise FileNotFoundError(f"{kind}: no readable {kind} under {root}; put the python version's folder "
                                     f"{folder} there (nothing is downloaded)") from None

@@ -196,8 +196,6 @@ LAZY_ABOVE_BYTES = 8 * 2**30  # decoded training images above this are loaded la
 
 def _where(m) -> str:
     return m.path + (f"@{m.offset}" if m.size >= 0 else "")
-    raise ValueError(f"training data {spec!r}: give csv:PATH (a CSV/TSV of image paths and captions) "
-                     "or wds:URLS (WebDataset shards, e.g. wds:data/{00000..00009}.tar)")
 
 
 def label_by_caption(captions: list[str], class_words: list[list[str]]) -> torch.Tensor:

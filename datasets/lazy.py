@@ -9,14 +9,13 @@ attack assigns (label-consistent patches) are kept in memory over the source.
 """
 from __future__ import annotations
 
-import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from poisonbench.utils import usable_cores
 from .files import IMAGE_EXTENSIONS, check_shard, decode_image
 
 
@@ -83,7 +82,7 @@ class LazyImages:
         self.size = size
         self.rows = torch.arange(len(members))  # row -> member index, or -1 - k for extra[k]
         self.extra = torch.empty(0, 3, size, size, dtype=torch.uint8)
-        self.workers = workers or min(32, len(os.sched_getaffinity(0)))
+        self.workers = workers or min(32, usable_cores())
 
     @property
     def shape(self) -> torch.Size:

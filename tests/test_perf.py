@@ -1,0 +1,102 @@
+"""``bench perf`` and the vectorised triggers it measures: the fast forms equal their reference
+formulations exactly, and the benchmark reports what it measured (its figures are not asserted)."""
+import math
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from poisonbench.attacks.backdoor import map_pixels
+from poisonbench.attacks.badnet import paste_patch, patch_positions
+from poisonbench.attacks.blended import blend
+from poisonbench.attacks.sig import SIG, SIGParams
+from poisonbench.attacks.wanet import WaNet, WaNetParams, warp_grid
+from poisonbench.cli import main
+from poisonbench.perf import BARE, interleaved, summary
+
+IMAGES = torch.randint(0, 256, (37, 3, 11, 13), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_paste_patch_equals_a_per_image_loop():
+    patch = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    pos = patch_positions(len(IMAGES), 11, 13, 4, "random", torch.Generator().manual_seed(1))
+    expected = IMAGES.clone()
+    for i, (r, c) in enumerate(pos.tolist()):
+        expected[i, :, r : r + 4, c : c + 4] = patch
+    assert torch.equal(paste_patch(IMAGES, patch, pos), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_triggers_equal_the_one_shot_float_formulas(chunk):
+    def one_shot(x: torch.Tensor) -> torch.Tensor:
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+    key = torch.randint(0, 256, (3, 11, 13), dtype=torch.uint8)
+    assert torch.equal(map_pixels(IMAGES, lambda x: x.mul_(0.8).add_(0.2 * key.float()), chunk),
+                       one_shot(0.8 * IMAGES.float() + 0.2 * key.float()))
+    assert torch.equal(blend(IMAGES, key, 0.37), one_shot((1 - 0.37) * IMAGES.float() + 0.37 * key.float()))
+    sig = SIG(SIGParams(delta=40, frequency=3), 0)
+    wave = 40 * torch.sin(2 * math.pi * torch.arange(13, dtype=torch.float64) * 3 / 13)
+    assert torch.equal(sig.apply_trigger(IMAGES, torch.Generator()), one_shot(IMAGES.float() + wave.float()))
+    wanet = WaNet(WaNetParams(strength=3), 0)
+    grid = warp_grid(wanet.control, 11, 13, 3).expand(len(IMAGES), -1, -1, -1)
+    warped = F.grid_sample(IMAGES.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    assert torch.equal(wanet.apply_trigger(IMAGES, torch.Generator()), one_shot(warped))
+
+
+def test_repetitions_are_interleaved_across_variants():
+    calls = []
+    records = interleaved({v: (lambda v=v: calls.append(v) or {"x": len(calls)}) for v in "abc"}, repeats=2)
+    assert calls == list("abcabc")
+    assert [(r["variant"], r["repeat"], r["value"]) for r in records] == [
+        ("a", 0, 1), ("b", 0, 2), ("c", 0, 3), ("a", 1, 4), ("b", 1, 5), ("c", 1, 6)]
+
+
+def test_summary_takes_medians_and_ratios_against_the_right_reference():
+    rows = [("training", BARE, 100), ("training", BARE, 300), ("training", BARE, 200),
+            ("training", "clip", 190), ("training", "clip", 196), ("training", "clip", 50),
+            ("training", "roclip", 150), ("training", "aug-only", 180),
+            ("poisoning", "sig", 0.4), ("poisoning", "wanet", 1.5)]
+    frame = pd.DataFrame([{"stage": s, "variant": v, "measure": "poison_s" if s == "poisoning" else "samples_per_s",
+                           "repeat": 0, "value": x} for s, v, x in rows])
+    med = summary(frame).set_index("variant")
+    assert med.loc[BARE, "value"] == 200 and math.isnan(med.loc[BARE, "ratio"])
+    assert med.loc["clip", "value"] == 190 and med.loc["clip", "ratio"] == pytest.approx(0.95)
+    assert bool(med.loc["clip", "met"])  # exactly at the 0.95 x bare target
+    assert med.loc["roclip", "ratio"] == pytest.approx(150 / 190) and not med.loc["roclip", "met"]
+    assert med.loc["aug-only", "ratio"] == pytest.approx(180 / 190) and med.loc["aug-only", "met"]
+    assert med.loc["sig", "met"] and not med.loc["wanet", "met"]
+
+
+def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
+    args = ["perf", "-p", "tiny", "--steps", "4", "--epochs", "2", "--repeats", "2", "--poison-images", "3000",
+            "--results", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "perf").glob("perf-*.parquet")
+    frame = pq.read_table(path).to_pandas()
+    got = set(zip(frame.stage, frame.variant, frame.measure))
+    for v in (BARE, "clip", "roclip", "aug-only"):
+        assert ("training", v, "samples_per_s") in got
+    for a in ("badnet", "badnet-lc", "blended", "sig", "wanet", "targeted"):
+        assert ("poisoning", a, "poison_s") in got
+    for part in ("zero_shot_s", "attack_eval_s", "probe_s", "retrieval_s", "eval_s"):
+        assert ("eval", "evaluate", part) in got
+    assert (frame[frame.measure == "n_images"].value == 3000).all()
+    repeated = frame[frame.variant != "process"].groupby(["stage", "variant", "measure"]).size()
+    assert (repeated == 2).all()  # every figure once per repetition
+    assert (frame[frame.variant == "process"].measure == "peak_rss_mib").all()
+    shares = frame[frame.measure.str.endswith("share")].value
+    assert ((shares >= 0) & (shares <= 1)).all() and (frame[~frame.measure.str.endswith("share")].value > 0).all()
+    aug = frame[frame.measure == "augment_share"]
+    assert (aug[aug.variant == "clip"].value == 0).all() and (aug[aug.variant != "clip"].value > 0).all()
+    assert "bare loop" in result.output and path.name in result.output.replace("\n", "")
+
+
+def test_bench_perf_refuses_too_few_steps_for_the_roclip_pool(tmp_path):
+    result = CliRunner().invoke(main, ["perf", "-p", "tiny", "--steps", "1", "--stage", "training",
+                                       "--results", str(tmp_path)])
+    assert result.exit_code != 0 and "raise --steps" in result.output
