@@ -126,7 +126,7 @@ class BackdoorAttack(Attack):
         images = eval_geometry(data.eval.images[keep], model.image_size)
         triggered = self.apply_trigger(images, self.generator(4))
         top1 = model.predict(triggered)[:, 0]
-        clean = model.predict(images)[:, 0]
+        clean = model.predict_eval(images, keep)[:, 0]
         return {
             "asr": (top1 == target).double().mean().item(),
             "asr_n": int(keep.sum()),

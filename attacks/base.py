@@ -48,10 +48,21 @@ class ZeroShotModel:
         predict: function uint8 images [N, 3, S, S] at the model's geometry -> int64 top-5
             class indices [N, 5] over the evaluation classes.
         image_size: S, the model's input side in pixels.
+        clean_top5: int64 [M, 5], ``predict`` of every evaluation image (``data.eval.images`` at
+            the evaluation geometry), computed once by the evaluator, or None. Predictions do not
+            depend on which other images share a batch, so attacks may index it instead of
+            predicting clean evaluation images again.
     """
 
     predict: Any
     image_size: int
+    clean_top5: Any = None
+
+    def predict_eval(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Top-5 of the evaluation images ``rows`` (int64 [K] or bool [M]), given as ``images``
+        (uint8 [K, 3, S, S], at the evaluation geometry): ``clean_top5[rows]`` when the
+        evaluator has it, else ``predict(images)``."""
+        return self.clean_top5[rows] if self.clean_top5 is not None else self.predict(images)
 
 
 class Attack:

@@ -103,7 +103,7 @@ class Targeted(Attack):
         targets = plan.manifest["targets"]
         rows = torch.tensor([t["eval_row"] for t in targets])
         adversarial = torch.tensor([names.index(t["adversarial_class"]) for t in targets])
-        top5 = model.predict(eval_geometry(data.eval.images[rows], model.image_size))
+        top5 = model.predict_eval(eval_geometry(data.eval.images[rows], model.image_size), rows)
         success = top5[:, 0] == adversarial
         records = [
             {**t, "predicted_class": names[p], "success": bool(s)}

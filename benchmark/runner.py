@@ -239,7 +239,7 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     }
     lap = Laps(metrics, t0)
     lap("zero_shot_s")
-    metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size), cell.data, cell.plan))
+    metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size, clean_top5=topk), cell.data, cell.plan))
     lap("attack_eval_s")
     probe = cell.data.probe_train
     if probe is not None:

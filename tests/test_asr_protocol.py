@@ -59,3 +59,26 @@ def test_eval_set_without_target_class_raises(bundle):
     attack = BadNet(BadNetParams(target="banana"), 0)
     with pytest.raises(ValueError, match="not in the evaluation classes"):
         attack.evaluate(ZeroShotModel(reads_pixel, 12), bundle, None)
+
+
+@pytest.mark.parametrize("name", ["badnet", "targeted"])
+def test_precomputed_clean_predictions_give_the_same_metrics_without_predicting_clean_images_again(bundle, name):
+    from poisonbench.attacks.targeted import Targeted, TargetedParams
+
+    bundle = label_in_pixel(bundle)
+    attack = (BadNet(BadNetParams(target="bag", patch_size=3, n_poison=4), 0) if name == "badnet"
+              else Targeted(TargetedParams(n_targets=4, pairs_per_target=2), 0))
+    plan = attack.poison(bundle)
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return reads_pixel(images)
+
+    plain = attack.evaluate(ZeroShotModel(counting, 12), bundle, plan)
+    predicted = sum(calls)
+    calls.clear()
+    fast = attack.evaluate(ZeroShotModel(counting, 12, clean_top5=reads_pixel(bundle.eval.images)), bundle, plan)
+    assert fast == plain
+    n_clean = 10 if name == "badnet" else 4  # the clean non-target images / the target images
+    assert sum(calls) == predicted - n_clean
