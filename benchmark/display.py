@@ -16,7 +16,8 @@ def pct(x) -> str:
 
 
 def show_row(row: dict) -> None:
-    """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack)."""
+    """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack).
+    A row of an older schema, without some of these columns, shows ``-`` for them."""
     table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row['seed']}, {row['profile']})")
     for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
         table.add_column(col, justify="right")
@@ -25,9 +26,11 @@ def show_row(row: dict) -> None:
         asr_cell = f"{pct(asr)} ({round(asr * n)}/{n})"
     else:
         asr_cell = pct(asr)
+    n_poison, rate, wall = row.get("n_poison"), row.get("poison_rate"), row.get("wall_s")
     table.add_row(
-        pct(row["clean_top1"]), pct(row["clean_top5"]), asr_cell, pct(row.get("linear_probe_top1")),
-        f"{row['n_poison']} ({100 * row['poison_rate']:.2f}%)", f"{row['wall_s']:.0f} s",
+        pct(row.get("clean_top1")), pct(row.get("clean_top5")), asr_cell, pct(row.get("linear_probe_top1")),
+        "-" if n_poison is None else f"{n_poison}" + ("" if rate is None or rate != rate else f" ({100 * rate:.2f}%)"),
+        "-" if wall is None or wall != wall else f"{wall:.0f} s",
     )
     console.print(table)
     for key, what in (("n_skipped", "training"), ("n_eval_skipped", "evaluation")):

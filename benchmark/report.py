@@ -67,7 +67,9 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
 
 
 def _aggregate(group: pd.DataFrame) -> pd.Series:
-    out: dict[str, float] = {"seeds": group["seed"].nunique() if "seed" in group else len(group)}
+    # a row of an older schema without a seed is one run all the same (the rows are distinct cells)
+    seeds = group["seed"].nunique() + int(group["seed"].isna().sum()) if "seed" in group else len(group)
+    out: dict[str, float] = {"seeds": seeds}
     for m in ACCURACIES:
         out[m], out[f"{m}_lo"], out[f"{m}_hi"] = clipped_t_interval(group[m])
     asr = group["asr"].dropna()
@@ -94,7 +96,8 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     ``n_poison=50``; it is empty when there is one setting. Columns: COLUMNS (fractions in
     [0, 1]; ``_lo``/``_hi`` are the 95 % interval bounds, NaN with one seed for accuracies).
     Sorted by attack and setting, then ASR ascending and clean top-1 descending (the most robust
-    defense first).
+    defense first). Rows of an older schema report too: a missing metric is NaN, and a row
+    without a ``seed`` counts as one run.
     """
     if df.empty or "status" not in df:
         return pd.DataFrame(columns=COLUMNS)

@@ -24,9 +24,9 @@ from .evaluate import (
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
-from .store import cell_lock, has_finished_row, read_row, write_row
+from .store import cell_lock, has_finished_row, read_row, runs_dir, write_row
 from .train import set_threads, train
-from .utils import atomic_write, derive_seed
+from .utils import atomic_write, derive_seed, remove_temp_files
 
 
 class ConfigError(ValueError):
@@ -126,8 +126,9 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     discards the cell's checkpoint. A failure (Ctrl-C included) writes a row with status=failed
     and the error when the store is writable, then re-raises. The end-of-epoch checkpoint
     (``results/checkpoints/<run_id>/last.pt``) lets an interrupted cell resume; it is deleted once
-    the row is written unless ``keep_checkpoint``. Raises CellBusyError, writing nothing, when
-    another process is running the same cell.
+    the row is written unless ``keep_checkpoint``. Temp files that a writer killed mid-write (kill
+    -9) left beside the cell's row, manifest or checkpoint are removed once the lock is held.
+    Raises CellBusyError, writing nothing, when another process is running the same cell.
 
     In a process group (torchrun; ``distributed``) every rank calls this. Rank 0 alone does all of
     the above and tells the others whether to train; they train along (``train``) and return None,
@@ -149,6 +150,11 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
 
     try:
         with cell_lock(results, cell.cfg.run_id):
+            # Every writer of the cell's row, manifest and checkpoint holds this lock, so temp files
+            # beside them are those of a writer that was killed mid-write: remove them.
+            run_id = cell.cfg.run_id
+            for path in (runs_dir(results) / f"{run_id}.parquet", manifest_file(results, run_id), ckpt):
+                remove_temp_files(path)
             if not force and has_finished_row(results, cell.cfg.run_id):
                 tell("done")
                 return read_row(results, cell.cfg.run_id)
@@ -159,6 +165,11 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     finally:
         if not told:  # the cell is busy elsewhere, or the store failed: the other ranks must not wait
             distributed.broadcast_object("stop")
+
+
+def manifest_file(results: Path, run_id: str) -> Path:
+    """Where cell ``run_id``'s poisoning manifest is written under ``results``."""
+    return Path(results) / "manifests" / f"{run_id}.json"
 
 
 def _train(cell: Cell, ckpt: Path, progress: bool):
@@ -179,7 +190,7 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
     row.update(n_skipped=cell.data.skipped, n_eval_skipped=cell.data.eval_skipped)
     t0 = time.perf_counter()
     try:
-        manifest, manifest_path = json.dumps(cell.plan.manifest), results / "manifests" / f"{cfg.run_id}.json"
+        manifest, manifest_path = json.dumps(cell.plan.manifest), manifest_file(results, cfg.run_id)
         if ckpt.is_file() and manifest_path.is_file() and manifest_path.read_text() != manifest:
             warnings.warn(f"cell {cfg.run_id}: the poisoned data differ from the checkpoint's; starting over")
             ckpt.unlink()

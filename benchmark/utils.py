@@ -1,6 +1,7 @@
 """Small helpers shared across the engine: stable seeds, hashing, atomic file writes."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -37,6 +38,22 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that ``atomic_write(path, ...)`` calls killed mid-write (SIGKILL,
+    power loss) left beside ``path`` (``.<name>.*.tmp``; a write that fails otherwise removes its
+    own). Readers never look at them, but they can be as large as a checkpoint. Call it only when
+    no other process may be writing ``path`` right now, e.g. while holding the cell's lock.
+    Returns the paths removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:

@@ -59,6 +59,12 @@ def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
         (["-d", "roclip", "-D", "pool_size=100000"], {}, "exceeds the"),
         (["-d", "roclip"], {"POISONBENCH_WORDNET": "/nonexistent"}, "POISONBENCH_WORDNET=/nonexistent is not"),
         (["--device", "warp-drive"], {}, "valid devices: auto, cpu, cuda"),
+        (["-d", "roclipp"], {}, "unknown defense 'roclipp'; valid defenses: aug-only, clip, roclip"),
+        (["-A", "n_poison=-5"], {}, "badnet: n_poison must be >= 0, got -5"),
+        (["-A", "n_poison=five"], {}, "bad value 'five' for n_poison (int)"),
+        (["--data", "csv:/nope.csv"], {}, "no CSV file at /nope.csv"),
+        (["--data", "wds:/nope/{0..1}.tar"], {}, "no WebDataset shard at /nope/0.tar"),
+        (["--data", "/nope.csv"], {}, "give csv:PATH (a CSV/TSV of image paths and captions) or wds:URLS"),
     ],
 )
 def test_more_bad_input_fails_before_training(tmp_path, monkeypatch, args, env, message):
