@@ -591,7 +591,7 @@ def report(results, fmt, out, html_page, plots) -> None:
               help="Optimizer steps per epoch of each training measurement.")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1),
               help="Epochs per training measurement (cpu-small's RoCLIP matches in epoch 3 of every 3).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Repetitions of each measurement, interleaved; medians are reported.")
 @click.option("--poison-images", default=0, show_default=True, type=click.IntRange(min=0),
               help="Training images to poison; 0 = the whole training split (60k for Fashion-MNIST).")

@@ -53,7 +53,7 @@ class PerfOptions:
     profile: str = "cpu-small"
     steps: int = 26
     epochs: int = 3
-    repeats: int = 3
+    repeats: int = 5
     poison_images: int = 0
     stages: tuple[str, ...] = ("training", "poisoning", "eval")
 
@@ -65,12 +65,14 @@ def peak_rss_mib() -> float:
 
 
 def interleaved(variants: dict[str, Callable[[], dict[str, float]]], repeats: int, on_done=None) -> list[dict]:
-    """Run each variant ``repeats`` times, repetition by repetition. Each call returns
-    {measure: value}; the result has one record per (variant, repeat, measure)."""
-    records = []
+    """Run each variant ``repeats`` times, repetition by repetition, starting repetition r at the
+    r-th variant (rotated), so that neither drift nor whatever ran just before favours one
+    variant. Each call returns {measure: value}; the result has one record per (variant,
+    repeat, measure), in the order run."""
+    names, records = list(variants), []
     for r in range(repeats):
-        for name, fn in variants.items():
-            for measure, value in fn().items():
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for measure, value in variants[name]().items():
                 records.append({"variant": name, "repeat": r, "measure": measure, "value": float(value)})
             if on_done is not None:
                 on_done(name)
@@ -246,21 +248,21 @@ def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Medians over repeats, one row per (stage, variant, measure), with ``ratio`` (training:
-    samples/s relative to the bare loop for clip, relative to clip for the other defenses), and
+    """Medians (``value``) and ranges (``lo``, ``hi``) over repeats, one row per (stage, variant,
+    measure), with ``ratio`` (training: the median over repetitions of samples/s relative to the
+    bare loop for clip, relative to clip for the other defenses), and
     the issue's ``target`` and whether it is ``met`` where one applies."""
-    med = frame.groupby(["stage", "variant", "measure"], sort=False)["value"].median().reset_index()
+    grouped = frame.groupby(["stage", "variant", "measure"], sort=False)["value"]
+    med = grouped.median().reset_index()
+    med["lo"], med["hi"] = grouped.min().values, grouped.max().values
     med["ratio"], med["target"], med["met"] = float("nan"), "", None
 
-    def value(variant: str, measure: str) -> float | None:
-        hit = med[(med.variant == variant) & (med.measure == measure)]
-        return float(hit.value.iloc[0]) if len(hit) else None
-
+    speed = frame[frame.measure == "samples_per_s"].pivot_table(index="repeat", columns="variant", values="value")
     for i, r in med.iterrows():
         if r.measure == "samples_per_s" and r.variant != BARE:
             ref, goal = (BARE, 0.95) if r.variant == "clip" else ("clip", 0.85)
-            if value(ref, "samples_per_s"):
-                med.loc[i, "ratio"] = r.value / value(ref, "samples_per_s")
+            if ref in speed:  # the median of the ratios within each repetition: run minutes apart, not hours
+                med.loc[i, "ratio"] = (speed[r.variant] / speed[ref]).median()
                 med.loc[i, ["target", "met"]] = f">= {goal} x {ref.split()[0]}", med.loc[i, "ratio"] >= goal
         elif r.measure == "data_wait_share":
             med.loc[i, ["target", "met"]] = "<= 0.10 (step >= 90 %)", r.value <= 0.10

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from . import distributed
 from .config import RunConfig
-from .datasets.base import CaptionDataset
+from .datasets.base import CaptionDataset, is_lazy
 from .defenses.base import Defense, TrainState
 from .evaluate import encode_tokens, eval_geometry, normalize
 from .models import image_size
@@ -167,7 +167,8 @@ def train(
             defense.start_epoch(TrainState(epoch, step, encode_captions))
             bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
             t_epoch = time.perf_counter()
-            batches = prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world), fetch)
+            batches = prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world), fetch,
+                                 background=device.type == "cuda" or is_lazy(data.images))
             for b, (idx, images) in enumerate(batches):
                 if transform is not None:
                     t_aug = time.perf_counter()
@@ -212,12 +213,26 @@ def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, 
         yield order[start : start + batch_size]
 
 
-def prefetched(images, batches, stats: dict | None = None):
-    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``, fetching the next batch in a
-    background thread while the caller trains on the current one: lazily decoded images
-    (``datasets.lazy``) are then read and decoded during the GPU step, not before it.
-    ``stats["wait_s"]``, if given, accumulates the seconds the caller waited for a batch."""
+def prefetched(images, batches, stats: dict | None = None, background: bool = True):
+    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``.
+
+    With ``background``, the next batch is fetched in a background thread while the caller trains
+    on the current one: lazily decoded images (``datasets.lazy``) are then read and decoded during
+    the step, and a GPU never waits for a host-side copy. Without it, each batch is fetched when
+    asked for: on a CPU-only run with the images in memory the fetch is a fast copy, and a second
+    thread running tensor ops would start its own OpenMP team that competes with the training
+    step's (measured: 17 % fewer samples/s on 2 cores). ``stats["wait_s"]``, if given,
+    accumulates the seconds the caller waited for a batch.
+    """
     batches = iter(batches)
+    if not background:
+        for rows in batches:
+            t_wait = time.perf_counter()
+            fetched = images[rows]
+            if stats is not None:
+                stats["wait_s"] += time.perf_counter() - t_wait
+            yield rows, fetched
+        return
     with ThreadPoolExecutor(1) as loader:
         rows = next(batches, None)
         pending = loader.submit(images.__getitem__, rows) if rows is not None else None

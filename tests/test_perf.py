@@ -47,27 +47,29 @@ def test_chunked_triggers_equal_the_one_shot_float_formulas(chunk):
     assert torch.equal(wanet.apply_trigger(IMAGES, torch.Generator()), one_shot(warped))
 
 
-def test_repetitions_are_interleaved_across_variants():
+def test_repetitions_are_interleaved_and_rotated_across_variants():
     calls = []
-    records = interleaved({v: (lambda v=v: calls.append(v) or {"x": len(calls)}) for v in "abc"}, repeats=2)
-    assert calls == list("abcabc")
-    assert [(r["variant"], r["repeat"], r["value"]) for r in records] == [
-        ("a", 0, 1), ("b", 0, 2), ("c", 0, 3), ("a", 1, 4), ("b", 1, 5), ("c", 1, 6)]
+    records = interleaved({v: (lambda v=v: calls.append(v) or {"x": len(calls)}) for v in "abc"}, repeats=4)
+    assert "".join(calls) == "abc" "bca" "cab" "abc"
+    assert [(r["variant"], r["repeat"], r["value"]) for r in records[:6]] == [
+        ("a", 0, 1), ("b", 0, 2), ("c", 0, 3), ("b", 1, 4), ("c", 1, 5), ("a", 1, 6)]
 
 
-def test_summary_takes_medians_and_ratios_against_the_right_reference():
-    rows = [("training", BARE, 100), ("training", BARE, 300), ("training", BARE, 200),
-            ("training", "clip", 190), ("training", "clip", 196), ("training", "clip", 50),
-            ("training", "roclip", 150), ("training", "aug-only", 180),
-            ("poisoning", "sig", 0.4), ("poisoning", "wanet", 1.5)]
-    frame = pd.DataFrame([{"stage": s, "variant": v, "measure": "poison_s" if s == "poisoning" else "samples_per_s",
-                           "repeat": 0, "value": x} for s, v, x in rows])
-    med = summary(frame).set_index("variant")
+def test_summary_takes_medians_and_the_median_of_paired_ratios_against_the_right_reference():
+    speeds = {BARE: [100, 300, 200], "clip": [95, 290, 50], "roclip": [80, 250, 40], "aug-only": [85, 240, 20]}
+    rows = [{"stage": "training", "variant": v, "measure": "samples_per_s", "repeat": r, "value": x}
+            for v, xs in speeds.items() for r, x in enumerate(xs)]
+    rows += [{"stage": "poisoning", "variant": v, "measure": "poison_s", "repeat": 0, "value": x}
+             for v, x in (("sig", 0.4), ("wanet", 1.5))]
+    med = summary(pd.DataFrame(rows)).set_index("variant")
     assert med.loc[BARE, "value"] == 200 and math.isnan(med.loc[BARE, "ratio"])
-    assert med.loc["clip", "value"] == 190 and med.loc["clip", "ratio"] == pytest.approx(0.95)
-    assert bool(med.loc["clip", "met"])  # exactly at the 0.95 x bare target
-    assert med.loc["roclip", "ratio"] == pytest.approx(150 / 190) and not med.loc["roclip", "met"]
-    assert med.loc["aug-only", "ratio"] == pytest.approx(180 / 190) and med.loc["aug-only", "met"]
+    assert (med.loc[BARE, "lo"], med.loc[BARE, "hi"]) == (100, 300)
+    # clip / bare per repetition: 0.95, 0.967, 0.25 -> median 0.95, exactly at the target
+    assert med.loc["clip", "value"] == 95 and med.loc["clip", "ratio"] == pytest.approx(0.95)
+    assert bool(med.loc["clip", "met"])
+    # roclip / clip: 0.842, 0.862, 0.8 -> 0.842 (< 0.85); aug-only / clip: 0.895, 0.828, 0.4 -> 0.828
+    assert med.loc["roclip", "ratio"] == pytest.approx(80 / 95) and not med.loc["roclip", "met"]
+    assert med.loc["aug-only", "ratio"] == pytest.approx(240 / 290) and not med.loc["aug-only", "met"]
     assert med.loc["sig", "met"] and not med.loc["wanet", "met"]
 
 
