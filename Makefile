@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.poisonbench-installed
 RESULTS ?= results
 
-.PHONY: setup data demo leaderboard test test-fast clean
+.PHONY: setup data demo leaderboard perf test test-fast clean
 
 setup: data $(STAMP)
 
@@ -36,6 +36,10 @@ demo: setup
 leaderboard: setup
 	$(BIN)/bench run --attack all --defense clip,roclip,aug-only --seed 0-2 --jobs 2 --results $(RESULTS)
 	$(BIN)/bench report --results $(RESULTS) --format md --out $(RESULTS)/LEADERBOARD.md
+
+# Harness speed on this machine (README, "Performance"): keep the machine otherwise idle.
+perf: setup
+	$(BIN)/bench perf --results $(RESULTS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -587,19 +587,21 @@ def report(results, fmt, out, html_page, plots) -> None:
 @main.command()
 @click.option("--profile", "-p", default="cpu-small", show_default=True,
               help="Profile whose model, data, batch size, optimizer and defense settings are measured.")
-@click.option("--steps", default=26, show_default=True, type=click.IntRange(min=1),
-              help="Optimizer steps per epoch of each training measurement.")
+@click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Optimizer steps per epoch of each training measurement (cpu-small: >= 16 for RoCLIP's pool).")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1),
               help="Epochs per training measurement (cpu-small's RoCLIP matches in epoch 3 of every 3).")
-@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeats", default=9, show_default=True, type=click.IntRange(min=1),
               help="Repetitions of each measurement, interleaved; medians are reported.")
 @click.option("--poison-images", default=0, show_default=True, type=click.IntRange(min=0),
               help="Training images to poison; 0 = the whole training split (60k for Fashion-MNIST).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="PyTorch CPU threads; 0 = every usable core, as bench run (bench run --jobs N gives cores/N).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval"]),
               help="Measure only this stage (repeatable)  [default: all three]")
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder; the figures go to RESULTS/perf/perf-<time>.parquet.")
-def perf(profile, steps, epochs, repeats, poison_images, stages, results) -> None:
+def perf(profile, steps, epochs, repeats, poison_images, threads, stages, results) -> None:
     """Measure the harness on this machine (CPU) and print medians, ratios and the targets.
 
     \b
@@ -609,14 +611,17 @@ def perf(profile, steps, epochs, repeats, poison_images, stages, results) -> Non
                poisoned training set
     eval       seconds of zero-shot, ASR, linear probe and retrieval on the evaluation set
     and the process's peak resident memory after each stage. With the defaults this takes about
-    5 minutes on 2 cores; keep the machine otherwise idle while it runs.
+    6 minutes on 2 cores; keep the machine otherwise idle while it runs. Two threads on a shared
+    virtual machine vary by +-15 % from one run to the next: compare the ratios (each the median of
+    the per-repetition ratios), and use --threads 1 for steadier figures.
     """
     from rich.progress import Progress
 
     from .display import perf_memory, perf_tables
     from .perf import PerfOptions, run_perf, summary, write
 
-    opts = PerfOptions(profile, steps, epochs, repeats, poison_images, tuple(stages) or ("training", "poisoning", "eval"))
+    opts = PerfOptions(profile, steps, epochs, repeats, poison_images,
+                       tuple(stages) or ("training", "poisoning", "eval"), threads)
     with Progress(console=console, transient=True) as progress:
         try:
             frame = run_perf(opts, progress)

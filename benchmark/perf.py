@@ -48,14 +48,17 @@ class PerfOptions:
         poison_images: training images the triggers are applied to, and the poisoned training set
             is built from; 0 = the dataset's whole training split.
         stages: which of training, poisoning, eval to run.
+        threads: PyTorch CPU threads; 0 = every usable core (as ``bench run``), unless
+            OMP_NUM_THREADS is set.
     """
 
     profile: str = "cpu-small"
-    steps: int = 26
+    steps: int = 16
     epochs: int = 3
-    repeats: int = 5
+    repeats: int = 9
     poison_images: int = 0
     stages: tuple[str, ...] = ("training", "poisoning", "eval")
+    threads: int = 0
 
 
 def peak_rss_mib() -> float:
@@ -230,9 +233,12 @@ def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:
     unknown = set(opts.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
-    if min(opts.steps, opts.epochs, opts.repeats) < 1:
-        raise ValueError("steps, epochs and repeats must be >= 1")
-    set_threads()
+    if min(opts.steps, opts.epochs, opts.repeats) < 1 or opts.threads < 0:
+        raise ValueError("steps, epochs and repeats must be >= 1, threads >= 0")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    else:
+        set_threads()
     rows = []
     for stage in STAGES:
         if stage not in opts.stages:
