@@ -611,7 +611,7 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, stages, result
                poisoned training set
     eval       seconds of zero-shot, ASR, linear probe and retrieval on the evaluation set
     and the process's peak resident memory after each stage. With the defaults this takes about
-    6 minutes on 2 cores; keep the machine otherwise idle while it runs. Two threads on a shared
+    8 minutes on 2 cores; keep the machine otherwise idle while it runs. Two threads on a shared
     virtual machine vary by +-15 % from one run to the next: compare the ratios (each the median of
     the per-repetition ratios), and use --threads 1 for steadier figures.
     """

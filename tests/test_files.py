@@ -21,6 +21,7 @@ CAPTIONS = [
     " ".join(["long"] * 120),
     "",
     "NA",
+    "  leading and trailing spaces  ",
 ]
 
 

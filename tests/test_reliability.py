@@ -29,6 +29,7 @@ from poisonbench.registry import DATASETS
 from poisonbench.store import has_finished_row, read_runs, runs_dir, write_row
 from poisonbench.train import NonFiniteLossError, load_checkpoint
 from poisonbench.utils import remove_temp_files
+from test_files import CAPTIONS  # distinct captions with everything a caption file may hold
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -86,19 +87,6 @@ def test_non_rgb_modes_decode_to_the_right_rgb_uint8(mode):
     assert (x.to(torch.int16) - expected).abs().max().item() <= tol, x[:, 0, 0].tolist()
 
 
-# distinct captions, with everything a caption file may hold
-CAPTIONS = [
-    "plain caption",
-    'a "quoted", comma, caption',
-    "tab\tinside",
-    "new\nline and\r\ncarriage return",
-    "emoji 👗👟 and accents: café",
-    "עברית مرحبا right-to-left",
-    " ".join(["long"] * 120),
-    "",
-    "NA",
-    "  leading and trailing spaces  ",
-]
 GOOD_MODES = ["RGB", "L", "LA", "RGBA", "P", "I;16", "rgb48", "RGB", "L", "RGBA"]
 
 
