@@ -48,4 +48,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(RESULTS)/runs $(RESULTS)/manifests $(RESULTS)/checkpoints $(RESULTS)/locks $(RESULTS)/logs .pytest_cache
+	rm -rf $(RESULTS)/runs $(RESULTS)/manifests $(RESULTS)/checkpoints $(RESULTS)/locks $(RESULTS)/logs $(RESULTS)/perf .pytest_cache

@@ -588,7 +588,8 @@ def report(results, fmt, out, html_page, plots) -> None:
 @click.option("--profile", "-p", default="cpu-small", show_default=True,
               help="Profile whose model, data, batch size, optimizer and defense settings are measured.")
 @click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Optimizer steps per epoch of each training measurement (cpu-small: >= 16 for RoCLIP's pool).")
+              help="Optimizer steps per epoch of each training measurement, and of the model the eval stage "
+                   "evaluates (cpu-small: >= 16 for RoCLIP's pool).")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1),
               help="Epochs per training measurement (cpu-small's RoCLIP matches in epoch 3 of every 3).")
 @click.option("--repeats", default=9, show_default=True, type=click.IntRange(min=1),
@@ -602,35 +603,42 @@ def report(results, fmt, out, html_page, plots) -> None:
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder; the figures go to RESULTS/perf/perf-<time>.parquet.")
 def perf(profile, steps, epochs, repeats, poison_images, threads, stages, results) -> None:
-    """Measure the harness on this machine (CPU) and print medians, ratios and the targets.
+    """Measure the harness on this machine (CPU): medians, ratios, targets.
 
     \b
-    training   samples/s of the real trainer per defense against a bare open_clip loop on the same
-               pre-made tensors; the share of wall time spent waiting for data and augmenting
-    poisoning  seconds to apply each trigger to every training image and to build each attack's
-               poisoned training set
-    eval       seconds of zero-shot, ASR, linear probe and retrieval on the evaluation set
-    and the process's peak resident memory after each stage. With the defaults this takes about
-    8 minutes on 2 cores; keep the machine otherwise idle while it runs. Two threads on a shared
-    virtual machine vary by +-15 % from one run to the next: compare the ratios (each the median of
-    the per-repetition ratios), and use --threads 1 for steadier figures.
+    training   samples/s of the real trainer per defense against a bare
+               open_clip loop on the same pre-made tensors; the share of
+               wall time spent waiting for data and augmenting
+    poisoning  seconds to apply each trigger to every training image and
+               to build each attack's poisoned training set
+    eval       seconds of zero-shot, ASR, linear probe and retrieval on the
+               evaluation set, for a model trained --steps steps
+    and the process's peak resident memory after each stage.
+
+    With the defaults this takes about 8 minutes on 2 cores; keep the machine otherwise idle.
+    Two threads on a shared virtual machine vary by +-15 % from one repetition to the next:
+    compare the ratios (each the median of the per-repetition ratios), or use --threads 1.
     """
     from rich.progress import Progress
 
     from .display import perf_memory, perf_tables
-    from .perf import PerfOptions, run_perf, summary, write
+    from .perf import PerfOptions, check, run_perf, summary, write
 
     opts = PerfOptions(profile, steps, epochs, repeats, poison_images,
                        tuple(stages) or ("training", "poisoning", "eval"), threads)
+    try:
+        check(opts)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    check_writable(Path(results) / "perf")
     with Progress(console=console, transient=True) as progress:
-        try:
-            frame = run_perf(opts, progress)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
+        frame = run_perf(opts, progress)
     m = frame.iloc[0]
-    console.print(f"[bold]bench perf[/bold] on {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, "
-                  f"torch {m['torch']}, Python {m['python']}; bare loop = a hand-written open_clip loop on "
-                  "pre-made tensors")
+    threads = f"{m['threads']} torch thread{'s' if m['threads'] != 1 else ''}"
+    console.print(f"[bold]bench perf[/bold] on {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}, "
+                  f"Python {m['python']}")
+    if "training" in opts.stages:
+        console.print("bare loop: a hand-written open_clip training loop on pre-made tensors")
     med = summary(frame)
     for table in perf_tables(med, m):
         console.print(table)

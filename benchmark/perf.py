@@ -28,7 +28,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .config import RunConfig, get_profile, resolve
+from .config import PROFILES, RunConfig, get_profile, resolve
 from .evaluate import normalize
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .utils import atomic_write, usable_cores
@@ -132,10 +132,7 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
                 run_pairs = pairs.subset(torch.arange(bs))
                 d.params = dataclasses.replace(d.params, **({"pool_size": bs, "match_every": 1} if defense == "roclip" else {}))
                 run_cfg = dataclasses.replace(cfg, epochs=1)
-            try:
-                d.check(len(run_pairs))
-            except ValueError as e:
-                raise ValueError(f"--steps {opts.steps} trains on {len(run_pairs)} pairs: {e}; raise --steps") from None
+            d.check(len(run_pairs))  # the pool fits: see ``check``
             r = train(copy.deepcopy(model0), tokenizer, run_pairs, d, run_cfg, torch.device("cpu"), None, progress=False)
             return {"samples_per_s": r.steps * bs / r.train_s, "data_wait_share": r.data_wait_s / r.train_s,
                     "augment_share": r.augment_s / r.train_s}
@@ -222,6 +219,29 @@ def machine() -> dict[str, str | int]:
             "python": platform.python_version(), "git_rev": git_rev()}
 
 
+def check(opts: PerfOptions) -> None:
+    """Raise ValueError, naming the problem and the fix, for options that could not finish, so
+    that nothing is measured in vain: an unknown profile or stage, a profile whose data must be
+    given (paper), fewer pairs per epoch than RoCLIP's pool, more images to poison than the data has."""
+    profile = get_profile(opts.profile)
+    unknown = set(opts.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
+    if min(opts.steps, opts.epochs, opts.repeats) < 1 or opts.threads < 0:
+        raise ValueError("steps, epochs and repeats must be >= 1, threads >= 0")
+    if profile.dataset == "files":
+        raise ValueError(f"bench perf measures the profiles with built-in data ({', '.join(p for p in PROFILES if PROFILES[p].dataset != 'files')}); "
+                         f"for the {opts.profile} profile on a GPU, use scripts/paper_throughput.py")
+    pool = resolve("none", "roclip", profile=opts.profile).defense_params.get("pool_size", 0)
+    if "training" in opts.stages and opts.steps * profile.batch_size < pool:
+        raise ValueError(f"--steps {opts.steps} gives {opts.steps * profile.batch_size} pairs per epoch, fewer than "
+                         f"RoCLIP's pool of {pool} on {opts.profile}; use --steps {-(-pool // profile.batch_size)} or more")
+    if "poisoning" in opts.stages and opts.poison_images:
+        base = resolve("none", "clip", profile=opts.profile, dataset_params={"n_train": opts.poison_images})
+        ds_cls = DATASETS.get(base.dataset)
+        ds_cls(build_params(ds_cls.Params, base.dataset_params, "dataset")).load(0)  # raises when there are too few
+
+
 def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:
     """Run the selected stages; one row per (stage, variant, repeat, measure) with ``value`` and
     the peak RSS after the stage, in MiB (``peak_rss_mib``), plus the machine's columns.
@@ -229,12 +249,7 @@ def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:
     Raises ValueError for a profile, stage or step count that cannot run."""
     from .train import set_threads
 
-    get_profile(opts.profile)
-    unknown = set(opts.stages) - set(STAGES)
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
-    if min(opts.steps, opts.epochs, opts.repeats) < 1 or opts.threads < 0:
-        raise ValueError("steps, epochs and repeats must be >= 1, threads >= 0")
+    check(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     else:

@@ -42,7 +42,8 @@ def png(mode="RGB", value=128, side=20):
 
 GOOD = [("a.png", png("RGB", 10)), ("b.png", png("L", 20)), ("c.png", png("RGBA", 30)), ("d.jpg", png("CMYK", 40)),
         ("e.png", png("I;16", 50)), ("f.png", png("RGB", 60)), ("g.png", png("RGB", 70)), ("h.png", png("RGB", 80)),
-        ("i.png", png("RGB", 90))]
+        ("i.png", png("RGB", 90)), ("j.png", png("P", 100))]
+assert len(GOOD) == len(CAPTIONS)  # one caption per image
 BAD = [("empty.png", b""), ("junk.png", b"not an image at all"), ("trunc.png", png("RGB", 1, side=64)[:60])]
 
 

@@ -98,7 +98,18 @@ def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     assert "bare loop" in result.output and path.name in result.output.replace("\n", "")
 
 
-def test_bench_perf_refuses_too_few_steps_for_the_roclip_pool(tmp_path):
-    result = CliRunner().invoke(main, ["perf", "-p", "tiny", "--steps", "1", "--stage", "training",
-                                       "--results", str(tmp_path)])
-    assert result.exit_code != 0 and "raise --steps" in result.output
+@pytest.mark.parametrize("args,message", [
+    (["-p", "tiny", "--steps", "1"], "use --steps 4 or more"),  # tiny: pool 256, batch 64
+    (["-p", "tiny", "--stage", "poisoning", "--poison-images", "100000"], "exceeds the 60000 images"),
+    (["-p", "paper"], "scripts/paper_throughput.py"),
+])
+def test_bench_perf_refuses_what_could_not_finish_before_measuring(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["perf", *args, "--results", str(tmp_path)])
+    assert result.exit_code != 0 and message in result.output and result.exception.__class__ is SystemExit
+    assert not (tmp_path / "perf").exists() or not any((tmp_path / "perf").iterdir())
+
+
+def test_bench_perf_refuses_an_unwritable_results_folder_before_measuring(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(main, ["perf", "-p", "tiny", "--results", str(tmp_path / "file" / "sub")])
+    assert result.exit_code == 2 and "cannot write to the results folder" in result.output
