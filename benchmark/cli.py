@@ -635,8 +635,7 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, stages, result
         frame = run_perf(opts, progress)
     m = frame.iloc[0]
     threads = f"{m['threads']} torch thread{'s' if m['threads'] != 1 else ''}"
-    console.print(f"[bold]bench perf[/bold] on {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}, "
-                  f"Python {m['python']}")
+    console.print(f"[bold]bench perf[/bold]: {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}")
     if "training" in opts.stages:
         console.print("bare loop: a hand-written open_clip training loop on pre-made tensors")
     med = summary(frame)
