@@ -224,7 +224,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     """
     from . import distributed
     from .grid import EXIT_BUSY, run_cells, state, validate
-    from .store import read_row
+    from .store import has_finished_row, read_row
 
     submitted = launcher != "local"
     if submitted and nproc > 1:
@@ -277,7 +277,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     busy = [o for o in outcomes if o.code == EXIT_BUSY]
     if busy:
         console.print(f"[yellow]{len(busy)} cell(s) are being run by another process[/yellow]; `bench status` shows when they are done")
-    bad = [o for o in outcomes if o.code not in (0, EXIT_BUSY)]
+    bad = [o for o in outcomes if o.code not in (0, EXIT_BUSY) and not has_finished_row(results, o.cfg.run_id)]
     if bad:
         err_console.print(f"[red]{len(bad)} of {len(outcomes)} cells did not finish[/red]; rerun the same command to retry them")
         sys.exit(1)

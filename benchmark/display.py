@@ -18,7 +18,7 @@ def pct(x) -> str:
 def show_row(row: dict) -> None:
     """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack).
     A row of an older schema, without some of these columns, shows ``-`` for them."""
-    table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row['seed']}, {row['profile']})")
+    table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row.get('seed', '-')}, {row.get('profile', '-')})")
     for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
         table.add_column(col, justify="right")
     asr, n = row.get("asr"), row.get("asr_n")
@@ -60,13 +60,16 @@ def cell_line(outcome, results) -> str:
     log = f" (log: {outcome.log})" if outcome.log else ""
     if code == 0:
         row = read_row(results, outcome.cfg.run_id)
-        return f"[green]done[/green] {name}: clean top-1 {pct(row['clean_top1'])}, ASR {pct(row.get('asr'))}, {row['wall_s']:.0f} s"
+        wall = row.get("wall_s")
+        return (f"[green]done[/green] {name}: clean top-1 {pct(row.get('clean_top1'))}, ASR {pct(row.get('asr'))}"
+                + (f", {wall:.0f} s" if wall == wall and wall is not None else ""))
     if code == EXIT_BUSY:
         return f"[yellow]skipped[/yellow] {name}: another process is running it{log}"
     if code == EXIT_CONFIG:
         return f"[red]not started[/red] {name}: bad configuration{log}"
-    recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file() and not has_finished_row(
-        results, outcome.cfg.run_id)
+    if has_finished_row(results, outcome.cfg.run_id):  # killed after its row was written: the result stands
+        return f"[yellow]done[/yellow] {name}: its row was written, then the process ended with exit {code}{log}"
+    recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file()
     what = "recorded with status=failed" if recorded else "nothing recorded"
     return f"[red]failed[/red] {name} (exit {code}); {what}, retried next time{log}"
 
@@ -88,9 +91,12 @@ def grid_table(cfgs, results) -> Table:
         st = state(cfg, results)
         clean = asr = note = ""
         if st in ("done", "failed"):
-            row = read_row(results, cfg.run_id)
+            try:
+                row = read_row(results, cfg.run_id)
+            except Exception as e:  # noqa: BLE001 - an unreadable file at the cell's name: rerun replaces it
+                row = {"error": f"unreadable result file ({type(e).__name__}); the next run redoes the cell"}
             if st == "done":
-                clean, asr = pct(row["clean_top1"]), pct(row.get("asr"))
+                clean, asr = pct(row.get("clean_top1")), pct(row.get("asr"))
             else:
                 note = str(row.get("error", ""))[:120]
         ckpt = Path(results) / "checkpoints" / cfg.run_id / "last.pt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -127,8 +128,20 @@ def _natural(col: pd.Series) -> pd.Series:
     return col.map(lambda s: tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
 
 
+def _config(text) -> dict:
+    """A row's stored config; {} (grouped by its identity columns alone) when it is missing or not JSON."""
+    if not isinstance(text, str):
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError:
+        warnings.warn(f"a result row's config is not JSON ({text[:40]!r}); it is grouped by attack/defense alone")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def _settings(ok: pd.DataFrame) -> pd.Series:
-    configs = [json.loads(c) if isinstance(c, str) else {} for c in ok.get("config", [None] * len(ok))]
+    configs = [_config(c) for c in ok.get("config", [None] * len(ok))]
     # rows without a stored config still group by their identity columns
     for c, (_, r) in zip(configs, ok.iterrows()):
         for k in GROUP:

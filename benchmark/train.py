@@ -123,7 +123,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
     amp = device.type == "cuda"
 
-    start_epoch, step = 1, 0
+    start_epoch, step, loss_value = 1, 0, float("nan")
     distributed.barrier()  # rank 0 may have removed a stale checkpoint: all ranks see the same file
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
@@ -136,13 +136,13 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             defense.load_state_dict(state["defense"])
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            loss_value = float(state.get("loss", float("nan")))  # a run resumed after its last epoch reports it
 
     def encode_captions(k: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
         emb = encode_tokens(model, tokens[torch.randint(0, n, (k,), generator=g)], batch_size=1024, device=device)
         return distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
 
-    loss_value = float("nan")
     fetch = {"wait_s": 0.0}
     augment_s = 0.0
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def train(
                 bar.console.print(f"epoch {epoch}/{cfg.epochs}: loss {loss_value:.3f}, {rate:.0f} samples/s, "
                                   f"{time.perf_counter() - t_epoch:.0f} s")
             if checkpoint is not None and main:
-                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world)
+                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world, loss_value)
             distributed.barrier()  # no rank runs ahead of the last checkpoint
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
@@ -257,6 +257,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded safely (changed, truncated or not poisonbench's)."""
 
 
+CHECKPOINT_KEYS = frozenset({"config_hash", "epoch", "step", "model", "optimizer", "scheduler", "defense"})
+
+
 def load_checkpoint(path: Path) -> dict | None:
     """The checkpoint at ``path``, or None when there is none.
 
@@ -278,17 +281,18 @@ def load_checkpoint(path: Path) -> dict | None:
             f"refusing checkpoint {path}: it cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "poisonbench writes checkpoints atomically, so something else changed it; delete it, or rerun with "
             "--force, to train this cell from scratch") from None
-    if not isinstance(state, dict) or not {"config_hash", "epoch", "step", "model"} <= set(state):
-        raise CheckpointError(f"refusing checkpoint {path}: not a poisonbench checkpoint (no config_hash/epoch/step/"
-                              "model); delete it, or rerun with --force, to train this cell from scratch")
+    missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"refusing checkpoint {path}: not a complete poisonbench checkpoint (no "
+                              f"{', '.join(missing)}); delete it, or rerun with --force, to train this cell from scratch")
     return state
 
 
 def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense,
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, loss: float = float("nan")) -> None:
     """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``).
     ``world_size``, the number of processes that trained it, is stored: a run with another
-    number of processes (another global batch) does not resume it."""
+    number of processes (another global batch) does not resume it. ``loss`` is the last step's loss."""
     state = {
         "config_hash": cfg.config_hash,
         "world_size": world_size,
@@ -298,6 +302,7 @@ def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, op
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "defense": defense.state_dict(),
+        "loss": loss,
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 

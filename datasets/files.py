@@ -53,8 +53,8 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
                 peak = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(arr.max()))
                 img = Image.fromarray((arr / peak * 255.0).round().clip(0, 255).astype(np.uint8), "L")
             rgb = img.convert("RGB")  # L, P, RGBA (alpha dropped), CMYK, ...
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises all three for bad data
-        raise ValueError(f"not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad data
+        raise ValueError(f"not a readable image ({str(e).replace(repr(io.BytesIO), 'data')})") from None
     x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return eval_geometry(x.unsqueeze(0), size)[0]
 
@@ -136,10 +136,18 @@ def check_shard(path: str) -> None:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no WebDataset shard at {path}")
+    size = Path(path).stat().st_size
     try:
         with tarfile.open(path) as tar:
-            for _ in tar:
-                pass
+            end = 0
+            for m in tar:
+                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if end > size:
+                    raise tarfile.TarError(f"member {m.name} runs past the end of the file")
+        with open(path, "rb") as f:  # a tar ends with two zero blocks: without them, it was cut short
+            f.seek(end)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise tarfile.TarError("no end-of-archive marker after the last member")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"WebDataset shard {path} is not a complete tar file ({e}); download it again, or leave it "
                          "out of the brace range") from None

@@ -540,3 +540,64 @@ def test_report_on_a_store_without_finished_runs_says_what_to_run_first(tmp_path
     assert f"Run one first, e.g. `bench run --attack badnet --defense clip --results {res}`" in text
     assert ("1 failed run(s) are in the store; see their `error` column" in text) == (store == "failed only")
     assert res.exists() == (store != "missing")  # reporting creates nothing
+
+
+def test_a_decompression_bomb_is_skipped_like_any_unreadable_image(monkeypatch):
+    from PIL import Image as PILImage
+
+    from poisonbench.datasets.files import decode_image
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(buf, "PNG")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10)  # 64 pixels > 2 x 10: PIL's DecompressionBombError
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_image(buf.getvalue(), 8)
+
+
+@pytest.mark.parametrize("cut", ["block boundary", "inside a member", "no end marker"])
+def test_a_shard_cut_short_is_named_before_training(tmp_path, cut):
+    from poisonbench.datasets.files import check_shard
+
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            data = bytes(range(256)) * 8  # 2048 bytes: 4 blocks per member
+            info = tarfile.TarInfo(f"{i:05d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    check_shard(str(path))  # the whole shard passes
+    data = path.read_bytes()
+    keep = {"block boundary": 512 * 10, "inside a member": 512 * 10 + 700, "no end marker": 6 * 5 * 512}[cut]
+    path.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match=r"00000.tar is not a complete tar file"):
+        check_shard(str(path))
+
+
+def test_status_and_report_survive_junk_or_odd_rows_at_a_cells_own_name(tmp_path):
+    from poisonbench.display import grid_table
+    from poisonbench.report import load_leaderboard
+
+    cfgs = [resolve("badnet", "clip", "tiny"), resolve("badnet", "roclip", "tiny")]
+    res = tmp_path / "res"
+    runs_dir(res).mkdir(parents=True)
+    (runs_dir(res) / f"{cfgs[0].run_id}.parquet").write_text("garbage")
+    write_row({"run_id": cfgs[1].run_id, "status": "ok", "attack": "badnet", "defense": "roclip", "asr": 0.1,
+               "config": "not json"}, res)  # no clean_top1, no seed, a config that is not JSON
+    table = grid_table(cfgs, res)
+    assert table.row_count == 2
+    with pytest.warns(UserWarning, match="not JSON"):
+        board = load_leaderboard(res)
+    assert len(board) == 1 and board.iloc[0]["asr"] == pytest.approx(0.1)
+
+
+def test_a_cell_killed_after_writing_its_ok_row_is_reported_done_not_failed(tmp_path):
+    from poisonbench.display import cell_line
+    from poisonbench.grid import CellOutcome
+
+    cfg, res = resolve("badnet", "clip", "tiny"), tmp_path / "res"
+    write_row({"run_id": cfg.run_id, "status": "ok", "attack": "badnet", "defense": "clip", "clean_top1": 0.5,
+               "asr": 0.9, "wall_s": 3.0}, res)
+    line = cell_line(CellOutcome(cfg, -9, None), res)
+    assert line.startswith("[yellow]done") and "exit -9" in line and "nothing recorded" not in line
+    (runs_dir(res) / f"{cfg.run_id}.parquet").unlink()
+    assert "nothing recorded, retried next time" in cell_line(CellOutcome(cfg, -9, None), res)

@@ -40,6 +40,19 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
     assert result.resumed_from_epoch == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference[k]), k
+    # killed after the last epoch (during evaluation, say): the rerun trains nothing and reports the same loss
+    again = train(*fresh(cell), cell.plan.train, prepare(cfg).defense, cfg, torch.device("cpu"), tmp_path / "b.pt",
+                  progress=False)
+    assert again.resumed_from_epoch == 2 and again.final_loss == result.final_loss and result.final_loss == result.final_loss
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_what_it_lacks(tmp_path):
+    from poisonbench.train import CheckpointError, load_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"config_hash": "x", "epoch": 1, "step": 2, "model": {}, "scheduler": {}, "defense": {}}, path)
+    with pytest.raises(CheckpointError, match="no optimizer.*--force"):
+        load_checkpoint(path)
 
 
 def test_tampered_or_code_carrying_checkpoint_is_refused(tmp_path):
@@ -48,7 +61,8 @@ def test_tampered_or_code_carrying_checkpoint_is_refused(tmp_path):
     import pickle
 
     good = tmp_path / "good.pt"
-    torch.save({"config_hash": "x", "epoch": 1, "step": 2, "model": {"w": torch.ones(3)}}, good)
+    torch.save({"config_hash": "x", "epoch": 1, "step": 2, "model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {},
+                "defense": {}}, good)
     assert load_checkpoint(good)["step"] == 2
     assert load_checkpoint(tmp_path / "missing.pt") is None
     marker = tmp_path / "code-ran"
