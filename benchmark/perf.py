@@ -1,8 +1,7 @@
 """``bench perf``: how fast the harness is, measured (not asserted) on this machine.
 
-Four measurements, each repeated with the variants interleaved (repetition r of every variant runs
-before repetition r+1 of any) so that noise from the rest of the machine hits all of them alike;
-medians are reported:
+Four measurements, each repeated with the variants interleaved and rotated (``interleaved``) so
+that noise from the rest of the machine hits all of them alike; medians are reported:
 
 - training throughput (samples/s) through the real trainer (``train.train``) for each defense, on
   the profile's model, batch and optimizer, against a minimal hand-written open_clip loop
@@ -18,6 +17,7 @@ medians are reported:
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import platform
 import resource
@@ -103,6 +103,17 @@ def bare_loop(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
     return steps * bs / (time.perf_counter() - t0)
 
 
+@functools.lru_cache(maxsize=1)
+def load_data(profile: str, n_train: int | None = None):
+    """The profile's clean data (seed 0), with ``n_train`` training pairs when given (0 = the whole
+    split). The last bundle is kept, so ``check`` and the poisoning stage load it once.
+    Raises ValueError when the data has fewer than ``n_train`` pairs."""
+    extra = {} if n_train is None else {"n_train": n_train}
+    base = resolve("none", "clip", profile=profile, dataset_params=extra)
+    ds_cls = DATASETS.get(base.dataset)
+    return ds_cls(build_params(ds_cls.Params, base.dataset_params, "dataset")).load(0)
+
+
 def training_measurements(opts: PerfOptions, progress) -> list[dict]:
     """Throughput of the bare loop and of the trainer with each defense, interleaved, after one
     short unrecorded warm-up call of each (one-off costs: allocator, WordNet, kornia)."""
@@ -110,8 +121,7 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
     from .train import train
 
     base = resolve("none", "clip", profile=opts.profile)
-    ds_cls = DATASETS.get(base.dataset)
-    data = ds_cls(build_params(ds_cls.Params, base.dataset_params, "dataset")).load(0).train
+    data = load_data(opts.profile).train
     bs = base.batch_size
     if len(data) < opts.steps * bs:
         raise ValueError(f"--steps {opts.steps}: the {opts.profile} profile has {len(data)} training pairs, "
@@ -155,9 +165,7 @@ def poisoning_measurements(opts: PerfOptions, progress) -> list[dict]:
     """Seconds to apply each backdoor's trigger to ``poison_images`` training images, and to build
     each attack's poisoned training set (``Attack.poison``) from them, with the profile's attack
     parameters."""
-    base = resolve("none", "clip", profile=opts.profile, dataset_params={"n_train": opts.poison_images})
-    ds_cls = DATASETS.get(base.dataset)
-    data = ds_cls(build_params(ds_cls.Params, base.dataset_params, "dataset")).load(0)
+    data = load_data(opts.profile, opts.poison_images)
     names = [a for a in ATTACKS.names() if a != "none"]
     variants = {}
     for name in names:
@@ -237,9 +245,7 @@ def check(opts: PerfOptions) -> None:
         raise ValueError(f"--steps {opts.steps} gives {opts.steps * profile.batch_size} pairs per epoch, fewer than "
                          f"RoCLIP's pool of {pool} on {opts.profile}; use --steps {-(-pool // profile.batch_size)} or more")
     if "poisoning" in opts.stages and opts.poison_images:
-        base = resolve("none", "clip", profile=opts.profile, dataset_params={"n_train": opts.poison_images})
-        ds_cls = DATASETS.get(base.dataset)
-        ds_cls(build_params(ds_cls.Params, base.dataset_params, "dataset")).load(0)  # raises when there are too few
+        load_data(opts.profile, opts.poison_images)  # raises when there are too few; kept for the stage
 
 
 def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:
