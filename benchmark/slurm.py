@@ -109,6 +109,7 @@ class CellJob(Checkpointable):
         self.command = list(command)
         self.stop_timeout_s = stop_timeout_s
         self._proc: subprocess.Popen | None = None
+        self._terminated = False  # SIGTERM sent once: a second could interrupt the cell's recording
 
     def __call__(self) -> int:
         # PARENT_ENV: the cell gets SIGTERM from the kernel if this process dies (grid.die_with_parent)
@@ -123,15 +124,19 @@ class CellJob(Checkpointable):
         """Called by submitit on a time limit or preemption (in its SIGUSR2 handler): ask the cell to
         stop (SIGTERM; it records a failed row and keeps its last end-of-epoch checkpoint) and return
         the same command for submitit to requeue; the rerun resumes from the checkpoint."""
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
+        self._terminate()
         return DelayedSubmission(CellJob(self.command, self.stop_timeout_s))
+
+    def _terminate(self) -> None:
+        if self._proc is not None and self._proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self._proc.send_signal(signal.SIGTERM)
 
     def _stop(self) -> None:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        self._terminate()
         try:
             proc.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
@@ -139,7 +144,7 @@ class CellJob(Checkpointable):
             proc.wait()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_proc": None}  # a process does not pickle (nor requeue)
+        return {**self.__dict__, "_proc": None, "_terminated": False}  # a process does not pickle (nor requeue)
 
 
 def make_executor(launcher: str, folder: str | Path, opts: SlurmOptions, name: str) -> submitit.AutoExecutor:

@@ -11,7 +11,7 @@ import pytest
 from poisonbench.config import resolve
 from poisonbench.grid import GridSpec, expand, parse_seeds, split_list, state
 from poisonbench.registry import ATTACKS
-from poisonbench.store import CellBusyError, cell_lock, read_runs
+from poisonbench.store import CellBusyError, cell_lock, is_running, read_runs
 
 
 def test_split_list_keeps_bracketed_parameters_together():
@@ -88,7 +88,10 @@ def test_sigkill_mid_grid_then_rerun_completes_only_the_missing_cells(tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # the orphaned cell gets SIGTERM from the kernel and records a failed row
+    deadline = time.time() + 60  # the orphaned cell gets SIGTERM from the kernel and records a failed row
+    while (len(read_runs(res)) < 2 or any(is_running(res, p.stem) for p in res.glob("locks/*.lock"))) \
+            and time.time() < deadline:
+        time.sleep(0.2)
     before = read_runs(res).set_index("run_id")
     assert sorted(before["status"]) == ["failed", "ok"]
     done_id = before.index[before["status"] == "ok"][0]

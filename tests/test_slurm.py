@@ -4,7 +4,9 @@ through submitit's LocalExecutor. Except for the one slow test, the cells are fa
 ok row at once instead of training."""
 import os
 import stat
+import subprocess
 import sys
+import time
 
 import pytest
 import submitit
@@ -192,3 +194,33 @@ def test_tiny_cell_through_submitit_local_writes_one_ok_row_and_exits_0(tmp_path
     out = bench("run", "-p", "tiny", "-a", "badnet[n_poison=20]", "--epochs", 1, "--launcher", "submitit-local", "-r", res)
     assert out.exit_code == 0 and "already done" in out.output
     assert len([p for p in (res / "slurm").iterdir() if p.name != "%j"]) == 1
+
+
+def test_a_stopped_cell_gets_one_sigterm_even_if_slow_to_exit(tmp_path):
+    """On a time limit submitit calls ``checkpoint`` (SIGTERM to the cell) and then unwinds out of
+    the job's wait, whose clean-up stops the cell too: a cell still recording must not get a
+    second SIGTERM, which could interrupt it (this raced in CI)."""
+    got, ready = tmp_path / "got.txt", tmp_path / "ready"
+    script = (
+        "import pathlib, signal, sys, time\n"
+        f"got = pathlib.Path({str(got)!r})\n"
+        "def stop(*args):\n"
+        "    got.open('a').write('SIGTERM\\n')\n"
+        "    time.sleep(1.0)\n"  # still recording when the clean-up runs
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    job = slurm.CellJob([sys.executable, "-c", script], stop_timeout_s=10)
+    job._proc = subprocess.Popen(job.command)  # as __call__ starts it, without blocking this test
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    requeued = job.checkpoint()
+    while not got.exists() and time.monotonic() < deadline:  # the cell has started recording
+        time.sleep(0.05)
+    job._stop()  # __call__'s clean-up, as when submitit's handler exits to requeue
+    assert job._proc.returncode == 143
+    assert got.read_text().splitlines() == ["SIGTERM"]
+    assert isinstance(requeued.function, slurm.CellJob) and requeued.function.command == job.command
