@@ -309,25 +309,37 @@ def test_nan_loss_stops_training_at_that_step_and_keeps_the_last_complete_checkp
 
 # --- 4. kill -9 in the middle of a write ---------------------------------------------------------
 
-KILL_ROW = r"""
-import json, os, signal, sys
+# the start of both kill scripts: cut a file written in full to its first half (on disk), then kill -9
+HALVE_THEN_DIE = r"""
+import os, signal
+
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def halve_then_die(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    die()
+"""
+
+KILL_ROW = HALVE_THEN_DIE + r"""
+import json, sys
 import pyarrow.parquet as pq
 from poisonbench import store, utils
 
 results, point, row = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-die = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
 if point == "mid-write":
     real = pq.write_table
 
     def half_then_die(table, where, **kw):
         real(table, where, **kw)
-        with open(where, "rb") as f:
-            data = f.read()
-        with open(where, "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        die()
+        halve_then_die(where)
 
     pq.write_table = half_then_die
 else:  # the temp file is complete, the rename never happens
@@ -364,8 +376,8 @@ def test_sigkill_while_writing_a_row_leaves_the_previous_row_untouched(tmp_path,
     assert path.read_bytes() == before
 
 
-KILL_CHECKPOINT = r"""
-import os, signal, sys
+KILL_CHECKPOINT = HALVE_THEN_DIE + r"""
+import sys
 from poisonbench import train
 from poisonbench.config import resolve
 from poisonbench.runner import run_cell
@@ -380,13 +392,7 @@ def atomic_write(path, write):
 
     def half_then_die(tmp):  # epoch 2's checkpoint: half of it, then kill -9
         write(tmp)
-        with open(tmp, "rb") as f:
-            data = f.read()
-        with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        halve_then_die(tmp)
 
     real(path, half_then_die)
 
