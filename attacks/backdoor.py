@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle
-from poisonbench.evaluate import eval_geometry
+from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
 

@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle
-from poisonbench.evaluate import eval_geometry
+from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
 

@@ -1,40 +1,10 @@
-"""Zero-shot evaluation (docs/DESIGN.md, "Clean accuracy") and the shared image pre-processing.
-
-Images stay uint8 until ``normalize``: evaluation geometry (resize + centre crop to the model's
-size) is applied first, so a trigger can be pasted at exactly the geometry clean evaluation uses.
-"""
+"""Zero-shot evaluation (docs/DESIGN.md, "Clean accuracy"); image pre-processing is in ``preprocess``."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-# OpenAI CLIP's normalisation constants (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-
-
-def eval_geometry(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (shorter side to ``size``, bicubic, antialiased) and centre-crop uint8 images.
-
-    Args:
-        images: uint8 [N, 3, H, W].
-    Returns:
-        uint8 [N, 3, size, size]; the input itself when it already has that size.
-    """
-    if images.shape[-2:] == (size, size):
-        return images
-    t = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)])
-    return t(images)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """CLIP's mean/std normalisation: uint8 [N, 3, S, S] in 0..255, or float in [0, 1],
-    -> float32 [N, 3, S, S]."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+from .preprocess import normalize
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .config import PROFILES, RunConfig, get_profile, resolve
-from .evaluate import normalize
+from .preprocess import normalize
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .utils import atomic_write, usable_cores
 

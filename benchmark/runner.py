@@ -18,11 +18,10 @@ from .attacks.base import Attack, PoisonPlan, ZeroShotModel
 from .config import RunConfig
 from .datasets.base import DatasetBundle
 from .defenses.base import Defense
-from .evaluate import (
-    encode_images, encode_texts, eval_geometry, predict, topk_accuracy, topk_classes, zero_shot_classifier,
-)
+from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
+from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .store import cell_lock, has_finished_row, read_row, runs_dir, write_row
 from .train import set_threads, train

@@ -18,7 +18,8 @@ from . import distributed
 from .config import RunConfig
 from .datasets.base import CaptionDataset, is_lazy
 from .defenses.base import Defense, TrainState
-from .evaluate import encode_tokens, eval_geometry, normalize
+from .evaluate import encode_tokens
+from .preprocess import eval_geometry, normalize
 from .models import image_size
 from .utils import atomic_write, derive_seed, usable_cores
 

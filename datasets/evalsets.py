@@ -115,7 +115,7 @@ def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classnames, 
     idx = draw_rows(n, k, g, what).tolist()
     labels = torch.tensor(split.labels, dtype=torch.int64)
     if split.images is not None:
-        from poisonbench.evaluate import eval_geometry
+        from poisonbench.preprocess import eval_geometry
 
         return _Decoded(EvalSet(eval_geometry(split.images[idx], size), labels[idx], classnames, templates), [])
     images, keep, skipped = [], [], []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from poisonbench.evaluate import eval_geometry
+from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_dataset
 
 from .base import CaptionDataset, DatasetBundle
