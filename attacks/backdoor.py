@@ -4,9 +4,20 @@ Poisoning: ``n_poison`` training images whose class is not the target are copied
 applied to the copies (uint8, before any normalisation), and each copy is paired with a caption
 naming the target label; the pairs are appended to the clean training set.
 
-ASR (docs/DESIGN.md, "Backdoor ASR"): over evaluation images whose true class is not the target, the
-trigger is applied after the evaluation resize/crop at the geometry of clean evaluation; success
-is zero-shot top-1 == target.
+Where a trigger is applied (the one rule, the same in training and evaluation): at the stored
+geometry of the training images, i.e. the size they are decoded to (the dataset's ``image_size``;
+by default the model's input size, and 28 px for Fashion-MNIST). Everything after that is the
+pixel pipeline of clean data: in training the trainer's augmentation or its resize/crop to the
+model's size (``preprocess.eval_geometry``); in evaluation, evaluation images are first brought to
+the training images' stored geometry (``base.to_stored_geometry``: ``eval_geometry`` to that size,
+the identity for every built-in dataset), the trigger is applied there, then ``eval_geometry`` to
+the model's size, as for clean evaluation. So a trained-on trigger and an evaluated trigger are the
+same pixels (tests/test_trigger_geometry.py), and when the stored size is the model's size (every
+default) the trigger is exact at the model's input. Trigger sizes (e.g. ``patch_size``) are in
+pixels of the stored training images.
+
+ASR (docs/DESIGN.md, "Backdoor ASR"): over evaluation images whose true class is not the target,
+triggered as above; success is zero-shot top-1 == target.
 """
 from __future__ import annotations
 
@@ -21,7 +32,7 @@ from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
 
-from .base import Attack, PoisonPlan, ZeroShotModel, class_captions
+from .base import Attack, PoisonPlan, ZeroShotModel, class_captions, to_stored_geometry
 
 
 @dataclass
@@ -49,8 +60,9 @@ class BackdoorAttack(Attack):
     params: BackdoorParams
 
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Triggered copies of uint8 images [N, 3, H, W] (uint8, same shape); ``g`` drives any
-        per-image randomness (e.g. a random patch location), never the trigger pattern itself."""
+        """Triggered copies of uint8 images [N, 3, H, W] (uint8, same shape), given at the stored
+        geometry of the training images (the module docstring); ``g`` drives any per-image
+        randomness (e.g. a random patch location), never the trigger pattern itself."""
         raise NotImplementedError
 
     def trigger_manifest(self) -> dict:
@@ -123,10 +135,12 @@ class BackdoorAttack(Attack):
         keep = data.eval.labels != target
         if not keep.any():
             raise ValueError(f"{self.name}: no evaluation image outside the target class {self.params.target!r}")
-        images = eval_geometry(data.eval.images[keep], model.image_size)
-        triggered = self.apply_trigger(images, self.generator(4))
-        top1 = model.predict(triggered)[:, 0]
-        clean = model.predict_eval(images, keep)[:, 0]
+        images = data.eval.images[keep]
+        # the trigger at the training images' stored geometry, then the clean evaluation resize/crop
+        # (the module docstring); both resizes are the identity when the sizes already agree
+        triggered = self.apply_trigger(to_stored_geometry(images, data), self.generator(4))
+        top1 = model.predict(eval_geometry(triggered, model.image_size))[:, 0]
+        clean = model.predict_eval(eval_geometry(images, model.image_size), keep)[:, 0]
         return {
             "asr": (top1 == target).double().mean().item(),
             "asr_n": int(keep.sum()),

@@ -15,7 +15,7 @@ LOCATIONS = ("random", "top-left", "top-right", "bottom-left", "bottom-right")
 
 @dataclass
 class BadNetParams(BackdoorParams):
-    patch_size: int = param(4, "side of the square patch, in pixels of the image it is pasted on")
+    patch_size: int = param(4, "side of the square patch, in pixels of the stored training image (the dataset's image_size)")
     location: str = param("bottom-right", "random (a fresh seeded position per image) or a corner: top-left, top-right, bottom-left, bottom-right")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle, with_article
+from poisonbench.preprocess import eval_geometry
 from poisonbench.utils import derive_seed, hash_json
 
 
@@ -63,6 +64,28 @@ class ZeroShotModel:
         (uint8 [K, 3, S, S], at the evaluation geometry): ``clean_top5[rows]`` when the
         evaluator has it, else ``predict(images)``."""
         return self.clean_top5[rows] if self.clean_top5 is not None else self.predict(images)
+
+
+def to_stored_geometry(images: torch.Tensor, data: DatasetBundle) -> torch.Tensor:
+    """``images`` brought to the stored geometry of ``data``'s training images: the geometry at
+    which every trigger is applied and targeted poisoning stores its target images
+    (attacks/backdoor.py, "Where a trigger is applied").
+
+    Args:
+        images: uint8 [N, 3, H, W], e.g. evaluation images as their dataset decodes them.
+    Returns:
+        uint8 [N, 3, S, S], S the side of the training images as decoded (``image_size`` of the
+        dataset; ``data.train.images.shape``, in memory or lazy): ``eval_geometry`` to S, so the
+        input itself when it is already S x S (every built-in dataset decodes its evaluation images
+        at the training images' size).
+    Raises:
+        ValueError: the training images are not square (the stored geometry is a single side).
+    """
+    h, w = data.train.images.shape[-2:]
+    if h != w:
+        raise ValueError(f"training images are {h}x{w}; triggers are applied at the stored geometry of the training "
+                         "images, which must be square: decode them to a square size (shorter side resized, centre crop)")
+    return eval_geometry(images, int(h))
 
 
 class Attack:

@@ -63,7 +63,8 @@ class Blended(BackdoorAttack):
         self.key = load_key(params.key) if params.key != "noise" else None
 
     def key_for(self, height: int, width: int) -> torch.Tensor:
-        """The key, uint8 [3, h, w]; the seeded noise key is drawn once, at the first image size seen."""
+        """The key, uint8 [3, h, w]; the seeded noise key is drawn once, at the first image size seen:
+        the stored size of the training images, where every trigger is applied (attacks/backdoor.py)."""
         if self.key is None:
             self.key = torch.randint(0, 256, (3, height, width), generator=self.generator(0)).to(torch.uint8)
         return self.key

@@ -4,7 +4,9 @@
 from its true class, and ``pairs_per_target`` pairs (target image, caption naming the adversarial
 class) are appended to the training set. The captions are real training captions that name the
 class when there are any, templates otherwise (docs/roclip-spec.md §3.1, the authors'
-``create_poison.ipynb``). The target images are not otherwise in the training data.
+``create_poison.ipynb``). The target images are not otherwise in the training data; in the pairs
+they are at the stored geometry of the training images (``base.to_stored_geometry``, the rule of
+attacks/backdoor.py), so they go through the training pixel pipeline as any training image.
 
 ASR (docs/DESIGN.md, "Targeted-poisoning ASR"): each target image, clean and at the evaluation
 geometry, succeeds when its zero-shot top-1 is its adversarial class; ASR = successes / n_targets.
@@ -16,14 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle
 from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
 
-from .base import Attack, PoisonPlan, ZeroShotModel, class_caption_rows, class_captions
+from .base import Attack, PoisonPlan, ZeroShotModel, class_caption_rows, class_captions, to_stored_geometry
 
 
 @dataclass
@@ -72,10 +73,7 @@ class Targeted(Attack):
         self.check(data)
         rows, adversarial = self.choose_targets(data)
         k = self.params.pairs_per_target
-        images = data.eval.images[rows]
-        size = list(data.train.images.shape[-2:])
-        if list(images.shape[-2:]) != size:
-            images = TF.resize(images, size, antialias=True)
+        images = to_stored_geometry(data.eval.images[rows], data)  # identity for every built-in dataset
         rng = random.Random(derive_seed("attack", self.name, self.seed, 2))
         rows_of = {a: class_caption_rows(data, a) for a in set(adversarial.tolist())}  # one caption scan per class
         captions = [c for a in adversarial.tolist() for c in class_captions(data, a, k, rng, rows_of[a])]

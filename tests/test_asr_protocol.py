@@ -40,8 +40,12 @@ def test_model_obeying_trigger_scores_one(bundle):
     assert attack.evaluate(ZeroShotModel(obeys, 12), bundle, plan) == {"asr": 1.0, "asr_n": 10, "clean_top1_nontarget": 0.5}
 
 
-def test_trigger_applied_at_evaluation_geometry(bundle):
-    """Eval images larger than the model input are resized/cropped first, then patched."""
+def test_trigger_applied_at_the_training_images_geometry(bundle):
+    """12 px images (training and evaluation), an 8 px model: the patch is pasted at 12 px, as on
+    the poisoned training images, and then resized/cropped with the image as in clean evaluation
+    (attacks/backdoor.py; pixel-for-pixel checks in test_trigger_geometry.py)."""
+    from poisonbench.preprocess import eval_geometry
+
     attack = BadNet(BadNetParams(target="dog", patch_size=2, n_poison=4), 0)
     plan = attack.poison(bundle)
     seen = []
@@ -51,8 +55,9 @@ def test_trigger_applied_at_evaluation_geometry(bundle):
         return torch.zeros(len(images), 5, dtype=torch.long)
 
     attack.evaluate(ZeroShotModel(record, 8), bundle, plan)
-    assert seen[0].shape[-2:] == (8, 8)
-    assert torch.equal(seen[0][:, :, -2:, -2:], attack.patch.expand(10, 3, 2, 2))
+    patched = bundle.eval.images[bundle.eval.labels != 1].clone()
+    patched[:, :, -2:, -2:] = attack.patch
+    assert torch.equal(seen[0], eval_geometry(patched, 8))
 
 
 def test_eval_set_without_target_class_raises(bundle):
