@@ -50,8 +50,19 @@ class TrainResult:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in RoCLIP's code (docs/roclip-spec.md §1.10): no decay on norms, biases,
-    the logit scale and other 1-D parameters; ``weight_decay`` on the rest."""
+    """AdamW parameter groups, ``[no-decay group (weight_decay 0), decay group (weight_decay)]``.
+
+    A trainable parameter gets no weight decay when it has fewer than 2 dimensions or its name
+    contains "bn", "ln", "bias" or "logit_scale"; every other trainable parameter gets
+    ``weight_decay``. This is open_clip's rule (the ``exclude`` of its training script,
+    src/training/main.py), not exactly RoCLIP's: RoCLIP's code (docs/roclip-spec.md §1.10; its
+    model/src/main.py) groups by the name alone, so it also decays the 1-D parameters whose names
+    lack those words, which this rule does not: ``visual.class_embedding`` in every ViT (the tiny
+    and cpu-small models included) and, in RN50, the BatchNorm weights of the first block's
+    downsample in each stage (``visual.layer{1..4}.0.downsample.1.weight``). Every other parameter
+    of poisonbench-tiny, poisonbench-cpu-small, RN50 and ViT-B-32 is grouped as in RoCLIP. Kept as
+    it is: changing it changes the numbers of every existing cell.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

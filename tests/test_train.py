@@ -97,3 +97,14 @@ def test_no_weight_decay_on_norms_biases_and_logit_scale():
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert "logit_scale" in skipped and any("ln" in n for n in skipped) and any("bias" in n for n in skipped)
     assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_weight_decay_groups_depart_from_roclip_only_on_the_class_embedding():
+    """RoCLIP's code decays every parameter whose name lacks bn/ln/bias/logit_scale; this grouping
+    (open_clip's) also spares the 1-D ones: in the ViTs here that is the class embedding alone
+    (``param_groups``' docstring)."""
+    model, _ = create_model("poisonbench-tiny")
+    no_decay, _ = param_groups(model, 0.1)
+    ours = {n for n, p in model.named_parameters() if any(p is q for q in no_decay["params"])}
+    roclip = {n for n, _ in model.named_parameters() if any(k in n for k in ("bn", "ln", "bias", "logit_scale"))}
+    assert ours - roclip == {"visual.class_embedding"} and roclip <= ours
