@@ -3,7 +3,8 @@ import pytest
 from click.testing import CliRunner
 
 from poisonbench.cli import main
-from poisonbench.store import read_runs
+from poisonbench.store import read_runs, runs_dir, write_row
+from store_helpers import stored_row
 
 
 def bench(*args):
@@ -86,6 +87,21 @@ def test_cuda_requested_without_a_gpu_is_a_usage_error(tmp_path):
 def test_report_on_empty_store_says_what_to_run(tmp_path):
     out = CliRunner().invoke(main, ["report", "--results", str(tmp_path)])
     assert out.exit_code == 1 and "bench run --attack badnet" in out.output
+
+
+@pytest.mark.parametrize("store", ["missing", "empty", "failed only"])
+def test_report_on_a_store_without_finished_runs_says_what_to_run_first(tmp_path, store):
+    res = tmp_path / "res"
+    if store == "empty":
+        runs_dir(res).mkdir(parents=True)
+    if store == "failed only":
+        write_row({**stored_row("a", "failed", None), "error": "NonFiniteLossError: ..."}, res)
+    out = CliRunner().invoke(main, ["report", "--results", str(res)])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1 and f"no finished runs in {res / 'runs'}" in text
+    assert f"Run one first, e.g. `bench run --attack badnet --defense clip --results {res}`" in text
+    assert ("1 failed run(s) are in the store; see their `error` column" in text) == (store == "failed only")
+    assert res.exists() == (store != "missing")  # reporting creates nothing
 
 
 def test_list_shows_parameters_and_defaults():
