@@ -206,6 +206,8 @@ class Files:
     """
 
     Params = FilesParams
+    # bench run --data / --eval fill these parameters (datasets.base.Dataset.cli_options)
+    cli_options = {"data": "train", "eval": "eval"}
 
     def __init__(self, params: FilesParams):
         if not params.train:
@@ -258,6 +260,14 @@ class Files:
             heldout = CaptionDataset(everything.images[held], [everything.captions[i] for i in held.tolist()], labels[held])
         return DatasetBundle(everything.subset(rest), ev, class_words, ["a photo of {}."], probe, heldout,
                              skipped=len(pairs.skipped), eval_skipped=eval_skipped)
+
+
+    def write_poison(self, train: CaptionDataset, folder: Path) -> Path:
+        """The poisoned pairs of ``train`` written under ``folder`` in the format of the training
+        data (``write_poison`` below; the dataset hook of ``datasets.base.Dataset``). Returns the
+        CSV or shard written."""
+        p = self.params
+        return write_poison(train, p.train, folder, p.image_key, p.caption_key)
 
 
 def eval_class_words(spec: str, classnames: list[str]) -> list[list[str]]:
