@@ -1,5 +1,9 @@
-"""Built-in attacks. Importing this package registers them."""
-from . import badnet, badnet_lc, blended, none, sig, targeted, wanet  # noqa: F401
+"""Built-in attacks. Importing this package registers none of them: the registry imports the
+modules named in ``BUILTIN_MODULES`` on its first look-up, so importing ``attacks.base`` (or this
+package) loads no attack and no dataset module."""
 from .base import Attack, PoisonPlan, ZeroShotModel
 
-__all__ = ["Attack", "PoisonPlan", "ZeroShotModel"]
+# Modules of this package that register the built-in attacks (imported by ``registry.Registry``).
+BUILTIN_MODULES = ("badnet", "badnet_lc", "blended", "none", "sig", "targeted", "wanet")
+
+__all__ = ["Attack", "PoisonPlan", "ZeroShotModel", "BUILTIN_MODULES"]

@@ -94,6 +94,7 @@ class Attack:
 
     Params: type
     name: str
+    in_all: bool = True  # False: left out of `bench run --attack all` (the clean baseline)
 
     def __init__(self, params, seed: int):
         self.params = params

@@ -18,6 +18,7 @@ class NoAttack(Attack):
     """Trains on the clean data; reports clean accuracy only."""
 
     Params = NoParams
+    in_all = False  # not an attack: `--attack all` leaves it out
 
     def poison(self, data) -> PoisonPlan:
         return PoisonPlan(data.train, {"attack": "none"})

@@ -62,6 +62,14 @@ def list_cmd(kind: str | None) -> None:
             params = "\n".join(f"{p}: {t} = {d!r}  [dim]{h}[/dim]" for p, t, d, h in param_fields(cls.Params)) or "-"
             table.add_row(name, doc, params)
         console.print(table)
+    broken = [(k, b) for k, reg in registries.items() if kind in (None, k) for b in reg.broken()]
+    if broken:  # installed entry points whose module failed to import: shown, and the rest still works
+        table = Table(title="plugins that failed to load (not usable until fixed or uninstalled)", show_lines=True)
+        for col in ("kind", "entry point", "module", "installed by", "error"):
+            table.add_column(col)
+        for k, b in broken:
+            table.add_row(k, b.name, b.module, b.dist or "?", b.error)
+        console.print(table)
     if kind in (None, "profiles"):
         table = Table(title="profiles")
         table.add_column("name", no_wrap=True)

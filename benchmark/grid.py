@@ -21,8 +21,8 @@ from .store import has_finished_row, is_running, runs_dir
 from .utils import usable_cores
 
 ALL = "all"
-# `all` means every registered attack but the clean baseline, which is not an attack.
-NOT_IN_ALL = {"none"}
+# `all` means every registered plugin whose class does not set ``in_all = False`` (the clean
+# baseline, which is not an attack, sets it: attacks.base.Attack.in_all).
 
 # A grid larger than this is almost certainly a typo (e.g. a seed range 0-100000).
 MAX_CELLS = 10_000
@@ -102,8 +102,9 @@ class GridSpec:
             swept (the grid takes the product). An attack or defense sweep applies to the
             attacks/defenses that have the parameter.
         training: epochs, batch_size, lr overrides (None keeps the profile's).
-        data, eval: training pairs from files (``csv:PATH`` or ``wds:URLS``; the ``files``
-            dataset) and its evaluation set (``cifar10:ROOT`` ...); None keeps the profile's data.
+        data, eval: ``--data``/``--eval``: strings for the parameters of the one registered
+            dataset that claims ``--data`` (``cli_options``, ``datasets.base.Dataset``), e.g.
+            training pairs from files and their evaluation set; None keeps the profile's data.
     """
 
     attacks: str = "badnet"
@@ -119,18 +120,35 @@ class GridSpec:
 
     def dataset(self) -> tuple[str | None, dict[str, str]]:
         """(dataset name or None for the profile's, its fixed parameters) from ``data``/``eval``."""
-        if self.eval and not self.data:
-            raise ValueError("--eval chooses the evaluation set of --data; give --data csv:PATH or wds:URLS too")
-        if not self.data:
+        if not (self.data or self.eval):
             return None, {}
-        return "files", {"train": self.data, **({"eval": self.eval} if self.eval else {})}
+        name, options = data_dataset()
+        if not self.data:
+            data_help = next((h for f, _, _, h in param_fields(DATASETS.get(name).Params) if f == options["data"]), "")
+            raise ValueError(f"--eval chooses the evaluation set of --data; give --data too ({data_help})")
+        if self.eval and "eval" not in options:
+            raise ValueError(f"--eval: dataset {name}, which takes --data, has no evaluation set option")
+        return name, {options[k]: v for k, v in (("data", self.data), ("eval", self.eval)) if v}
+
+
+def data_dataset() -> tuple[str, dict[str, str]]:
+    """(name, ``cli_options``) of the registered dataset that claims ``--data`` (its
+    ``cli_options`` has a ``"data"`` key). Raises ValueError when none or several do."""
+    claims = [(n, DATASETS.get(n).cli_options) for n in DATASETS.names()
+              if "data" in getattr(DATASETS.get(n), "cli_options", {})]
+    if not claims:
+        raise ValueError("--data: no registered dataset takes it (a dataset's cli_options)")
+    if len(claims) > 1:
+        raise ValueError(f"--data: several registered datasets claim it ({', '.join(n for n, _ in claims)}); "
+                         "exactly one may (cli_options)")
+    return claims[0]
 
 
 def _names(text: str, registry, what: str) -> list[tuple[str, dict[str, str]]]:
     out = []
     for item in split_list(text):
         if item == ALL:
-            out += [(n, {}) for n in registry.names() if n not in NOT_IN_ALL]
+            out += [(n, {}) for n in registry.names() if getattr(registry.get(n), "in_all", True)]
         else:
             name, params = parse_name(item)
             registry.get(name)  # RegistryError listing the valid names

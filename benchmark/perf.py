@@ -166,7 +166,7 @@ def poisoning_measurements(opts: PerfOptions, progress) -> list[dict]:
     each attack's poisoned training set (``Attack.poison``) from them, with the profile's attack
     parameters."""
     data = load_data(opts.profile, opts.poison_images)
-    names = [a for a in ATTACKS.names() if a != "none"]
+    names = [a for a in ATTACKS.names() if getattr(ATTACKS.get(a), "in_all", True)]  # not the clean baseline
     variants = {}
     for name in names:
         cfg = resolve(name, "clip", profile=opts.profile, dataset_params={"n_train": opts.poison_images})
@@ -237,8 +237,9 @@ def check(opts: PerfOptions) -> None:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
     if min(opts.steps, opts.epochs, opts.repeats) < 1 or opts.threads < 0:
         raise ValueError("steps, epochs and repeats must be >= 1, threads >= 0")
-    if profile.dataset == "files":
-        raise ValueError(f"bench perf measures the profiles with built-in data ({', '.join(p for p in PROFILES if PROFILES[p].dataset != 'files')}); "
+    if _takes_data(profile.dataset):
+        builtin = ", ".join(p for p in PROFILES if not _takes_data(PROFILES[p].dataset))
+        raise ValueError(f"bench perf measures the profiles with built-in data ({builtin}); "
                          f"for the {opts.profile} profile on a GPU, use scripts/paper_throughput.py")
     pool = resolve("none", "roclip", profile=opts.profile).defense_params.get("pool_size", 0)
     if "training" in opts.stages and opts.steps * profile.batch_size < pool:
@@ -246,6 +247,11 @@ def check(opts: PerfOptions) -> None:
                          f"RoCLIP's pool of {pool} on {opts.profile}; use --steps {-(-pool // profile.batch_size)} or more")
     if "poisoning" in opts.stages and opts.poison_images:
         load_data(opts.profile, opts.poison_images)  # raises when there are too few; kept for the stage
+
+
+def _takes_data(dataset: str) -> bool:
+    """True for a dataset that reads the user's ``--data`` (``cli_options``): nothing to measure without it."""
+    return "data" in getattr(DATASETS.get(dataset), "cli_options", {})
 
 
 def run_perf(opts: PerfOptions, progress) -> pd.DataFrame:

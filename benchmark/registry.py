@@ -2,9 +2,15 @@
 
 A plugin is a class decorated with ``@register_attack("name")`` (or ``register_defense`` /
 ``register_dataset``) that declares its parameters as a dataclass in the class attribute
-``Params``. Built-in plugins live in ``poisonbench.attacks`` / ``.defenses`` / ``.datasets``;
-installed third-party plugins are found through the entry-point groups ``poisonbench.attacks``,
-``poisonbench.defenses`` and ``poisonbench.datasets`` (each entry point names a module to import).
+``Params``. Built-in plugins live in the modules that ``poisonbench.attacks`` / ``.defenses`` /
+``.datasets`` list in their ``BUILTIN_MODULES``; installed third-party plugins are found through
+the entry-point groups ``poisonbench.attacks``, ``poisonbench.defenses`` and
+``poisonbench.datasets`` (each entry point names a module to import).
+
+A third-party entry point whose module fails to import does not break the tool: it is recorded
+(``Registry.broken``), ``bench list`` shows it with its error, and asking for it by name raises a
+RegistryError naming the module and the error. A built-in module that fails to import is a bug
+in the package and raises.
 """
 from __future__ import annotations
 
@@ -13,19 +19,44 @@ import importlib
 import math
 import types
 import typing
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
 
 class RegistryError(ValueError):
-    """An unknown plugin name or parameter, or a parameter value of the wrong type."""
+    """An unknown plugin name or parameter, a plugin whose module failed to import, or a
+    parameter value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed entry point whose module could not be imported.
+
+    Attributes:
+        name: the entry point's name (usually the plugin's name).
+        module: what the entry point names (``module`` or ``module:attr``).
+        error: ``"ExceptionType: message"`` raised while importing it.
+        dist: the distribution that declares the entry point ("" when unknown).
+    """
+
+    name: str
+    module: str
+    error: str
+    dist: str = ""
+
+    def describe(self) -> str:
+        """One line naming the entry point, its module, its distribution and the error."""
+        by = f" (installed by {self.dist})" if self.dist else ""
+        return f"{self.name} -> module {self.module}{by} failed to import: {self.error}"
 
 
 class Registry:
     """Name -> plugin class map for one kind of plugin ("attack", "defense", "dataset").
 
-    Look-ups import the built-in module package and the entry-point group first, so
-    ``get``/``names`` see every plugin without the caller importing anything.
+    Look-ups first import the built-in modules (``BUILTIN_MODULES`` of ``builtin_package``) and
+    the entry points of ``group``, so ``get``/``names`` see every plugin without the caller
+    importing anything. Entry points that fail to import are kept in ``broken()``.
     """
 
     def __init__(self, kind: str, builtin_package: str, group: str):
@@ -33,6 +64,7 @@ class Registry:
         self._builtin = builtin_package
         self._group = group
         self._items: dict[str, type] = {}
+        self._broken: dict[str, BrokenPlugin] = {}
         self._loaded = False
 
     def register(self, name: str) -> Callable[[type], type]:
@@ -53,21 +85,43 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        importlib.import_module(self._builtin)
+        package = importlib.import_module(self._builtin)
+        for module in package.BUILTIN_MODULES:
+            importlib.import_module(f"{self._builtin}.{module}")  # a broken built-in is a bug: it raises
         for ep in entry_points(group=self._group):
-            ep.load()
+            before = set(self._items)
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - any failure of a third-party module is reported, not fatal
+                for name in set(self._items) - before:  # what it registered before failing is not usable
+                    del self._items[name]
+                dist = getattr(getattr(ep, "dist", None), "name", "") or ""
+                self._broken[ep.name] = BrokenPlugin(ep.name, ep.value, f"{type(e).__name__}: {e}", dist)
 
     def names(self) -> list[str]:
-        """Sorted names of every registered plugin."""
+        """Sorted names of every registered plugin (not those of ``broken()`` entry points)."""
         self._load()
         return sorted(self._items)
 
-    def get(self, name: str) -> type:
-        """The plugin class registered as ``name``; RegistryError listing the valid names otherwise."""
+    def broken(self) -> list[BrokenPlugin]:
+        """The entry points of this registry's group whose module failed to import, by name."""
         self._load()
-        if name not in self._items:
-            raise RegistryError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
-        return self._items[name]
+        return [self._broken[n] for n in sorted(self._broken)]
+
+    def get(self, name: str) -> type:
+        """The plugin class registered as ``name``.
+
+        Raises RegistryError naming the module and its import error when ``name`` is an entry
+        point that failed to import, or listing the valid names (and any entry points that failed
+        to import) for an unknown name."""
+        self._load()
+        if name in self._items:
+            return self._items[name]
+        if name in self._broken:
+            raise RegistryError(f"{self.kind} {name!r} cannot be used: entry point {self._broken[name].describe()}; "
+                                "fix or uninstall the plugin")
+        broken = "".join(f"; entry point {b.describe()}" for b in self.broken())
+        raise RegistryError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}{broken}")
 
     def params(self, name: str, overrides: dict[str, Any] | None = None):
         """Instantiate ``name``'s Params dataclass from its defaults and ``overrides``.

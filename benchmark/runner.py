@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class Cell:
-    """A prepared cell: its config, data, attack, poisoned training set, defense and device."""
+    """A prepared cell: its config, data, attack, poisoned training set, defense and device, and
+    the dataset object (for its optional hooks, ``datasets.base.Dataset``; None: no hooks)."""
 
     cfg: RunConfig
     data: DatasetBundle
@@ -42,6 +43,7 @@ class Cell:
     plan: PoisonPlan
     defense: Defense
     device: torch.device
+    dataset: Any = None
 
 
 def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None,
@@ -71,7 +73,7 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
     if len(plan.train) < cfg.batch_size * world:
         per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
         raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size * world}{per}")
-    return Cell(cfg, data, attack, plan, defense, dev)
+    return Cell(cfg, data, attack, plan, defense, dev, dataset)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -171,6 +173,17 @@ def manifest_file(results: Path, run_id: str) -> Path:
     return Path(results) / "manifests" / f"{run_id}.json"
 
 
+def write_poisoned_set(cell: Cell, results: Path) -> Path | None:
+    """The file the dataset's optional ``write_poison`` hook (``datasets.base.Dataset``) wrote the
+    cell's poisoned pairs to, under ``results/poison/<run_id>``; None when the attack poisoned no
+    pair or the dataset has no such hook (or wrote nothing)."""
+    hook = getattr(cell.dataset, "write_poison", None)
+    if hook is None or not cell.plan.n_poison:
+        return None
+    written = hook(cell.plan.train, Path(results) / "poison" / cell.cfg.run_id)
+    return None if written is None else Path(written)
+
+
 def _train(cell: Cell, ckpt: Path, progress: bool):
     """A fresh model (seeded by the cell's seed, the same on every rank) trained on the poisoned
     data: (model, tokenizer, TrainResult)."""
@@ -194,12 +207,9 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             warnings.warn(f"cell {cfg.run_id}: the poisoned data differ from the checkpoint's; starting over")
             ckpt.unlink()
         atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(manifest))
-        if cfg.dataset == "files" and cell.plan.n_poison:
-            from .datasets.files import write_poison
-
-            p = cfg.dataset_params
-            row["poison_files"] = str(write_poison(cell.plan.train, p["train"], results / "poison" / cfg.run_id,
-                                                   p["image_key"], p["caption_key"]))
+        written = write_poisoned_set(cell, results)
+        if written is not None:
+            row["poison_files"] = str(written)
         model, tokenizer, result = _train(cell, ckpt, progress)
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
                    steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)

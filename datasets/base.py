@@ -147,3 +147,32 @@ class DatasetBundle:
     heldout: CaptionDataset | None = None
     skipped: int = 0
     eval_skipped: int = 0
+
+
+class Dataset:
+    """The interface of a registered dataset (``@register_dataset("name")``). Built-in datasets
+    follow it without subclassing; a plugin may subclass it or not. The engine (runner, grid,
+    CLI) reaches a dataset only through this interface, never by its name.
+
+    Required:
+        ``Params``: a dataclass of the dataset's parameters (``registry.param`` fields).
+        ``__init__(self, params)``: keep ``params``; ValueError naming a bad value (checked before
+        any data is read).
+        ``load(self, seed: int) -> DatasetBundle``: the clean data of one run, seeded by ``seed``.
+
+    Optional (the engine uses them when the class has them):
+        ``cli_options``: class attribute, dict mapping the options of ``bench run``/``bench status``
+            that this dataset takes, ``"data"`` (``--data``) and ``"eval"`` (``--eval``), to the
+            names of its parameters that receive their strings, e.g.
+            ``{"data": "train", "eval": "eval"}``. ``--data`` selects the dataset that claims it;
+            exactly one registered dataset may claim it.
+        ``write_poison(self, train: CaptionDataset, folder: pathlib.Path) -> pathlib.Path | None``:
+            write the poisoned pairs of ``train`` (the rows with ``train.is_poison`` True; images
+            uint8 [N, 3, H, W]) under ``folder`` (``RESULTS/poison/<run_id>``, which it may create
+            or replace whole, and must never be the user's data), in a form other tools can read
+            (e.g. the format of the training data). Returns the file to record in the result row's
+            ``poison_files`` (a CSV, a shard), or None for nothing written. Called once per cell
+            before training, only when the attack poisoned at least one pair.
+    """
+
+    cli_options: dict[str, str] = {}

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
+from poisonbench.preprocess import eval_geometry
+
 from .base import EvalSet, draw_rows
+from .images import decode_image
+
+# pandas, torchvision.datasets and the Fashion-MNIST reader are imported inside the functions that
+# read those sets: only runs on such a set need them (start-up time).
 
 EVAL_KINDS = ("fashion-mnist", "imagenet", "cifar10", "cifar100", "imagefolder")
 
@@ -109,14 +115,10 @@ class _Decoded:
 
 
 def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classnames, templates, what: str) -> _Decoded:
-    from .files import decode_image
-
     n = len(split.labels)
     idx = draw_rows(n, k, g, what).tolist()
     labels = torch.tensor(split.labels, dtype=torch.int64)
     if split.images is not None:
-        from poisonbench.preprocess import eval_geometry
-
         return _Decoded(EvalSet(eval_geometry(split.images[idx], size), labels[idx], classnames, templates), [])
     images, keep, skipped = [], [], []
     for i in idx:

@@ -1,29 +1,31 @@
 """Image–caption pairs from files: CSV/TSV (the open_clip / RoCLIP / CleanCLIP format) and
 WebDataset shards as img2dataset writes them (``.jpg``/``.png`` + ``.txt`` per sample).
 
-Images are decoded with PIL, converted to RGB (grey, palette, RGBA, CMYK and 16-bit images
-included), resized (shorter side, bicubic, antialiased) and centre-cropped to ``size``. An image
-that is missing, empty, truncated or not an image is skipped and counted, never replaced by
-another sample.
+Images are decoded by ``images.decode_image`` (RGB, shorter side resized, centre crop to
+``size``). An image that is missing, empty, truncated or not an image is skipped and counted,
+never replaced by another sample.
+
+pandas, braceexpand and webdataset are imported inside the functions that use them: they are
+heavy, and only runs on files need them.
 """
 from __future__ import annotations
 
 import io
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_dataset
 
 from .base import CaptionDataset, DatasetBundle
 from .evalsets import load_eval
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from .fashion_mnist import CLASS_WORDS
+from .images import IMAGE_EXTENSIONS, UNREADABLE, check_shard, decode_image, unreadable_reason  # noqa: F401 (re-exported)
+from .lazy import LazyImages, Member, index_shards
 
 
 @dataclass
@@ -39,24 +41,6 @@ class Pairs:
     images: torch.Tensor
     captions: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """uint8 [3, size, size] from encoded image bytes; ValueError when they are not a readable image."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") else max(1.0, float(arr.max()))
-                img = Image.fromarray((arr / peak * 255.0).round().clip(0, 255).astype(np.uint8), "L")
-            rgb = img.convert("RGB")  # L, P, RGBA (alpha dropped), CMYK, ...
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad data
-        raise ValueError(f"not a readable image ({str(e).replace(repr(io.BytesIO), 'data')})") from None
-    x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    return eval_geometry(x.unsqueeze(0), size)[0]
 
 
 def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: str = "title",
@@ -76,8 +60,8 @@ def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: s
         file = path.parent / rel
         try:
             images.append(decode_image(file.read_bytes(), size))
-        except (OSError, ValueError) as e:
-            skipped.append((str(file), str(e) if isinstance(e, ValueError) else f"cannot read ({e.strerror or e})"))
+        except UNREADABLE as e:
+            skipped.append((str(file), unreadable_reason(e)))
             continue
         captions.append(caption)
     return Pairs(_stack(images, size), captions, skipped)
@@ -128,31 +112,6 @@ def read_wds_pairs(urls: str, size: int = 64) -> Pairs:
     return Pairs(_stack(images, size), captions, skipped)
 
 
-def check_shard(path: str) -> None:
-    """Read the tar headers of local shard ``path``. Raises FileNotFoundError when it is not
-    there, ValueError naming it when it is not a complete tar file (a partial download, another
-    format), since a broken shard would otherwise stop training half-way."""
-    import tarfile
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no WebDataset shard at {path}")
-    size = Path(path).stat().st_size
-    try:
-        with tarfile.open(path) as tar:
-            end = 0
-            for m in tar:
-                end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if end > size:
-                    raise tarfile.TarError(f"member {m.name} runs past the end of the file")
-        with open(path, "rb") as f:  # a tar ends with two zero blocks: without them, it was cut short
-            f.seek(end)
-            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                raise tarfile.TarError("no end-of-archive marker after the last member")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"WebDataset shard {path} is not a complete tar file ({e}); download it again, or leave it "
-                         "out of the brace range") from None
-
-
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
     return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
@@ -165,8 +124,6 @@ def read_pairs(spec: str, size: int, image_key: str = "filepath", caption_key: s
     ``LAZY_ABOVE_BYTES``.
 
     Raises ValueError for another prefix, FileNotFoundError for a missing file or shard."""
-    from .lazy import LazyImages, Member, index_shards
-
     kind, _, where = spec.partition(":")
     if kind not in ("csv", "wds") or not where:
         raise ValueError(f"training data {spec!r}: give csv:PATH (a CSV/TSV of image paths and captions) "
@@ -189,8 +146,8 @@ def read_pairs(spec: str, size: int, image_key: str = "filepath", caption_key: s
             try:
                 images.append(decode_image(m.read(), size))
                 kept.append(caption)
-            except (OSError, ValueError) as e:
-                bad.append((_where(m), str(e) if isinstance(e, ValueError) else f"cannot read ({e.strerror or e})"))
+            except UNREADABLE as e:
+                bad.append((_where(m), unreadable_reason(e)))
         return Pairs(_stack(images, size), kept, skipped + bad)
     images = LazyImages(members, size)
     bad = dict(images.check())
@@ -249,6 +206,8 @@ class Files:
     """
 
     Params = FilesParams
+    # bench run --data / --eval fill these parameters (datasets.base.Dataset.cli_options)
+    cli_options = {"data": "train", "eval": "eval"}
 
     def __init__(self, params: FilesParams):
         if not params.train:
@@ -303,12 +262,18 @@ class Files:
                              skipped=len(pairs.skipped), eval_skipped=eval_skipped)
 
 
+    def write_poison(self, train: CaptionDataset, folder: Path) -> Path:
+        """The poisoned pairs of ``train`` written under ``folder`` in the format of the training
+        data (``write_poison`` below; the dataset hook of ``datasets.base.Dataset``). Returns the
+        CSV or shard written."""
+        p = self.params
+        return write_poison(train, p.train, folder, p.image_key, p.caption_key)
+
+
 def eval_class_words(spec: str, classnames: list[str]) -> list[list[str]]:
     """Words that name each evaluation class in a caption: Fashion-MNIST's synonyms, else the
     class name itself."""
     if spec == "fashion-mnist":
-        from .fashion_mnist import CLASS_WORDS
-
         return [list(w) for w in CLASS_WORDS]
     return [[name] for name in classnames]
 
@@ -324,8 +289,6 @@ def write_poison(train: CaptionDataset, spec: str, folder: str | Path, image_key
     The folder is written whole or not at all (built under a temporary name, then renamed).
     Returns the file written (CSV or shard).
     """
-    import shutil
-
     folder = Path(folder)
     rows = train.is_poison.nonzero().squeeze(1).tolist()
     tmp = folder.with_name(folder.name + ".tmp")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from poisonbench.utils import usable_cores
-from .files import IMAGE_EXTENSIONS, check_shard, decode_image
+from .images import IMAGE_EXTENSIONS, check_shard, decode_image
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def index_shards(shards: list[str]) -> tuple[list[Member], list[str], list[tuple
     """Image members and captions of local WebDataset shards, in shard order: (members, captions,
     skipped (where, reason) for samples without an image or a ``.txt``). Reads tar headers and the
     small caption members only. Raises FileNotFoundError for a missing shard, ValueError for a
-    broken one (``files.check_shard``)."""
+    broken one (``images.check_shard``)."""
     members, captions, skipped = [], [], []
     for shard in shards:
         check_shard(shard)
@@ -67,7 +67,7 @@ class LazyImages:
 
     Args:
         members: where each row's encoded image lies.
-        size: side in pixels (shorter side resized, centre crop, as ``files.decode_image``).
+        size: side in pixels (shorter side resized, centre crop, as ``images.decode_image``).
         workers: decoding threads (default: the CPUs this process may use, at most 32).
     Raises (on access): RuntimeError naming the file when an image has become unreadable since
     it was checked at load time.

@@ -1,5 +1,8 @@
-"""Built-in defenses. Importing this package registers them."""
-from . import aug_only, clip, roclip  # noqa: F401
+"""Built-in defenses. Importing this package registers none of them: the registry imports the
+modules named in ``BUILTIN_MODULES`` on its first look-up."""
 from .base import Defense, TrainState
 
-__all__ = ["Defense", "TrainState"]
+# Modules of this package that register the built-in defenses (imported by ``registry.Registry``).
+BUILTIN_MODULES = ("aug_only", "clip", "roclip")
+
+__all__ = ["Defense", "TrainState", "BUILTIN_MODULES"]
