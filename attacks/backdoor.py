@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.datasets.base import CaptionDataset, DatasetBundle, prompt_key
 from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
@@ -41,6 +41,24 @@ def map_pixels(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
     for i in range(0, len(images), chunk):
         out[i : i + chunk] = fn(images[i : i + chunk].float()).round_().clamp_(0, 255)  # exact: already integers
     return out
+
+
+def check_unique_target(attack: str, ev, target: int) -> None:
+    """ValueError unless class ``target`` of the evaluation set ``ev`` (an ``EvalSet``) has a name
+    no other class has. Classes with the same name get the same zero-shot prompts, hence identical
+    classifier columns: top-1 between them is decided by tie-breaking, not by the model, so a
+    perfect backdoor could score an ASR of 0 (ImageNet's two "sunglasses", 836 and 837)."""
+    shared = ev.shared_name_classes()
+    if target not in shared:
+        return
+    same = [i for i in shared if i != target and prompt_key(ev.classnames[i]) == prompt_key(ev.classnames[target])]
+    others = ", ".join(f"#{i} {ev.display_name(i)}" for i in same)
+    raise ValueError(
+        f"{attack}: the target #{target} {ev.display_name(target)} shares its name with {others}: their zero-shot "
+        f"prompts are the same text, so their classifier columns are identical and top-1 between them is "
+        f"decided by tie-breaking, not by the model (the ASR would be meaningless). Choose a target whose name "
+        f"no other class has (any class but these {len(shared)}: #{', #'.join(map(str, shared[:8]))}"
+        f"{', ...' if len(shared) > 8 else ''})")
 
 
 class BackdoorAttack(Attack):
@@ -79,15 +97,17 @@ class BackdoorAttack(Attack):
         if p.n_poison < 0:
             raise ValueError(f"{self.name}: n_poison must be >= 0, got {p.n_poison}")
         target = data.eval.class_index(p.target)
+        check_unique_target(self.name, data.eval, target)
         eligible = len(self.eligible_rows(data, target))
         n = self.n_poison(len(data.train))
+        shown = data.eval.display_name(target)
         if n > eligible:
             raise ValueError(
                 f"{self.name}: {n} poisoned pairs requested but the training set has only {eligible} "
-                f"images {self.eligible_what} {p.target!r}; lower n_poison or poison_rate"
+                f"images {self.eligible_what} {shown!r}; lower n_poison or poison_rate"
             )
         if int((data.eval.labels != target).sum()) == 0:
-            raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {p.target!r}")
+            raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {shown!r}")
 
     def poison(self, data: DatasetBundle) -> PoisonPlan:
         self.check(data)
@@ -100,7 +120,7 @@ class BackdoorAttack(Attack):
         poisoned = CaptionDataset(images, captions, data.train.labels[src], torch.ones(n, dtype=torch.bool))
         manifest = {
             "attack": self.name,
-            "target": data.eval.classnames[target],
+            "target": data.eval.display_name(target),
             "target_index": target,
             "source_rows": src.tolist(),
             "captions": captions,
@@ -122,7 +142,8 @@ class BackdoorAttack(Attack):
         target = data.eval.class_index(self.params.target)
         keep = data.eval.labels != target
         if not keep.any():
-            raise ValueError(f"{self.name}: no evaluation image outside the target class {self.params.target!r}")
+            raise ValueError(f"{self.name}: no evaluation image outside the target class "
+                             f"{data.eval.display_name(target)!r}")
         images = eval_geometry(data.eval.images[keep], model.image_size)
         triggered = self.apply_trigger(images, self.generator(4))
         top1 = model.predict(triggered)[:, 0]

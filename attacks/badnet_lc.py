@@ -53,7 +53,7 @@ class BadNetLC(BadNet):
         train.is_poison[src] = True
         manifest = {
             "attack": self.name,
-            "target": data.eval.classnames[target],
+            "target": data.eval.display_name(target),
             "target_index": target,
             "replaced_rows": src.tolist(),
             "captions": [train.captions[i] for i in src.tolist()],
