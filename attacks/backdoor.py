@@ -83,6 +83,14 @@ class BackdoorAttack(Attack):
             return self.params.n_poison
         return int(round(r * n_clean / (1.0 - r)))
 
+    def count_origin(self, n_clean: int) -> str:
+        """How ``n_poison(n_clean)`` was reached, for messages: ``n_poison=0`` or
+        ``poison_rate=0.0001 of 512 clean pairs (round(0.0001 x 512 / (1 - 0.0001)))``."""
+        r = self.params.poison_rate
+        if r is None:
+            return f"n_poison={self.params.n_poison}"
+        return f"poison_rate={r:g} of {n_clean} clean pairs (round({r:g} x {n_clean} / (1 - {r:g})))"
+
     eligible_what = "outside the target class"
 
     def eligible_rows(self, data: DatasetBundle, target: int) -> torch.Tensor:
@@ -101,6 +109,11 @@ class BackdoorAttack(Attack):
         eligible = len(self.eligible_rows(data, target))
         n = self.n_poison(len(data.train))
         shown = data.eval.display_name(target)
+        if n == 0:
+            raise ValueError(f"{self.name}: {self.count_origin(len(data.train))} gives 0 poisoned pairs, so nothing "
+                             f"would be poisoned and the ASR would measure a clean model; raise it "
+                             f"(n_poison >= 1, or poison_rate >= {1 / len(data.train):.2g}), or run the clean "
+                             f"baseline, attack none")
         if n > eligible:
             raise ValueError(
                 f"{self.name}: {n} poisoned pairs requested but the training set has only {eligible} "

@@ -71,6 +71,8 @@ class Attack:
 
     Params: type
     name: str
+    #: False only for a clean baseline; an attack that poisons is refused when it would poison no pair
+    poisons: bool = True
 
     def __init__(self, params, seed: int):
         self.params = params

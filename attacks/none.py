@@ -18,6 +18,7 @@ class NoAttack(Attack):
     """Trains on the clean data; reports clean accuracy only."""
 
     Params = NoParams
+    poisons = False
 
     def poison(self, data) -> PoisonPlan:
         return PoisonPlan(data.train, {"attack": "none"})
