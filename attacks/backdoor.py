@@ -28,7 +28,8 @@ from .base import Attack, PoisonPlan, ZeroShotModel, class_captions
 class BackdoorParams:
     n_poison: int = param(100, "number of poisoned pairs appended to the training set")
     poison_rate: Optional[float] = param(None, "poisoned pairs / all training pairs, in (0, 1); overrides n_poison when set")
-    target: str = param("bag", "target label: an evaluation class name")
+    target: str = param("bag", "target label: an evaluation class, by name, index or id (WordNet id for ImageNet); "
+                               "its name must be unique among the classes")
 
 
 def map_pixels(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = 2048) -> torch.Tensor:
