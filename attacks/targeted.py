@@ -1,8 +1,9 @@
 """Targeted data poisoning (Carlini & Terzis, ICLR 2022, §4; as used by RoCLIP, arXiv:2303.06854 §5.1).
 
 ``n_targets`` images are drawn from the evaluation split; each gets an adversarial class different
-from its true class (never a class whose name another class shares: see ``choose_targets``), and ``pairs_per_target`` pairs (target image, caption naming the adversarial
-class) are appended to the training set. The captions are real training captions that name the
+from its true class (never a class whose name another class shares: see ``choose_targets``), and
+``pairs_per_target`` pairs (target image, caption naming the adversarial class) are appended to the
+training set. The captions are real training captions that name the
 class when there are any, templates otherwise (docs/roclip-spec.md §3.1, the authors'
 ``create_poison.ipynb``). The target images are not otherwise in the training data.
 
