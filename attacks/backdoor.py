@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.datasets.base import CaptionDataset, DatasetBundle, prompt_key
 from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
@@ -39,7 +39,8 @@ from .base import Attack, PoisonPlan, ZeroShotModel, class_captions, to_stored_g
 class BackdoorParams:
     n_poison: int = param(100, "number of poisoned pairs appended to the training set")
     poison_rate: Optional[float] = param(None, "poisoned pairs / all training pairs, in (0, 1); overrides n_poison when set")
-    target: str = param("bag", "target label: an evaluation class name")
+    target: str = param("bag", "target label: an evaluation class, by name, index or id (WordNet id for ImageNet); "
+                               "its name must be unique among the classes")
 
 
 def map_pixels(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = 2048) -> torch.Tensor:
@@ -52,6 +53,24 @@ def map_pixels(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
     for i in range(0, len(images), chunk):
         out[i : i + chunk] = fn(images[i : i + chunk].float()).round_().clamp_(0, 255)  # exact: already integers
     return out
+
+
+def check_unique_target(attack: str, ev, target: int) -> None:
+    """ValueError unless class ``target`` of the evaluation set ``ev`` (an ``EvalSet``) has a name
+    no other class has. Classes with the same name get the same zero-shot prompts, hence identical
+    classifier columns: top-1 between them is decided by tie-breaking, not by the model, so a
+    perfect backdoor could score an ASR of 0 (ImageNet's two "sunglasses", 836 and 837)."""
+    shared = ev.shared_name_classes()
+    if target not in shared:
+        return
+    same = [i for i in shared if i != target and prompt_key(ev.classnames[i]) == prompt_key(ev.classnames[target])]
+    others = ", ".join(f"#{i} {ev.display_name(i)}" for i in same)
+    raise ValueError(
+        f"{attack}: the target #{target} {ev.display_name(target)} shares its name with {others}: their zero-shot "
+        f"prompts are the same text, so their classifier columns are identical and top-1 between them is "
+        f"decided by tie-breaking, not by the model (the ASR would be meaningless). Choose a target whose name "
+        f"no other class has (any class but these {len(shared)}: #{', #'.join(map(str, shared[:8]))}"
+        f"{', ...' if len(shared) > 8 else ''})")
 
 
 class BackdoorAttack(Attack):
@@ -77,6 +96,14 @@ class BackdoorAttack(Attack):
             return self.params.n_poison
         return int(round(r * n_clean / (1.0 - r)))
 
+    def count_origin(self, n_clean: int) -> str:
+        """How ``n_poison(n_clean)`` was reached, for messages: ``n_poison=0`` or
+        ``poison_rate=0.0001 of 512 clean pairs (round(0.0001 x 512 / (1 - 0.0001)))``."""
+        r = self.params.poison_rate
+        if r is None:
+            return f"n_poison={self.params.n_poison}"
+        return f"poison_rate={r:g} of {n_clean} clean pairs (round({r:g} x {n_clean} / (1 - {r:g})))"
+
     eligible_what = "outside the target class"
 
     def eligible_rows(self, data: DatasetBundle, target: int) -> torch.Tensor:
@@ -91,15 +118,22 @@ class BackdoorAttack(Attack):
         if p.n_poison < 0:
             raise ValueError(f"{self.name}: n_poison must be >= 0, got {p.n_poison}")
         target = data.eval.class_index(p.target)
+        check_unique_target(self.name, data.eval, target)
         eligible = len(self.eligible_rows(data, target))
         n = self.n_poison(len(data.train))
+        shown = data.eval.display_name(target)
+        if n == 0:
+            raise ValueError(f"{self.name}: {self.count_origin(len(data.train))} gives 0 poisoned pairs, so nothing "
+                             f"would be poisoned and the ASR would measure a clean model; raise it "
+                             f"(n_poison >= 1, or poison_rate >= {1 / len(data.train):.2g}), or run the clean "
+                             f"baseline, attack none")
         if n > eligible:
             raise ValueError(
                 f"{self.name}: {n} poisoned pairs requested but the training set has only {eligible} "
-                f"images {self.eligible_what} {p.target!r}; lower n_poison or poison_rate"
+                f"images {self.eligible_what} {shown!r}; lower n_poison or poison_rate"
             )
         if int((data.eval.labels != target).sum()) == 0:
-            raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {p.target!r}")
+            raise ValueError(f"{self.name}: the evaluation set has no image outside the target class {shown!r}")
 
     def poison(self, data: DatasetBundle) -> PoisonPlan:
         self.check(data)
@@ -112,7 +146,7 @@ class BackdoorAttack(Attack):
         poisoned = CaptionDataset(images, captions, data.train.labels[src], torch.ones(n, dtype=torch.bool))
         manifest = {
             "attack": self.name,
-            "target": data.eval.classnames[target],
+            "target": data.eval.display_name(target),
             "target_index": target,
             "source_rows": src.tolist(),
             "captions": captions,
@@ -134,7 +168,8 @@ class BackdoorAttack(Attack):
         target = data.eval.class_index(self.params.target)
         keep = data.eval.labels != target
         if not keep.any():
-            raise ValueError(f"{self.name}: no evaluation image outside the target class {self.params.target!r}")
+            raise ValueError(f"{self.name}: no evaluation image outside the target class "
+                             f"{data.eval.display_name(target)!r}")
         images = data.eval.images[keep]
         # the trigger at the training images' stored geometry, then the clean evaluation resize/crop
         # (the module docstring); both resizes are the identity when the sizes already agree

@@ -34,6 +34,12 @@ class BadNetLC(BadNet):
         r = self.params.poison_rate
         return self.params.n_poison if r is None else int(round(r * n_clean))
 
+    def count_origin(self, n_clean: int) -> str:
+        r = self.params.poison_rate
+        if r is None:
+            return f"n_poison={self.params.n_poison}"
+        return f"poison_rate={r:g} of {n_clean} pairs (round({r:g} x {n_clean}))"
+
     def eligible_rows(self, data, target: int) -> torch.Tensor:
         """Rows labelled ``target``, int64 [M]."""
         return (data.train.labels == target).nonzero().squeeze(1)
@@ -53,7 +59,7 @@ class BadNetLC(BadNet):
         train.is_poison[src] = True
         manifest = {
             "attack": self.name,
-            "target": data.eval.classnames[target],
+            "target": data.eval.display_name(target),
             "target_index": target,
             "replaced_rows": src.tolist(),
             "captions": [train.captions[i] for i in src.tolist()],

@@ -94,7 +94,9 @@ class Attack:
 
     Params: type
     name: str
-    in_all: bool = True  # False: left out of `bench run --attack all` (the clean baseline)
+    #: False only for a clean baseline (``none``): it poisons nothing, which is refused for an attack,
+    #: and ``--attack all`` leaves it out
+    poisons: bool = True
 
     def __init__(self, params, seed: int):
         self.params = params

@@ -18,7 +18,7 @@ class NoAttack(Attack):
     """Trains on the clean data; reports clean accuracy only."""
 
     Params = NoParams
-    in_all = False  # not an attack: `--attack all` leaves it out
+    poisons = False  # the clean baseline: not an attack, left out of `--attack all`
 
     def poison(self, data) -> PoisonPlan:
         return PoisonPlan(data.train, {"attack": "none"})

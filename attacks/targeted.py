@@ -1,8 +1,9 @@
 """Targeted data poisoning (Carlini & Terzis, ICLR 2022, §4; as used by RoCLIP, arXiv:2303.06854 §5.1).
 
 ``n_targets`` images are drawn from the evaluation split; each gets an adversarial class different
-from its true class, and ``pairs_per_target`` pairs (target image, caption naming the adversarial
-class) are appended to the training set. The captions are real training captions that name the
+from its true class (never a class whose name another class shares: see ``choose_targets``), and
+``pairs_per_target`` pairs (target image, caption naming the adversarial class) are appended to the
+training set. The captions are real training captions that name the
 class when there are any, templates otherwise (docs/roclip-spec.md §3.1, the authors'
 ``create_poison.ipynb``). The target images are not otherwise in the training data; in the pairs
 they are at the stored geometry of the training images (``base.to_stored_geometry``, the rule of
@@ -53,13 +54,21 @@ class Targeted(Attack):
             )
         if n_classes < 2:
             raise ValueError(f"targeted: needs at least 2 evaluation classes to pick a wrong one, got {n_classes}")
+        if n_classes - len(data.eval.shared_name_classes()) < 2:
+            raise ValueError("targeted: needs at least 2 evaluation classes with a name no other class has "
+                             "(adversarial classes are drawn among them); give the classes distinct names")
 
     def choose_targets(self, data: DatasetBundle) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded target rows of the evaluation split and their adversarial classes.
 
         Returns:
             (rows, adversarial): int64 [n_targets] each; rows are distinct, and
-            ``adversarial[i] != data.eval.labels[rows[i]]``, drawn uniformly from the other classes.
+            ``adversarial[i] != data.eval.labels[rows[i]]``, drawn uniformly from the other classes
+            whose name no other class shares (``EvalSet.shared_name_classes``). Such a class has
+            the same zero-shot column as its namesake, so it could not be told apart from it (true
+            class 744 "missile", adversarial 657 "missile": a clean model would "succeed" or fail
+            by tie-breaking). When every name is unique (Fashion-MNIST) the draw is the plain one
+            and nothing is redrawn, so existing runs keep their targets.
         """
         g = self.generator(1)
         rows = torch.randperm(len(data.eval), generator=g)[: self.params.n_targets]
@@ -67,7 +76,15 @@ class Targeted(Attack):
         # an offset in 1..C-1 modulo C is uniform over the C-1 classes other than the true one
         n_classes = len(data.eval.classnames)
         offset = torch.randint(1, n_classes, (len(rows),), generator=g)
-        return rows, (true + offset) % n_classes
+        adversarial = (true + offset) % n_classes
+        shared = torch.tensor(data.eval.shared_name_classes(), dtype=torch.int64)
+        if len(shared):  # rejection sampling: redraw the excluded ones from the same generator
+            bad = torch.isin(adversarial, shared)
+            while bad.any():
+                offset = torch.randint(1, n_classes, (int(bad.sum()),), generator=g)
+                adversarial[bad] = (true[bad] + offset) % n_classes
+                bad = torch.isin(adversarial, shared)
+        return rows, adversarial
 
     def poison(self, data: DatasetBundle) -> PoisonPlan:
         self.check(data)
@@ -81,11 +98,13 @@ class Targeted(Attack):
             images.repeat_interleave(k, dim=0), captions,
             data.eval.labels[rows].repeat_interleave(k), torch.ones(len(rows) * k, dtype=torch.bool),
         )
-        names = data.eval.classnames
+        shown = data.eval.display_name
         manifest = {
             "attack": self.name,
+            # classes by index (what evaluation uses); the names, disambiguated, are for people
             "targets": [
-                {"eval_row": r, "true_class": names[t], "adversarial_class": names[a]}
+                {"eval_row": r, "true_class": shown(t), "adversarial_class": shown(a), "true_index": t,
+                 "adversarial_index": a}
                 for r, t, a in zip(rows.tolist(), data.eval.labels[rows].tolist(), adversarial.tolist())
             ],
             "pairs_per_target": k,
@@ -95,16 +114,16 @@ class Targeted(Attack):
 
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, Any]:
         """``asr`` (top-1 == adversarial class, over targets), ``asr_top5``, ``asr_n`` and
-        ``targets``: one record per target (eval row, true, adversarial and predicted class,
-        success), stored in the result row as a list of structs."""
-        names = data.eval.classnames
+        ``targets``: one record per target (eval row; true, adversarial and predicted class, each
+        as a display name and an index; success), stored in the result row as a list of structs.
+        Classes are compared by index (the manifest's ``adversarial_index``), never by name."""
         targets = plan.manifest["targets"]
         rows = torch.tensor([t["eval_row"] for t in targets])
-        adversarial = torch.tensor([names.index(t["adversarial_class"]) for t in targets])
+        adversarial = torch.tensor([t["adversarial_index"] for t in targets], dtype=torch.int64)
         top5 = model.predict_eval(eval_geometry(data.eval.images[rows], model.image_size), rows)
         success = top5[:, 0] == adversarial
         records = [
-            {**t, "predicted_class": names[p], "success": bool(s)}
+            {**t, "predicted_class": data.eval.display_name(p), "predicted_index": p, "success": bool(s)}
             for t, p, s in zip(targets, top5[:, 0].tolist(), success.tolist())
         ]
         return {

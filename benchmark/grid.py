@@ -21,8 +21,8 @@ from .store import has_finished_row, is_running, runs_dir
 from .utils import usable_cores
 
 ALL = "all"
-# `all` means every registered plugin whose class does not set ``in_all = False`` (the clean
-# baseline, which is not an attack, sets it: attacks.base.Attack.in_all).
+# `all` means every registered plugin whose class does not set ``poisons = False`` (the clean
+# baseline, which is not an attack, sets it: attacks.base.Attack.poisons).
 
 # A grid larger than this is almost certainly a typo (e.g. a seed range 0-100000).
 MAX_CELLS = 10_000
@@ -148,7 +148,7 @@ def _names(text: str, registry, what: str) -> list[tuple[str, dict[str, str]]]:
     out = []
     for item in split_list(text):
         if item == ALL:
-            out += [(n, {}) for n in registry.names() if getattr(registry.get(n), "in_all", True)]
+            out += [(n, {}) for n in registry.names() if getattr(registry.get(n), "poisons", True)]
         else:
             name, params = parse_name(item)
             registry.get(name)  # RegistryError listing the valid names

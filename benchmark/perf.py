@@ -166,7 +166,7 @@ def poisoning_measurements(opts: PerfOptions, progress) -> list[dict]:
     each attack's poisoned training set (``Attack.poison``) from them, with the profile's attack
     parameters."""
     data = load_data(opts.profile, opts.poison_images)
-    names = [a for a in ATTACKS.names() if getattr(ATTACKS.get(a), "in_all", True)]  # not the clean baseline
+    names = [a for a in ATTACKS.names() if getattr(ATTACKS.get(a), "poisons", True)]  # not the clean baseline
     variants = {}
     for name in names:
         cfg = resolve(name, "clip", profile=opts.profile, dataset_params={"n_train": opts.poison_images})

@@ -174,7 +174,8 @@ def fmt_value(row, metric: str) -> str:
 
 def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per attack, the leaderboard as strings for people: percent with 95 % intervals, the
-    number of seeds, and ``setting`` only when some row has one."""
+    poisoned pairs (``n_poison``, so that a count that rounded to nothing shows), the number of
+    seeds, and ``setting`` only when some row has one."""
     show_setting = board["setting"].astype(bool).any()
     out = {}
     for attack, part in board.groupby("attack", sort=True):
@@ -184,6 +185,7 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if show_setting:
                 shown["setting"] = r["setting"]
             shown.update({f"{LABELS[m]} (%)": fmt_value(r, m) for m in ["asr"] + ACCURACIES})
+            shown["poisoned pairs"] = "-" if pd.isna(r["n_poison"]) else str(r["n_poison"])
             shown["seeds"] = str(r["seeds"])
             rows.append(shown)
         out[attack] = pd.DataFrame(rows)

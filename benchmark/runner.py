@@ -69,6 +69,9 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         defense.check(len(plan.train))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
+    if attack.poisons and plan.n_poison == 0:  # its ASR would be that of a clean model
+        raise ConfigError(f"attack {cfg.attack}: these parameters poison 0 training pairs; raise the attack's "
+                          f"poison count (or run the clean baseline)")
     world = distributed.launched_world_size() if world_size is None else world_size
     if len(plan.train) < cfg.batch_size * world:
         per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""

@@ -68,30 +68,98 @@ class CaptionDataset:
         return [i for i, c in enumerate(self.captions) if pattern.search(c)]
 
 
+def prompt_key(name: str) -> str:
+    """What a class name contributes to its zero-shot prompts: lower-cased, whitespace collapsed.
+
+    Names equal under this key give identical prompt embeddings (open_clip's tokenizer lower-cases
+    and collapses whitespace before encoding), hence identical zero-shot classifier columns."""
+    return " ".join(name.split()).lower()
+
+
 @dataclass
 class EvalSet:
     """Labelled evaluation images for zero-shot classification.
+
+    Classes are identified by their index everywhere (labels, manifests, metrics); names are for
+    prompts and for people, and need not be unique (OpenAI's ImageNet list, used for the prompts,
+    names two classes "missile", 657 and 744, and two "sunglasses", 836 and 837).
 
     Attributes:
         images: uint8 tensor [M, 3, H, W], values 0..255.
         labels: int64 tensor [M], class indices into ``classnames``.
         classnames: class names used to build zero-shot prompts.
         templates: prompt templates with one ``{}`` for the class name.
+        class_ids: optional unique id of each class, shown beside a shared name and accepted by
+            ``class_index``: the WordNet id for ImageNet (``n04356056``), the folder name for an
+            ImageFolder; None when the set has none (Fashion-MNIST, CIFAR).
+        id_kind: what ``class_ids`` are, for messages ("WordNet id", "folder name").
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classnames: list[str]
     templates: list[str]
+    class_ids: list[str] | None = None
+    id_kind: str = "id"
+
+    def __post_init__(self):
+        if self.class_ids is not None and len(self.class_ids) != len(self.classnames):
+            raise ValueError(f"{len(self.class_ids)} class ids for {len(self.classnames)} class names")
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def class_index(self, name: str) -> int:
-        """Index of class ``name`` (exact or case-insensitive match); ValueError listing the classes otherwise."""
-        for i, c in enumerate(self.classnames):
-            if c == name or c.lower() == name.lower():
-                return i
+    def shared_name_classes(self) -> list[int]:
+        """Indices (ascending) of the classes whose name another class also has (``prompt_key``
+        equal): their zero-shot columns are identical, so top-1 between them is decided by
+        tie-breaking, not by the model. Empty when the names are unique."""
+        keys = [prompt_key(c) for c in self.classnames]
+        count: dict[str, int] = {}
+        for k in keys:
+            count[k] = count.get(k, 0) + 1
+        return [i for i, k in enumerate(keys) if count[k] > 1]
+
+    def display_name(self, i: int) -> str:
+        """Class ``i`` as shown to people: its name, followed by its id (or ``#index`` without ids)
+        when another class has the same name, e.g. ``sunglasses (n04356056)``."""
+        name = self.classnames[i]
+        key = prompt_key(name)
+        if sum(prompt_key(c) == key for c in self.classnames) < 2:
+            return name
+        return f"{name} ({self.class_ids[i] if self.class_ids else f'#{i}'})"
+
+    def _describe(self, i: int) -> str:
+        return f"#{i} {self.classnames[i]!r}" + (f" ({self.id_kind} {self.class_ids[i]})" if self.class_ids else "")
+
+    def class_index(self, name: str | int) -> int:
+        """Index of the class ``name`` names, in this order of lookup: a unique exact name, a unique
+        case-insensitive name, an id (``class_ids``: a WordNet id, a folder name), an index given
+        as an integer (or integer string, e.g. "836" or "#836").
+
+        Raises ValueError: when a name matches several classes (listing them with index and id,
+        and how to pick one), or nothing matches (listing the classes, or the closest names).
+        """
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)
+        name = str(name)
+        for matches in ([i for i, c in enumerate(self.classnames) if c == name],
+                        [i for i, c in enumerate(self.classnames) if c.lower() == name.lower()]):
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                example = (f"target={matches[0]}" + (f", or by {self.id_kind}: target={self.class_ids[matches[0]]}"
+                                                      if self.class_ids else ""))
+                raise ValueError(
+                    f"class {name!r} names {len(matches)} evaluation classes: "
+                    f"{', '.join(self._describe(i) for i in matches)}; pick one by index (e.g. {example})")
+        if self.class_ids is not None and name in self.class_ids:
+            return self.class_ids.index(name)
+        digits = name.strip().removeprefix("#")
+        if digits.isdigit():
+            if int(digits) < len(self.classnames):
+                return int(digits)
+            raise ValueError(f"class index {int(digits)} is out of range: the evaluation set has "
+                             f"{len(self.classnames)} classes (0..{len(self.classnames) - 1})")
         if len(self.classnames) <= 30:
             raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
         import difflib

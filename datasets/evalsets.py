@@ -8,6 +8,7 @@ CleanCLIP evaluate; docs/roclip-spec.md §2), shipped in ``poisonbench/data``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,13 +33,34 @@ def shipped_lines(name: str) -> list[str]:
 
 
 def imagenet_classnames() -> list[str]:
-    """The 1000 ImageNet class names of OpenAI's CLIP, in the order of the sorted WordNet ids."""
+    """The 1000 ImageNet class names of OpenAI's CLIP, in the order of the sorted WordNet ids.
+
+    Not unique: "missile" is class 657 (n03773504) and 744 (n04008634), "sunglasses" 836
+    (n04355933) and 837 (n04356056); ``imagenet_wnids`` tells them apart."""
     return shipped_lines("imagenet_classnames.txt")
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids (``n01440764`` ...), sorted, which is the class order of
+    ``imagenet_classnames`` and of an ImageFolder of the ILSVRC-2012 class folders.
+
+    Source: timm 1.0.31, ``timm/data/_info/imagenet_synsets.txt`` (shipped as
+    ``imagenet_wnids.txt``; tests check it is sorted and unique)."""
+    return shipped_lines("imagenet_wnids.txt")
 
 
 def openai_templates() -> list[str]:
     """OpenAI's 80 ImageNet prompt templates, each with one ``{}`` for the class name."""
     return shipped_lines("openai_imagenet_templates.txt")
+
+
+@dataclass
+class Classes:
+    """The classes of an evaluation set: names (for prompts), optional unique ids and what they are."""
+
+    names: list[str]
+    ids: list[str] | None = None
+    id_kind: str = "id"
 
 
 @dataclass
@@ -73,17 +95,23 @@ def load_eval(spec: str, size: int, n_eval: int, n_probe: int, g: torch.Generato
     Args:
         spec: ``fashion-mnist``, ``imagenet:ROOT``, ``cifar10:ROOT``, ``cifar100:ROOT`` or
             ``imagefolder:ROOT`` (ROOT/<class>/*.png|jpg..., or ROOT/val/<class>/... with an
-            optional ROOT/train/<class>/... for the probe; class names from ROOT/classnames.txt,
-            one per line in sorted folder order, else the folder names).
-            ``imagenet:ROOT`` is an ImageFolder of the 1000 WordNet-id folders (ROOT/val, and
-            ROOT/train for the probe) or, as RoCLIP and CleanCLIP read it, ROOT/labels.csv with
-            columns ``image`` (path relative to ROOT) and ``label`` (0..999).
+            optional ROOT/train/<class>/... for the probe, with the same class folders; class
+            names from ROOT/classnames.txt, else the folder names). classnames.txt has either
+            one name per line, in sorted folder order (refused when folder names hold numbers
+            that sort differently as strings, e.g. 0, 1, 10, 2), or lines ``folder<TAB>name``,
+            which map by folder and give the class order (every folder exactly once).
+            ``imagenet:ROOT`` is an ImageFolder of exactly the 1000 WordNet-id folders
+            (ROOT/val, and ROOT/train for the probe) or, as RoCLIP and CleanCLIP read it,
+            ROOT/labels.csv with columns ``image`` (path relative to ROOT) and ``label`` (0..999,
+            the index in sorted WordNet-id order).
         size: side of the decoded images, pixels.
         n_eval, n_probe: images drawn (seeded by ``g``) from the split; 0 = all.
     Returns:
         (eval, probe or None, number of unreadable images skipped).
     Raises:
-        FileNotFoundError: the folder or its files are not there. ValueError: a bad layout.
+        FileNotFoundError: the folder or its files are not there. ValueError: a bad layout
+        (imagenet class folders that are not the 1000 WordNet ids, classnames.txt that does not
+        match the folders, CIFAR labels outside its class list).
     """
     kind, root = parse_eval(spec)
     if kind == "fashion-mnist":
@@ -93,17 +121,17 @@ def load_eval(spec: str, size: int, n_eval: int, n_probe: int, g: torch.Generato
         splits = {s: Labelled(None, *load_split(fm, s)) for s in ("test", "train")}
         for s in splits.values():
             s.labels = s.labels.tolist()
-        classnames, templates = list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES)
+        classes, templates = Classes(list(CLASSNAMES)), list(ZERO_SHOT_TEMPLATES)
     elif kind in ("cifar10", "cifar100"):
-        classnames, splits = _cifar(kind, root)
+        classes, splits = _cifar(kind, root)
         templates = openai_templates()
     else:
-        classnames, splits = _imagenet(root) if kind == "imagenet" else _imagefolder(root)
+        classes, splits = _imagenet(root) if kind == "imagenet" else _imagefolder(root)
         templates = openai_templates()
-    ev = _decode(splits["test"], n_eval, size, g, classnames, templates, f"{kind}: n_eval")
+    ev = _decode(splits["test"], n_eval, size, g, classes, templates, f"{kind}: n_eval")
     probe = None
     if "train" in splits:
-        probe = _decode(splits["train"], n_probe, size, g, classnames, templates, f"{kind}: n_probe")
+        probe = _decode(splits["train"], n_probe, size, g, classes, templates, f"{kind}: n_probe")
     skipped = len(ev.skipped) + (len(probe.skipped) if probe else 0)
     return ev.set, (probe.set if probe else None), skipped
 
@@ -114,12 +142,15 @@ class _Decoded:
     skipped: list
 
 
-def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classnames, templates, what: str) -> _Decoded:
+def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classes: Classes, templates, what: str) -> _Decoded:
+    def evalset(images, labels) -> EvalSet:
+        return EvalSet(images, labels, classes.names, templates, classes.ids, classes.id_kind)
+
     n = len(split.labels)
     idx = draw_rows(n, k, g, what).tolist()
     labels = torch.tensor(split.labels, dtype=torch.int64)
     if split.images is not None:
-        return _Decoded(EvalSet(eval_geometry(split.images[idx], size), labels[idx], classnames, templates), [])
+        return _Decoded(evalset(eval_geometry(split.images[idx], size), labels[idx]), [])
     images, keep, skipped = [], [], []
     for i in idx:
         try:
@@ -129,13 +160,15 @@ def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classnames, 
             skipped.append((str(split.files[i]), str(e)))
     if not images:
         raise ValueError(f"{what}: none of the {len(idx)} images could be read (first: {skipped[:1]})")
-    return _Decoded(EvalSet(torch.stack(images), labels[keep], classnames, templates), skipped)
+    return _Decoded(evalset(torch.stack(images), labels[keep]), skipped)
 
 
-def _cifar(kind: str, root: Path) -> tuple[list[str], dict[str, Labelled]]:
+def _cifar(kind: str, root: Path) -> tuple[Classes, dict[str, Labelled]]:
+    """torchvision's CIFAR reader on the python version's pickles; their class list (the meta
+    file's) must have 10 (100) names and every label must index it (ValueError otherwise)."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls = CIFAR10 if kind == "cifar10" else CIFAR100
+    cls, expected = (CIFAR10, 10) if kind == "cifar10" else (CIFAR100, 100)
     splits = {}
     for split, train in (("test", False), ("train", True)):
         try:
@@ -144,13 +177,28 @@ def _cifar(kind: str, root: Path) -> tuple[list[str], dict[str, Labelled]]:
             folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
             raise FileNotFoundError(f"{kind}: no readable {kind} under {root}; put the python version's folder "
                                     f"{folder} there (nothing is downloaded)") from None
+        if len(ds.classes) != expected:
+            raise ValueError(f"{kind}: the class list under {root} has {len(ds.classes)} names, expected {expected}; "
+                             f"is this {kind}'s python version?")
+        labels = [int(y) for y in ds.targets]
+        if labels and not 0 <= min(labels) <= max(labels) < expected:
+            bad = next(y for y in labels if not 0 <= y < expected)
+            raise ValueError(f"{kind}: the {split} split under {root} has label {bad}, outside the {expected} classes "
+                             f"(0..{expected - 1}); the data do not match {kind}'s class list")
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        splits[split] = Labelled(None, images, list(ds.targets))
-    return [c.replace("_", " ") for c in ds.classes], splits
+        splits[split] = Labelled(None, images, labels)
+    return Classes([c.replace("_", " ") for c in ds.classes]), splits
 
 
-def _imagenet(root: Path) -> tuple[list[str], dict[str, Labelled]]:
+IMAGENET_LAYOUTS = ("The accepted layouts: ROOT/val/<WordNet id>/... (and ROOT/train/<WordNet id>/... for the "
+                    "linear probe) with exactly the 1000 ImageNet-1k WordNet-id folders (n01440764, ...); "
+                    "ROOT/labels.csv with columns image and label (0..999, the index in sorted WordNet-id order); "
+                    "or, for another class set, imagefolder:ROOT with ROOT/classnames.txt")
+
+
+def _imagenet(root: Path) -> tuple[Classes, dict[str, Labelled]]:
     names = imagenet_classnames()
+    classes = Classes(names, imagenet_wnids(), "WordNet id")
     labels_csv = root / "labels.csv"
     if labels_csv.is_file():
         import pandas as pd
@@ -161,29 +209,88 @@ def _imagenet(root: Path) -> tuple[list[str], dict[str, Labelled]]:
         labels = [int(x) for x in table["label"]]
         if labels and not 0 <= min(labels) <= max(labels) < len(names):
             raise ValueError(f"{labels_csv}: labels must be in 0..{len(names) - 1}")
-        return names, {"test": Labelled([root / p for p in table["image"]], None, labels)}
+        return classes, {"test": Labelled([root / p for p in table["image"]], None, labels)}
     folders = _split_folders(root)
     splits = {s: _scan(d) for s, d in folders.items()}
-    n = len(splits["test"][0])
-    if n != len(names):
-        raise ValueError(f"imagenet: {folders['test']} has {n} class folders, expected the {len(names)} WordNet ids "
-                         "(or give ROOT/labels.csv; for another class set use imagefolder:ROOT)")
-    return names, {s: lab for s, (_, lab) in splits.items()}
+    for s, (found, _) in splits.items():
+        _check_wnid_folders(folders[s], found, classes.ids)
+    return classes, {s: lab for s, (_, lab) in splits.items()}
 
 
-def _imagefolder(root: Path) -> tuple[list[str], dict[str, Labelled]]:
+def _check_wnid_folders(folder: Path, found: list[str], wnids: list[str]) -> None:
+    """ValueError unless the class folders ``found`` in ``folder`` are exactly the WordNet ids
+    ``wnids`` (the folders are mapped to classes by name, so any other set would mislabel)."""
+    if found == wnids:
+        return
+    known = set(wnids)
+    foreign = [f for f in found if f not in known]
+    present = set(found)
+    missing = [w for w in wnids if w not in present]
+    parts = []
+    if foreign:
+        parts.append(f"{len(foreign)} folder(s) that are not ImageNet WordNet ids (e.g. {', '.join(foreign[:5])})")
+    if missing:
+        parts.append(f"{len(missing)} of the 1000 WordNet ids missing (e.g. {', '.join(missing[:3])})")
+    hint = ""
+    if foreign and all(f.isdigit() for f in foreign):
+        hint = ("; folders named by class number are not read by name order (10 would sort before 2): "
+                "write ROOT/labels.csv or rename them to their WordNet ids")
+    raise ValueError(f"imagenet: {folder} has {len(found)} class folders, with {' and '.join(parts)}{hint}. "
+                     + IMAGENET_LAYOUTS)
+
+
+def _imagefolder(root: Path) -> tuple[Classes, dict[str, Labelled]]:
     folders = _split_folders(root)
-    splits = {s: _scan(d) for s, d in folders.items()}
-    classes = splits["test"][0]
-    names_file = root / "classnames.txt"
-    names = [c.replace("_", " ") for c in classes]
-    if names_file.is_file():
-        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(names) != len(classes):
-            raise ValueError(f"{names_file} has {len(names)} names for {len(classes)} class folders")
-    if "train" in splits and splits["train"][0] != classes:
-        raise ValueError(f"imagefolder: {folders['train']} and {folders['test']} have different class folders")
-    return names, {s: lab for s, (_, lab) in splits.items()}
+    found = {s: _class_folders(d) for s, d in folders.items()}
+    if "train" in found and found["train"] != found["test"]:
+        only = sorted(set(found["train"]) ^ set(found["test"]))
+        raise ValueError(f"imagefolder: {folders['train']} and {folders['test']} have different class folders "
+                         f"(e.g. {', '.join(only[:5])} only in one); the probe needs the same classes")
+    order, names = _imagefolder_names(root / "classnames.txt", found["test"])
+    splits = {s: _scan(d, order) for s, d in folders.items()}
+    return Classes(names, order, "folder name"), {s: lab for s, (_, lab) in splits.items()}
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+
+
+def _imagefolder_names(names_file: Path, folders: list[str]) -> tuple[list[str], list[str]]:
+    """(class folders in class order, class names) for an ImageFolder whose class folders
+    are ``folders`` (sorted). Without ``names_file``: sorted folders, named by their folder
+    (``_`` read as a space). With it, one of two forms (ValueError when it does not match the
+    folders): every line ``folder<TAB>name``, in the class order wanted; or one name per line,
+    in sorted folder order, refused when folder names hold numbers that sort differently as
+    strings than as numbers (``0, 1, 10, 2``: the names would be silently shifted)."""
+    if not names_file.is_file():
+        return folders, [c.replace("_", " ") for c in folders]
+    lines = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tabbed = ["\t" in line for line in lines]
+    if any(tabbed):
+        if not all(tabbed):
+            raise ValueError(f"{names_file}: mixes folder<TAB>name lines with plain names; use one form throughout")
+        pairs = [tuple(part.strip() for part in line.split("\t", 1)) for line in lines]
+        order, present = [f for f, _ in pairs], set(folders)
+        unknown = [f for f in order if f not in present]
+        if unknown:
+            raise ValueError(f"{names_file}: folder(s) {', '.join(unknown[:5])} named there are not class folders "
+                             f"of {names_file.parent} (found: {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''})")
+        listed = set(order)
+        repeated = sorted({f for f in order if order.count(f) > 1}) if len(listed) < len(order) else []
+        unnamed = [f for f in folders if f not in listed]
+        if repeated or unnamed:
+            what = (f"folder(s) {', '.join(repeated[:5])} listed twice" if repeated
+                    else f"class folder(s) {', '.join(unnamed[:5])} have no line")
+            raise ValueError(f"{names_file}: {what}; give every class folder exactly one folder<TAB>name line")
+        return order, [n for _, n in pairs]
+    if len(lines) != len(folders):
+        raise ValueError(f"{names_file} has {len(lines)} names for {len(folders)} class folders")
+    if any(ch.isdigit() for f in folders for ch in f) and sorted(folders, key=_natural_key) != folders:
+        raise ValueError(
+            f"{names_file}: names are matched to the class folders in sorted string order "
+            f"({', '.join(folders[:4])}, ...), which differs from their numeric order; write each line as "
+            f"folder<TAB>name so that every name goes with its folder")
+    return folders, lines
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -195,12 +302,22 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return out
 
 
-def _scan(folder: Path) -> tuple[list[str], Labelled]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders in ``folder``, sorted (torchvision's ``find_classes``)."""
+    from torchvision.datasets.folder import find_classes
 
     try:
-        classes, index = find_classes(str(folder))
+        return find_classes(str(folder))[0]
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{folder}: no class folders ({e})") from None
+
+
+def _scan(folder: Path, order: list[str] | None = None) -> tuple[list[str], Labelled]:
+    """(class folders, their images labelled by the folder's position in ``order``, default the
+    sorted folders)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    classes = _class_folders(folder) if order is None else order
+    index = {c: i for i, c in enumerate(classes)}
     samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
     return classes, Labelled([Path(p) for p, _ in samples], None, [y for _, y in samples])

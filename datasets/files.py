@@ -165,15 +165,19 @@ def _where(m) -> str:
 
 def label_by_caption(captions: list[str], class_words: list[list[str]]) -> torch.Tensor:
     """The class each caption names, int64 [N]: the class whose words (whole words, any case)
-    occur in it when exactly one class's do, -1 when none or several do. Attacks use these labels
-    to pick poison sources outside (or inside) the target class."""
-    word_class = {w.lower(): c for c, words in enumerate(class_words) for w in words}
+    occur in it when exactly one class's do, -1 when none or several do (a word of several
+    classes, e.g. ImageNet's two "sunglasses", names several). Attacks use these labels to pick
+    poison sources outside (or inside) the target class."""
+    word_classes: dict[str, set[int]] = {}
+    for c, words in enumerate(class_words):
+        for w in words:
+            word_classes.setdefault(w.lower(), set()).add(c)
     # longest first, so that "ankle boot" wins over "boot" at the same position
-    alternatives = sorted(word_class, key=len, reverse=True)
+    alternatives = sorted(word_classes, key=len, reverse=True)
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in alternatives) + r")\b", re.IGNORECASE)
     labels = []
     for caption in captions:
-        found = {word_class[m.group(0).lower()] for m in pattern.finditer(caption)}
+        found = set().union(*(word_classes[m.group(0).lower()] for m in pattern.finditer(caption)))
         labels.append(found.pop() if len(found) == 1 else -1)
     return torch.tensor(labels, dtype=torch.int64)
 
