@@ -152,3 +152,33 @@ def test_a_literal_default_outside_its_choices_is_refused_at_registration():
     with pytest.raises(RegistryError, match="default 'middle' of where is not valid: choose one of left, right"):
         reg.register("p")(type("T", (), {"Params": P}))
 
+
+def test_a_parameter_added_with_hash_default_false_keeps_the_run_ids(monkeypatch):
+    """A plugin that gains a parameter declared hash_default=False keeps the run ids of its cells
+    (and so their finished results) while the parameter is at its default; a plain new parameter
+    re-keys them all."""
+    from poisonbench.attacks.badnet import BadNet, BadNetParams
+    from poisonbench.config import RunConfig, setting_id
+    from poisonbench.registry import ATTACKS
+
+    before = resolve("badnet", "clip", "tiny")
+
+    def gain(hash_default):
+        @dataclasses.dataclass
+        class Grown(BadNetParams):
+            opacity: float = param(1.0, "how opaque the patch is", hash_default=hash_default)
+
+        monkeypatch.setitem(ATTACKS._items, "badnet", type("GrownBadNet", (BadNet,), {"Params": Grown}))
+
+    gain(hash_default=False)
+    after = resolve("badnet", "clip", "tiny")
+    assert after.attack_params["opacity"] == 1.0  # the cell has it ...
+    assert after.run_id == before.run_id  # ... and its id is unchanged
+    assert "opacity" not in after.to_dict()["attack_params"]
+    assert RunConfig(**after.to_dict()).run_id == after.run_id  # `bench cell` rebuilds the same cell
+    assert setting_id(after.to_dict()) == setting_id(before.to_dict())  # and the report pools old and new rows
+    changed = resolve("badnet", "clip", "tiny", attack_params={"opacity": "0.5"})
+    assert changed.run_id != before.run_id and changed.to_dict()["attack_params"]["opacity"] == 0.5
+
+    gain(hash_default=True)  # today's rule without it: every cell of the plugin is re-keyed
+    assert resolve("badnet", "clip", "tiny").run_id != before.run_id
