@@ -3,6 +3,7 @@ and RoCLIP (docs/roclip-spec.md §3.2): one fixed, seeded random patch pasted on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -10,13 +11,14 @@ from poisonbench.registry import param, register_attack
 
 from .backdoor import BackdoorAttack, BackdoorParams
 
-LOCATIONS = ("random", "top-left", "top-right", "bottom-left", "bottom-right")
+Location = Literal["random", "top-left", "top-right", "bottom-left", "bottom-right"]
+LOCATIONS = get_args(Location)
 
 
 @dataclass
 class BadNetParams(BackdoorParams):
     patch_size: int = param(4, "side of the square patch, in pixels of the stored training image (the dataset's image_size)")
-    location: str = param("bottom-right", "random (a fresh seeded position per image) or a corner: top-left, top-right, bottom-left, bottom-right")
+    location: Location = param("bottom-right", "random (a fresh seeded position per image) or a corner: top-left, top-right, bottom-left, bottom-right")
 
 
 def patch_positions(n: int, height: int, width: int, size: int, location: str, g: torch.Generator) -> torch.Tensor:
@@ -63,8 +65,6 @@ class BadNet(BackdoorAttack):
 
     def __init__(self, params: BadNetParams, seed: int):
         super().__init__(params, seed)
-        if params.location not in LOCATIONS:
-            raise ValueError(f"badnet: unknown location {params.location!r}; valid locations: {', '.join(LOCATIONS)}")
         if params.patch_size < 1:
             raise ValueError(f"badnet: patch_size must be >= 1, got {params.patch_size}")
         s = params.patch_size

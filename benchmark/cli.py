@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import warnings
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .display import cell_line, console, grid_table, show_row
@@ -113,6 +115,11 @@ def grid_options(f):
         click.option("--epochs", type=int, help="Override the profile's epochs."),
         click.option("--batch-size", type=int, help="Override the profile's batch size."),
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
+        click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Processes that train each cell together (torch.distributed DDP, started with torchrun): "
+                          "one per GPU on CUDA (process r uses cuda:r), gloo on the CPU, where each gets "
+                          "cores/(jobs x nproc) threads. --batch-size is per process: the global batch is "
+                          "batch size x nproc, so the processes are part of the cell (its run id)."),
         click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
                      help="Results folder: runs/ (Parquet rows), manifests/, checkpoints/, logs/, slurm/ (job logs)."),
     ]
@@ -121,17 +128,28 @@ def grid_options(f):
     return f
 
 
-def expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-                epochs, batch_size, lr):
-    """The grid's resolved configs; click.UsageError naming the problem."""
-    from .grid import GridSpec, expand, parse_assignments
+def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
+              epochs, batch_size, lr, nproc, results):
+    """The grid_options as one grid.GridSpec (``nproc``: the processes of each cell);
+    click.UsageError naming the problem."""
+    from .grid import GridSpec, parse_assignments
 
     try:
-        spec = GridSpec(
+        return GridSpec(
             attack, defense, profile, seed,
             parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
-            {"epochs": epochs, "batch_size": batch_size, "lr": lr}, data, eval_set,
+            {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None},
+            data, eval_set, nproc, str(results),
         )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def expand_grid(spec):
+    """The resolved configs of grid.GridSpec ``spec``; click.UsageError naming the problem."""
+    from .grid import expand
+
+    try:
         return expand(spec)
     except (RegistryError, ValueError) as e:
         raise click.UsageError(str(e)) from None
@@ -162,8 +180,8 @@ SLURM_HELP = (
     "With --launcher slurm each cell is one SLURM job, submitted through submitit (several cells: one "
     "job array), and `bench run` returns once they are queued, printing their job ids; --wait blocks "
     "until they end. Job logs: RESULTS/slurm/<job id>/ (the output of the cell: <job id>_0_log.out). The "
-    "jobs write their rows to RESULTS as local runs do, so `bench status` (same options) shows their "
-    "progress and `bench report` their results; on a cluster RESULTS must be on a filesystem the nodes "
+    "jobs write their rows to RESULTS as local runs do, so the `bench status` command it prints shows "
+    "their progress and `bench report` their results; on a cluster RESULTS must be on a filesystem the nodes "
     "share. A job that reaches its time limit or is preempted is requeued and resumes from the cell's "
     "last epoch. --launcher submitit-local runs the same jobs as processes on this machine, to test "
     "the SLURM path without a cluster (it ignores --partition and the --slurm-* options)."
@@ -176,11 +194,6 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @grid_options
 @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Cells run at once on this machine; each gets cores/jobs CPU threads.")
-@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Processes that train each cell together (torch.distributed DDP, started with torchrun): "
-                   "one per GPU on CUDA (process r uses cuda:r), gloo on the CPU, where each gets "
-                   "cores/(jobs x nproc) threads. --batch-size is per process: the global batch is "
-                   "batch size x nproc.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (with --nproc: auto, cpu or cuda).")
 @click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
@@ -200,7 +213,7 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-        results, jobs, nproc, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
+        nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
         cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -238,19 +251,25 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     if submitted and nproc > 1:
         raise click.UsageError("with --launcher slurm, --gpus-per-node sets the processes per cell; drop --nproc")
     if submitted:
+        from .slurm import processes_per_job
+
         opts = slurm_options(launcher, jobs, device, partition, gpus_per_node, cpus_per_task, mem_gb, time_min,
                              slurm_array_parallelism, slurm_param)
+        nproc = processes_per_job(opts)  # the cells are those of the processes their jobs will run
     elif wait or partition or cpus_per_task or mem_gb or slurm_array_parallelism or slurm_param:
         raise click.UsageError("--wait, --partition and the other SLURM options need --launcher slurm (or submitit-local)")
-    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-                       epochs, batch_size, lr)
     if distributed.launched():
         if nproc > 1 or jobs > 1:
             raise click.UsageError(f"this command was started by torchrun ({distributed.launched_world_size()} processes); "
                                    "drop --nproc and --jobs (torchrun's --nproc_per_node sets the processes)")
+        nproc = distributed.launched_world_size()  # the cells are those of torchrun's processes
+    spec = grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
+                     epochs, batch_size, lr, nproc, results)
+    cfgs = expand_grid(spec)
+    if distributed.launched():
         run_here(cfgs, results, device, force, keep_checkpoint, quiet)
         return
-    if nproc > 1:
+    if nproc > 1 and not submitted:
         check_nproc(nproc, device)
     pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
     if len(cfgs) == 1 and not pending:
@@ -261,8 +280,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
         console.print(f"grid of {len(cfgs)} cells: {len(cfgs) - len(pending)} done, {len(pending)} to run"
                       + (f", {jobs} at a time" if jobs > 1 and pending else ""))
     # a job's device is checked on its node; here, the data and parameters
-    problems = validate(pending, "cpu" if submitted and (device == "auto" or device.startswith("cuda")) else device,
-                        1 if submitted else nproc)
+    problems = validate(pending, "cpu" if submitted and (device == "auto" or device.startswith("cuda")) else device)
     if problems:
         raise click.UsageError("these cells cannot run (nothing was started):\n  " + "\n  ".join(problems))
     check_writable(results)
@@ -275,16 +293,17 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
             show_row(read_row(results, o.cfg.run_id))
 
     if submitted:
-        outcomes = submit_and_wait(pending, results, launcher, opts, device, force, keep_checkpoint, wait, announce)
+        outcomes = submit_and_wait(spec, pending, launcher, opts, device, force, keep_checkpoint, wait, announce)
         if not wait:
             return
     else:
-        outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce, nproc=nproc)
+        outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
     if len(cfgs) > 1:
         console.print(grid_table(cfgs, results))
     busy = [o for o in outcomes if o.code == EXIT_BUSY]
     if busy:
-        console.print(f"[yellow]{len(busy)} cell(s) are being run by another process[/yellow]; `bench status` shows when they are done")
+        console.print(f"[yellow]{len(busy)} cell(s) are being run by another process[/yellow]; "
+                      f"`{escape(shlex.join(spec.command('status')))}` shows when they are done", soft_wrap=True)
     bad = [o for o in outcomes if o.code not in (0, EXIT_BUSY) and not has_finished_row(results, o.cfg.run_id)]
     if bad:
         err_console.print(f"[red]{len(bad)} of {len(outcomes)} cells did not finish[/red]; rerun the same command to retry them")
@@ -310,37 +329,33 @@ def slurm_options(launcher, jobs, device, partition, gpus_per_node, cpus_per_tas
     return opts
 
 
-def submit_and_wait(cfgs, results, launcher, opts, device, force, keep_checkpoint, wait, on_done):
-    """Submit the cells' jobs, print their ids, log folder and how to follow them; with ``wait``,
+def submit_and_wait(spec, cfgs, launcher, opts, device, force, keep_checkpoint, wait, on_done):
+    """Submit the cells ``cfgs`` of grid.GridSpec ``spec``, print their job ids, the log folder and
+    the follow-up commands (rendered from ``spec``, so they name the same cells); with ``wait``,
     wait for them and return their outcomes (else an empty list)."""
-    import shlex
-
     from submitit.core.utils import FailedJobError
 
     from .grid import describe
-    from .slurm import LOG_FOLDER, submit_cells, wait_for
+    from .slurm import LOG_FOLDER, LaunchError, submit_cells, wait_for
+
+    results = spec.results
 
     if not cfgs:
         console.print("nothing to submit: every cell is done")
         return []
     try:
         submitted = submit_cells(cfgs, results, launcher, opts, device, force, keep_checkpoint)
+    except LaunchError as e:
+        raise click.UsageError(str(e)) from None
     except (FailedJobError, OSError) as e:
         raise click.ClickException(f"submission failed, check the SLURM options: {e}") from None
     where = f"SLURM partition {opts.partition}" if launcher == "slurm" else "submitit's local executor (this machine)"
     console.print(f"submitted {len(submitted)} cell(s) to {where}:")
     for job, cfg in zip(submitted, cfgs):
         console.print(f"  job {job.job_id}  {describe(cfg)}")
-    params = click.get_current_context().params
-    status = ["bench", "status", "-a", params["attack"], "-d", params["defense"], "-p", params["profile"],
-              "-s", params["seed"]]
-    for flag, key in (("-A", "attack_param"), ("-D", "defense_param"), ("--dataset-param", "dataset_param")):
-        status += [a for v in params[key] for a in (flag, v)]
-    for key in ("epochs", "batch_size", "lr"):
-        status += [f"--{key.replace('_', '-')}", str(params[key])] if params[key] is not None else []
-    status += ["-r", str(results)]
     console.print(f"logs: {Path(results) / LOG_FOLDER}/<job id>/", soft_wrap=True, markup=False, highlight=False)
-    console.print(f"progress: {shlex.join(status)}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"progress: {shlex.join(spec.command('status'))}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"results: {shlex.join(spec.command('report'))}", soft_wrap=True, markup=False, highlight=False)
     if not wait:
         return []
     console.print("waiting for the jobs to end (Ctrl-C stops waiting; the jobs go on)")
@@ -382,7 +397,7 @@ def run_here(cfgs, results, device, force, keep_checkpoint, quiet) -> None:
         pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
         console.print(f"{len(cfgs)} cell(s): {len(cfgs) - len(pending)} done, {len(pending)} to run, "
                       f"each by {distributed.world_size()} processes")
-        problems = validate(pending, device, distributed.world_size())
+        problems = validate(pending, device)
         if not problems:
             try:
                 check_writable(results)
@@ -416,14 +431,15 @@ def check_writable(results) -> None:
 @main.command()
 @grid_options
 def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-           results) -> None:
-    """List the cells of a grid (same options as `bench run`) as done, running, failed or pending."""
+           nproc, results) -> None:
+    """List the cells of a grid (same options as `bench run`, --nproc included; for a grid run on
+    SLURM with --gpus-per-node N > 1, --nproc N) as done, running, failed or pending."""
     from collections import Counter
 
     from .grid import state
 
-    cfgs = expand_grid(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-                       epochs, batch_size, lr)
+    cfgs = expand_grid(grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set,
+                                 dataset_param, epochs, batch_size, lr, nproc, results))
     console.print(grid_table(cfgs, results))
     counts = Counter(state(c, results) for c in cfgs)
     console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .registry import ATTACKS, DATASETS, DEFENSES
+from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, unhashed_defaults
 from .utils import hash_json
 
 
@@ -95,7 +95,14 @@ def get_profile(name: str) -> Profile:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines one cell's numbers. Its hash is the run id."""
+    """Everything that determines one cell's numbers. Its hash is the run id.
+
+    What identifies a cell is ``identity``: attack, defense, dataset and model with all their
+    resolved parameters, the training settings (epochs, per-process batch size, lr, warm-up, weight
+    decay), the profile, the number of processes that train it (``world_size``; the global batch
+    is batch_size x world_size) and the seed. Two cells are the same setting when these agree up
+    to the seed (``setting_id``): ``bench report`` pools exactly those.
+    """
 
     attack: str
     attack_params: dict[str, Any]
@@ -111,9 +118,18 @@ class RunConfig:
     lr: float
     warmup_steps: int
     weight_decay: float
+    # Fields added after the first release carry hash_default=False: they enter the hashed dict
+    # (``to_dict``, the run id) only when they depart from their default, so that every cell that
+    # existed before them keeps its run id and its finished results (``identity``).
+    # world_size: processes that train the cell together (--nproc, torchrun's WORLD_SIZE).
+    world_size: int = field(default=1, metadata={"hash_default": False})
+    # The planned starting point (--init: scratch, checkpoint:PATH, pretrained:ARCH/TAG) belongs
+    # here the same way: init: str = field(default="scratch", metadata={"hash_default": False}).
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as it is hashed into the run id and stored with the row (``identity``):
+        JSON-ready, and ``RunConfig(**to_dict())`` gives back an equal cell."""
+        return identity(dataclasses.asdict(self))
 
     @property
     def config_hash(self) -> str:
@@ -135,14 +151,17 @@ def resolve(
     defense_params: dict[str, Any] | None = None,
     dataset_params: dict[str, Any] | None = None,
     dataset: str | None = None,
+    world_size: int = 1,
     **training: Any,
 ) -> RunConfig:
     """Resolve names, profile defaults and overrides into a RunConfig.
 
     ``dataset`` replaces the profile's dataset (e.g. ``files`` for CSV/WebDataset data); the
     profile's dataset parameters that it also has still apply. A dataset ``image_size`` of 0 is
-    set to the model's input size. ``training`` may override epochs, batch_size, lr,
-    warmup_steps, weight_decay or model.
+    set to the model's input size. ``world_size`` is the number of processes that will train the
+    cell (``--nproc``, torchrun's WORLD_SIZE): the global batch is batch_size x world_size, so it is
+    part of the cell. ``training`` may override epochs, batch_size, lr, warmup_steps, weight_decay
+    or model.
     Raises RegistryError (unknown name or parameter, listing valid ones) or ValueError.
     """
     prof = get_profile(profile)
@@ -175,8 +194,9 @@ def resolve(
         lr=float(training.get("lr", prof.lr)),
         warmup_steps=int(training.get("warmup_steps", prof.warmup_steps)),
         weight_decay=float(training.get("weight_decay", prof.weight_decay)),
+        world_size=int(world_size),
     )
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "world_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -205,14 +225,53 @@ def model_image_size(model: str) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a cell, from a resolved config (``dataclasses.asdict`` of a RunConfig, or
+    the ``config`` stored in a result row): ``config`` without the fields that were added with
+    ``hash_default=False`` (RunConfig's ``world_size``; a plugin parameter declared with
+    ``registry.param(..., hash_default=False)``) while they equal their default. This is the one
+    rule behind the run id (``RunConfig.to_dict``) and the report's settings (``setting_id``).
+    The parameters of a plugin that is not installed are kept as they are."""
+    out = dict(config)
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("hash_default", True) is False and f.name in out and out[f.name] == f.default:
+            del out[f.name]
+    for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES), ("dataset", DATASETS)):
+        params = out.get(f"{kind}_params")
+        if not isinstance(params, dict) or not isinstance(out.get(kind), str):
+            continue
+        try:
+            defaults = unhashed_defaults(registry.get(out[kind]).Params)
+        except RegistryError:
+            continue
+        if defaults:
+            out[f"{kind}_params"] = {k: v for k, v in params.items() if not (k in defaults and v == defaults[k])}
+    return out
+
+
+def setting_id(config: dict[str, Any]) -> str:
+    """Id of the setting of a resolved config: the hash of its ``identity`` without the seed.
+    Cells with equal setting ids differ in their seed alone and are pooled by ``bench report``;
+    16 hex digits."""
+    return hash_json({k: v for k, v in identity(config).items() if k != "seed"})[:16]
+
+
 def settings(configs: list[dict[str, Any]]) -> list[str]:
-    """For each resolved config (``RunConfig.to_dict()``), ``"k=v, ..."`` naming the values in
-    which it departs from its profile's defaults for the same attack and defense (the seed
-    aside); ``""`` for the defaults. When the defaults cannot be resolved (an attack from a plugin
-    that is not installed), the values that differ among the configs of the same attack, defense
-    and profile are named instead. Used to label and keep apart settings in tables and plots."""
-    flat = [_flatten(c) for c in configs]
-    out = [""] * len(configs)
+    """For each resolved config (``RunConfig.to_dict()``), ``"k=v, ..."`` naming the values of its
+    ``identity`` in which it departs from its profile's defaults for the same attack and defense
+    (the seed aside); ``""`` for the defaults.
+    When the defaults cannot be resolved (an attack from a plugin that is not installed), the
+    values that differ among the configs of the same attack, defense and profile are named
+    instead. Configs of different settings (``setting_id``) get different labels: where the short
+    labels of one attack, defense and profile would coincide, the full ones (``dataset=files,
+    attack_params.x=1``) are used, else the setting id is added. Labels settings in tables and
+    plots."""
+    flat = [_flatten(identity(c)) for c in configs]
+    out, full = [""] * len(configs), [""] * len(configs)
+
+    def key(i: int) -> tuple:
+        return tuple(configs[i].get(k) for k in ("attack", "defense", "profile"))
+
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(configs):
         groups.setdefault((c.get("attack"), c.get("defense"), c.get("profile"), c.get("dataset")), []).append(i)
@@ -227,6 +286,17 @@ def settings(configs: list[dict[str, Any]]) -> list[str]:
             base.update({k: None for k in keys if k not in base})
         for i in members:
             out[i] = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in flat[i].items() if base.get(k) != v)
+            own = configs[i].get("dataset") != getattr(PROFILES.get(profile), "dataset", None)
+            full[i] = ", ".join([f"dataset={configs[i].get('dataset')}"] * own
+                                + [f"{k}={v}" for k, v in flat[i].items() if base.get(k) != v])
+    # two settings of one attack, defense and profile under one label (x=1 of the attack and of the
+    # defense; defaults of two plugins that are not installed): the full names, else the setting id
+    ids = [setting_id(c) for c in configs]
+    for labels in (full, [f"{full[i]} [{ids[i]}]".lstrip() for i in range(len(configs))]):
+        seen: dict[tuple, set[str]] = {}
+        for i in range(len(configs)):
+            seen.setdefault((key(i), out[i]), set()).add(ids[i])
+        out = [labels[i] if len(seen[(key(i), out[i])]) > 1 else out[i] for i in range(len(configs))]
     return out
 
 

@@ -2,7 +2,9 @@
 barriers, broadcasts, and the gradient-carrying gather of the contrastive loss.
 
 Launch one cell on N processes with ``bench run --nproc N`` or
-``torchrun --nproc_per_node N -m poisonbench cell CONFIG_JSON ...``. torchrun sets RANK,
+``torchrun --nproc_per_node N -m poisonbench cell CONFIG_JSON ...`` (a config resolved with
+``world_size=N``: the processes are part of the cell, and ``runner.prepare`` refuses a config of
+another number). torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; backend nccl on CUDA (one GPU per process,
 ``cuda:LOCAL_RANK``), gloo on CPU. Without torchrun (or before ``init``) every helper is the
 identity or a no-op, so a single process runs exactly the code it ran before DDP existed.

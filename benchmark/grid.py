@@ -91,9 +91,15 @@ def parse_assignments(items) -> dict[str, str]:
     return out
 
 
+# GridSpec.training keys -> the bench run / bench status option that sets them
+TRAINING_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr"}
+
+
 @dataclass
 class GridSpec:
-    """What ``bench run`` / ``bench status`` were asked for, before expansion.
+    """What ``bench run`` / ``bench status`` were asked for, before expansion: the one description
+    of a grid, from the command line to the launchers and back to the follow-up commands
+    (``command``), so that the cells they name are the cells that were run.
 
     Attributes:
         attacks, defenses: comma lists of names, each optionally ``NAME[k=v,...]``, or ``all``.
@@ -105,6 +111,10 @@ class GridSpec:
         data, eval: ``--data``/``--eval``: strings for the parameters of the one registered
             dataset that claims ``--data`` (``cli_options``, ``datasets.base.Dataset``), e.g.
             training pairs from files and their evaluation set; None keeps the profile's data.
+        world_size: processes that train each cell together (``--nproc``; torchrun's WORLD_SIZE;
+            the GPUs of a SLURM job), part of each cell since the global batch is
+            batch_size x world_size.
+        results: the results folder the cells are stored in.
     """
 
     attacks: str = "badnet"
@@ -117,6 +127,37 @@ class GridSpec:
     training: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     eval: str | None = None
+    world_size: int = 1
+    results: str = "results"
+
+    def args(self) -> list[str]:
+        """The ``bench run`` / ``bench status`` arguments that select this grid (``--results``
+        included); parsed back by the CLI they give an equal GridSpec. Raises ValueError for a
+        training setting that has no command-line option."""
+        out = ["-a", self.attacks, "-d", self.defenses, "-p", self.profile, "-s", str(self.seeds)]
+        for flag, params in (("-A", self.attack_params), ("-D", self.defense_params),
+                             ("--dataset-param", self.dataset_params)):
+            out += [a for k, v in params.items() for a in (flag, f"{k}={v}")]
+        out += ["--data", self.data] if self.data is not None else []
+        out += ["--eval", self.eval] if self.eval is not None else []
+        for key, value in self.training.items():
+            if value is None:
+                continue
+            if key not in TRAINING_OPTIONS:
+                raise ValueError(f"training setting {key!r} has no command-line option; "
+                                 f"those that do: {', '.join(TRAINING_OPTIONS)}")
+            out += [TRAINING_OPTIONS[key], repr(value) if isinstance(value, float) else str(value)]
+        out += ["--nproc", str(self.world_size)] if self.world_size != 1 else []
+        return out + ["-r", str(self.results)]
+
+    def command(self, name: str) -> list[str]:
+        """The follow-up command line ``bench status`` (this grid's cells: done, running, ...) or
+        ``bench report`` (the leaderboard of its results folder) as a list of arguments."""
+        if name == "status":
+            return ["bench", "status", *self.args()]
+        if name == "report":
+            return ["bench", "report", "-r", str(self.results)]
+        raise ValueError(f"no follow-up command {name!r}; valid: status, report")
 
     def dataset(self) -> tuple[str | None, dict[str, str]]:
         """(dataset name or None for the profile's, its fixed parameters) from ``data``/``eval``."""
@@ -207,15 +248,15 @@ def expand(spec: GridSpec) -> list[RunConfig]:
                     a, d, spec.profile, seed,
                     {**a_fixed, **_applicable(a_sweep, ATTACKS, a)},
                     {**d_fixed, **_applicable(d_sweep, DEFENSES, d)},
-                    {**ds_fixed, **ds_sweep}, dataset, **spec.training,
+                    {**ds_fixed, **ds_sweep}, dataset, spec.world_size, **spec.training,
                 )
                 cfgs.setdefault(cfg.run_id, cfg)
     return list(cfgs.values())
 
 
-def validate(cfgs: list[RunConfig], device: str = "auto", nproc: int = 1) -> list[str]:
+def validate(cfgs: list[RunConfig], device: str = "auto") -> list[str]:
     """Problems that would make cells fail before training (``runner.prepare``'s checks: data,
-    parameters against the data, device, a global batch of batch_size x ``nproc`` pairs), as
+    parameters against the data, device, a global batch of batch_size x world_size pairs), as
     messages naming the cell; empty when all can run. The clean data is loaded once per dataset
     config and seed."""
     from .runner import ConfigError, prepare  # imports torch; `bench status` does not need it
@@ -230,7 +271,7 @@ def validate(cfgs: list[RunConfig], device: str = "auto", nproc: int = 1) -> lis
                 data, loaded = None, key(cfg)
                 ds_cls = DATASETS.get(cfg.dataset)
                 data = ds_cls(build_params(ds_cls.Params, cfg.dataset_params, f"dataset {cfg.dataset!r}")).load(cfg.seed)
-            prepare(cfg, device, data=data, world_size=nproc)
+            prepare(cfg, device, data=data, world_size=cfg.world_size)
         except (ConfigError, ValueError, FileNotFoundError, MemoryError) as e:
             problems.append(f"{describe(cfg)}: {type(e).__name__ + ': ' if isinstance(e, MemoryError) else ''}{e}")
     return problems
@@ -279,17 +320,15 @@ def die_with_parent() -> None:
 
 
 def cell_command(cfg: RunConfig, results: str | Path, device: str, force: bool, keep_checkpoint: bool,
-                 quiet: bool, nproc: int = 1) -> list[str]:
-    """The command line that runs one cell in a fresh Python process, or with ``nproc`` > 1 in
-    ``nproc`` processes on this node that train it together (torch.distributed DDP), started by
-    ``python -m torch.distributed.run --standalone --nproc_per_node nproc``. ``device`` is
-    ``auto``, ``cpu`` or ``cuda`` (with nproc > 1, process r uses cuda:r). A launcher for
-    several nodes (e.g. SLURM) replaces the torchrun part and keeps ``-m poisonbench cell ...``.
-
-    Raises ValueError when ``nproc`` < 1.
+                 quiet: bool) -> list[str]:
+    """The command line that runs one cell in a fresh Python process, or, for a cell of
+    ``cfg.world_size`` = N > 1 processes, in N processes on this node that train it together
+    (torch.distributed DDP), started by ``python -m torch.distributed.run --standalone
+    --nproc_per_node N``. ``device`` is ``auto``, ``cpu`` or ``cuda`` (with N > 1, process r uses
+    cuda:r). A launcher for several nodes (e.g. SLURM) replaces the torchrun part and keeps
+    ``-m poisonbench cell ...``.
     """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    nproc = cfg.world_size
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
@@ -318,18 +357,19 @@ class CellOutcome:
 
 def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device: str = "auto", force: bool = False,
               keep_checkpoint: bool = False, quiet: bool = False,
-              on_done: Callable[[CellOutcome], None] | None = None, nproc: int = 1) -> list[CellOutcome]:
-    """Run each config in its own process (``nproc`` processes under torchrun, see
+              on_done: Callable[[CellOutcome], None] | None = None) -> list[CellOutcome]:
+    """Run each config in its own process (its ``world_size`` processes under torchrun, see
     ``cell_command``), ``jobs`` at a time; return their outcomes in order of completion (exit
     codes: 0 ok, 1 failed and recorded, 2 bad config, 75 busy elsewhere).
 
     With one job the cell's output (progress bar, result table) goes to this terminal; with more,
-    to ``results/logs/<run_id>.log``. Each process gets ``cores // (jobs x nproc)`` CPU threads
+    to ``results/logs/<run_id>.log``. Each process gets ``cores // (jobs x world_size)`` CPU threads
     (unless OMP_NUM_THREADS is set), since oversubscribed OpenMP threads spin and slow everyone down.
     SIGTERM to this process is passed on to the cells, which record a failed row and resume next
     time; if this process is killed outright, Linux sends them SIGTERM too.
     """
     results = Path(results)
+    nproc = max((c.world_size for c in cfgs), default=1)
     env = {**os.environ, PARENT_ENV: str(os.getpid())}
     if jobs * nproc > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // (jobs * nproc)))
@@ -351,16 +391,16 @@ def run_cells(cfgs: list[RunConfig], results: str | Path, jobs: int = 1, device:
                     log = results / "logs" / f"{cfg.run_id}.log"
                     log.parent.mkdir(parents=True, exist_ok=True)
                     out = open(log, "ab")
-                cmd = cell_command(cfg, results, device, force, keep_checkpoint, quiet or jobs > 1, nproc)
+                cmd = cell_command(cfg, results, device, force, keep_checkpoint, quiet or jobs > 1)
                 proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                        preexec_fn=preexec)
+                                        preexec_fn=preexec if cfg.world_size > 1 else None)
                 running[proc.pid] = (proc, cfg, log, out)
             pid, status = os.wait()
             if pid not in running:
                 continue
             proc, cfg, log, out = running.pop(pid)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            if nproc > 1:
+            if cfg.world_size > 1:
                 proc.returncode = torchrun_exit_code(cfg, results, proc.returncode)
             if out:
                 out.close()

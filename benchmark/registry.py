@@ -75,6 +75,7 @@ class Registry:
                 raise RegistryError(f"{self.kind} {name!r} is already registered by {self._items[name]!r}")
             if not dataclasses.is_dataclass(getattr(cls, "Params", None)):
                 raise RegistryError(f"{self.kind} {name!r}: class {cls.__name__} needs a dataclass attribute `Params`")
+            check_defaults(cls.Params, f"{self.kind} {name!r}")
             cls.name = name
             self._items[name] = cls
             return cls
@@ -133,13 +134,56 @@ class Registry:
         return build_params(cls.Params, overrides or {}, f"{self.kind} {name!r}")
 
 
-def param(default: Any, help: str) -> Any:
-    """A Params dataclass field with a default and a one-line description shown by ``bench list``."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def param(default: Any, help: str, hash_default: bool = True) -> Any:
+    """A Params dataclass field with a default and a one-line description shown by ``bench list``.
+
+    A parameter with a fixed set of values is annotated ``typing.Literal["a", "b"]``: the registry
+    refuses any other value (from the command line, a profile or a stored config) before a plugin
+    is built, refuses a default outside the set at registration, and ``bench list`` shows the
+    choices. ``Literal`` values are the plain strings, so ``dataclasses.asdict`` (and the run id)
+    is the same as with ``str``.
+
+    When a run id changes: the run id hashes every parameter of the cell's plugins
+    (``RunConfig.to_dict``), so adding a parameter to a plugin re-keys all of its cells (their
+    finished results no longer count as done), even at a default that keeps the old behaviour.
+    A parameter added to an existing plugin should therefore say ``hash_default=False``: it then
+    enters the hashed config only when it departs from ``default``, so the cells that leave it
+    alone keep their run ids and results. (The parameters a plugin was released with are hashed
+    always; changing ``hash_default`` of one of them re-keys the cells at its default.)
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "hash_default": hash_default})
+
+
+def unhashed_defaults(params_cls: type) -> dict[str, Any]:
+    """name -> default of the fields of a Params dataclass declared with ``hash_default=False``
+    (see ``param``): those leave the hashed config while they equal this default."""
+    return {f.name: f.default for f in dataclasses.fields(params_cls)
+            if f.metadata.get("hash_default", True) is False and f.default is not dataclasses.MISSING}
+
+
+def check_defaults(params_cls: type, what: str) -> None:
+    """RegistryError when a ``Literal`` field of a Params dataclass has a default outside its
+    choices (checked at registration, so a plugin cannot ship a value it would refuse)."""
+    hints = typing.get_type_hints(params_cls)
+    for f in dataclasses.fields(params_cls):
+        if f.default is dataclasses.MISSING or not _literals(hints[f.name]):
+            continue
+        try:
+            _convert(f.default, hints[f.name])
+        except (TypeError, ValueError) as e:
+            raise RegistryError(f"{what}: the default {f.default!r} of {f.name} is not valid: {e}") from None
+
+
+def _literals(tp: Any) -> bool:
+    """True when ``tp`` is a Literal or an Optional Literal."""
+    if typing.get_origin(tp) is typing.Literal:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_literals(a) for a in typing.get_args(tp))
 
 
 def param_fields(params_cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type name, default, help) for each field of a Params dataclass."""
+    """(name, type name, default, help) for each field of a Params dataclass; the type name of a
+    ``Literal`` lists its choices, e.g. ``{random, top-left}``."""
     hints = typing.get_type_hints(params_cls)
     out = []
     for f in dataclasses.fields(params_cls):
@@ -152,10 +196,15 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return " | ".join(_type_name(a) for a in inner) + " | None"
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ", ".join(map(str, typing.get_args(tp))) + "}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def build_params(params_cls: type, overrides: dict[str, Any], what: str):
+    """Instantiate ``params_cls`` from its defaults and ``overrides`` (name -> value, command-line
+    strings converted to the field types; ``Literal`` values checked against their choices).
+    ``what`` names the plugin in errors. Raises RegistryError for an unknown name or a bad value."""
     hints = typing.get_type_hints(params_cls)
     valid = [f.name for f in dataclasses.fields(params_cls)]
     kwargs = {}
@@ -165,7 +214,8 @@ def build_params(params_cls: type, overrides: dict[str, Any], what: str):
         try:
             kwargs[key] = _convert(value, hints[key])
         except (TypeError, ValueError) as e:
-            raise RegistryError(f"{what}: bad value {value!r} for {key} ({_type_name(hints[key])}): {e}") from None
+            kind = "" if _literals(hints[key]) else f" ({_type_name(hints[key])})"  # the choices are in e
+            raise RegistryError(f"{what}: bad value {value!r} for {key}{kind}: {e}") from None
     try:
         params = params_cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
-from .config import settings
+from .config import setting_id, settings
 from .store import read_runs
 
 GROUP = ["attack", "defense", "profile"]
@@ -92,9 +92,11 @@ def _aggregate(group: pd.DataFrame) -> pd.Series:
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """One row per comparable setting over finished runs (status ok), seeds pooled.
 
-    Runs are comparable when their resolved configs are equal up to the seed. ``setting`` names
-    the config values that differ between runs of the same (attack, defense, profile), e.g.
-    ``n_poison=50``; it is empty when there is one setting. Columns: COLUMNS (fractions in
+    Runs are comparable when their resolved configs are equal up to the seed
+    (``config.setting_id``, the rule of the run id: dataset, model, every parameter, training
+    settings and the number of processes, hence the global batch). ``setting`` names the config
+    values in which a setting departs from its profile's defaults, e.g. ``n_poison=50`` or
+    ``world_size=2``; it is empty at the defaults. Columns: COLUMNS (fractions in
     [0, 1]; ``_lo``/``_hi`` are the 95 % interval bounds, NaN with one seed for accuracies).
     Sorted by attack and setting, then ASR ascending and clean top-1 descending (the most robust
     defense first). Rows of an older schema report too: a missing metric is NaN, and a row
@@ -111,8 +113,8 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     for col in ACCURACIES + ["asr", "asr_n", "n_poison"]:
         ok[col] = pd.to_numeric(ok[col], errors="coerce") if col in ok else math.nan
     ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
-    ok["setting"] = _settings(ok)
-    board = ok.groupby(GROUP + ["setting"], dropna=False)[list(ok.columns)].apply(_aggregate).reset_index()
+    ok["setting"], ok["setting_id"] = _settings(ok)
+    board = ok.groupby(GROUP + ["setting", "setting_id"], dropna=False)[list(ok.columns)].apply(_aggregate).reset_index()
     board["seeds"] = board["seeds"].astype(int)
     board["asr_n"] = board["asr_n"].astype(int)
     board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
@@ -140,13 +142,16 @@ def _config(text) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _settings(ok: pd.DataFrame) -> pd.Series:
+def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each row's setting label (``config.settings``) and setting id (``config.setting_id``)."""
     configs = [_config(c) for c in ok.get("config", [None] * len(ok))]
-    # rows without a stored config still group by their identity columns
     for c, (_, r) in zip(configs, ok.iterrows()):
-        for k in GROUP:
+        for k in GROUP:  # rows without a stored config still group by their identity columns
             c.setdefault(k, r[k])
-    return pd.Series(settings(configs), index=ok.index)
+        # rows of schema 1 (before world_size joined the config) hold it in a column only
+        if "world_size" not in c and pd.notna(r.get("world_size")):
+            c["world_size"] = int(r["world_size"])
+    return pd.Series(settings(configs), index=ok.index), pd.Series([setting_id(c) for c in configs], index=ok.index)
 
 
 def load_leaderboard(results: str | Path) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Run one cell: load data, poison, train with a defense, evaluate, write one result row."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -50,12 +51,21 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
             world_size: int | None = None) -> Cell:
     """Check the device, load the data (unless ``data``, the clean bundle of this dataset config
     and seed, is given), build the attack and defense and poison the training set.
-    ``world_size``: the processes that will train it (default: torchrun's WORLD_SIZE, else 1);
-    the training set must hold one global batch of batch_size x world_size pairs.
+    ``world_size``: the processes that will train it (default: those of this process group, else
+    torchrun's WORLD_SIZE, else 1); it must be the ``cfg.world_size`` the cell was resolved with,
+    since the global batch (batch_size x world_size) is part of the cell. The training set must
+    hold one global batch.
 
     Raises ConfigError (with the problem and the valid choices) for anything that would make the
     run fail, so bad input never starts training and never writes to the store.
     """
+    if world_size is None:
+        world_size = distributed.world_size() if distributed.is_initialized() else distributed.launched_world_size()
+    if world_size != cfg.world_size:
+        raise ConfigError(f"cell {cfg.run_id} is the cell of {cfg.world_size} process(es) (global batch "
+                          f"{cfg.batch_size} x {cfg.world_size}), but {world_size} would train it; resolve it with "
+                          f"world_size={world_size} (`bench run --nproc {world_size}`; under torchrun, `bench run` "
+                          "takes WORLD_SIZE itself)")
     try:
         dev = pick_device(device)
         ds_cls = DATASETS.get(cfg.dataset)
@@ -72,7 +82,7 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
     if attack.poisons and plan.n_poison == 0:  # its ASR would be that of a clean model
         raise ConfigError(f"attack {cfg.attack}: these parameters poison 0 training pairs; raise the attack's "
                           f"poison count (or run the clean baseline)")
-    world = distributed.launched_world_size() if world_size is None else world_size
+    world = cfg.world_size
     if len(plan.train) < cfg.batch_size * world:
         per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
         raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size * world}{per}")
@@ -303,7 +313,7 @@ def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,  # per process
-        "world_size": distributed.world_size(),  # processes: the global batch is batch_size x world_size
+        "world_size": cfg.world_size,  # processes: the global batch is batch_size x world_size
         "n_train": len(plan.train),
         "n_poison": plan.n_poison,
         "poison_rate": plan.poison_rate,
@@ -317,10 +327,14 @@ def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    both = set(cfg.attack_params) & set(cfg.defense_params)
-    for kind, params in (("attack", cfg.attack_params), ("defense", cfg.defense_params)):
-        for k, v in params.items():
-            row[f"p_{kind}_{k}" if k in both else f"p_{k}"] = v
+    # one column per parameter, always prefixed by its kind (schema 2; store.read_runs renames the
+    # unprefixed p_<k> columns of schema 1), so adding a plugin never renames a column. Every
+    # parameter, also those a stored config leaves out at their default (config.identity).
+    for kind, registry, name, params in (("attack", ATTACKS, cfg.attack, cfg.attack_params),
+                                         ("defense", DEFENSES, cfg.defense, cfg.defense_params),
+                                         ("dataset", DATASETS, cfg.dataset, cfg.dataset_params)):
+        for k, v in dataclasses.asdict(registry.params(name, params)).items():
+            row[f"p_{kind}_{k}"] = v
     return row
 
 

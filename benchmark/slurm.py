@@ -83,10 +83,17 @@ def check_launcher(launcher: str, opts: SlurmOptions, device: str = "auto") -> N
 
 
 def cell_job_command(cfg: RunConfig, results: str | Path, device: str = "auto", force: bool = False,
-                     keep_checkpoint: bool = False, nproc: int = 1) -> list[str]:
+                     keep_checkpoint: bool = False) -> list[str]:
     """The command a cell's job runs: ``grid.cell_command`` without a progress bar (the output goes
-    to the job's log); with ``nproc`` > 1 under torchrun, one process per GPU."""
-    return grid.cell_command(cfg, results, device, force, keep_checkpoint, True, nproc=nproc)
+    to the job's log); for a cell of several processes (``cfg.world_size``) under torchrun, one
+    process per GPU."""
+    return grid.cell_command(cfg, results, device, force, keep_checkpoint, True)
+
+
+def processes_per_job(opts: SlurmOptions) -> int:
+    """The processes that train a cell in one job of ``opts``: one per GPU with several GPUs,
+    else 1. The cells must be resolved with this world size (``GridSpec.world_size``)."""
+    return opts.gpus_per_node if opts.gpus_per_node > 1 else 1
 
 
 def _ignore_preemption_signal() -> None:
@@ -177,15 +184,20 @@ def submit_cells(cfgs: list[RunConfig], results: str | Path, launcher: str, opts
     ``cfgs``, without waiting. ``results`` is made absolute, since the jobs may start elsewhere.
 
     Each job's result is the cell's exit code. Raises LaunchError before submitting anything
-    when the launcher cannot work, and submitit's FailedJobError when ``sbatch`` refuses the jobs.
+    when the launcher cannot work or a cell was resolved for another number of processes than a
+    job runs (``processes_per_job``), and submitit's FailedJobError when ``sbatch`` refuses the jobs.
     """
     if not cfgs:
         return []
+    nproc = processes_per_job(opts)
+    wrong = [c.run_id for c in cfgs if c.world_size != nproc]
+    if wrong:
+        raise LaunchError(f"cells {', '.join(wrong)} are cells of another number of processes than the {nproc} "
+                          f"a job with --gpus-per-node {opts.gpus_per_node} runs; resolve them with world_size={nproc}")
     results = Path(results).absolute()
     executor = make_executor(launcher, results / LOG_FOLDER / "%j", opts, job_name(cfgs))
-    nproc = opts.gpus_per_node if opts.gpus_per_node > 1 else 1
     with executor.batch():
-        jobs = [executor.submit(CellJob(cell_job_command(c, results, device, force, keep_checkpoint, nproc)))
+        jobs = [executor.submit(CellJob(cell_job_command(c, results, device, force, keep_checkpoint)))
                 for c in cfgs]
     return jobs
 

@@ -1,13 +1,19 @@
 """The results store: one Parquet file per cell, ``<results>/runs/<run_id>.parquet``.
 
-Each file holds one row in long format (identity, ``p_*`` parameter columns, metric columns),
-written atomically (temp file + rename), with the schema version in the file metadata.
+Each file holds one row in long format (identity, ``p_<kind>_<name>`` parameter columns, metric
+columns), written atomically (temp file + rename), with the schema version in the file metadata.
 Readers take the union of columns, so adding a metric never breaks reading old files.
+
+Schema versions: 1, parameter columns ``p_<name>`` (``p_attack_<name>``/``p_defense_<name>`` only
+where an attack and a defense parameter shared a name), no dataset parameters; 2, always
+``p_attack_<name>``, ``p_defense_<name>``, ``p_dataset_<name>``, and the config holds
+``world_size`` when it is not 1. ``read_runs`` gives rows of schema 1 the columns of schema 2.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .utils import atomic_write
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 SCHEMA_KEY = b"poisonbench.schema_version"
 REQUIRED = ("run_id", "status", "attack", "defense")
 
@@ -108,7 +114,8 @@ def read_runs(results: str | Path) -> pd.DataFrame:
             warnings.warn(f"skipping {path}: not a .parquet file")
             continue
         try:
-            frame = pq.read_table(path).to_pandas()
+            table = pq.read_table(path)
+            frame = table.to_pandas()
         except (pa.ArrowException, OSError) as e:
             warnings.warn(f"skipping {path}: unreadable Parquet ({e})")
             continue
@@ -116,7 +123,31 @@ def read_runs(results: str | Path) -> pd.DataFrame:
         if missing:
             warnings.warn(f"skipping {path}: not a poisonbench result (no {', '.join(missing)} column)")
             continue
+        if (table.schema.metadata or {}).get(SCHEMA_KEY, b"1") == b"1":
+            frame = _upgrade_v1(frame)
         frames.append(frame)
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def _upgrade_v1(frame: pd.DataFrame) -> pd.DataFrame:
+    """A row of schema 1 with the parameter columns of schema 2: ``p_<name>`` becomes
+    ``p_<kind>_<name>`` by the kind whose parameters hold that name in the row's config, and the
+    dataset parameters of the config become ``p_dataset_<name>``. Rows without a readable config
+    are left as they are."""
+    try:
+        config = json.loads(frame["config"].iloc[0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return frame
+    if not isinstance(config, dict):
+        return frame
+    frame = frame.copy()
+    for kind in ("attack", "defense", "dataset"):
+        params = config.get(f"{kind}_params")
+        for name, value in (params.items() if isinstance(params, dict) else ()):
+            new = f"p_{kind}_{name}"
+            if new not in frame:
+                frame[new] = frame.pop(f"p_{name}") if kind != "dataset" and f"p_{name}" in frame else [value] * len(frame)
+    return frame
+

@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -195,8 +196,9 @@ class FilesParams:
     n_eval: int = param(0, "evaluation images drawn (seeded); 0 = all")
     n_probe: int = param(10000, "linear-probe images from the evaluation set's train split (seeded); 0 = all")
     n_heldout: int = param(1000, "pairs held out of the training data (never trained on) for retrieval recall@k")
-    load: str = param("auto", "memory (decode all pairs once), lazy (decode each batch; local files and shards) "
-                              "or auto (lazy above 8 GiB of decoded images)")
+    load: Literal["auto", "memory", "lazy"] = param(
+        "auto", "memory (decode all pairs once), lazy (decode each batch; local files and shards) "
+                "or auto (lazy above 8 GiB of decoded images)")
 
 
 @register_dataset("files")
@@ -221,8 +223,6 @@ class Files:
         for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
             if getattr(params, name) < 0:
                 raise ValueError(f"files: {name} must be >= 0, got {getattr(params, name)}")
-        if params.load not in ("auto", "memory", "lazy"):
-            raise ValueError(f"files: load must be auto, memory or lazy, got {params.load!r}")
         if params.image_size != 0 and params.image_size < 8:
             raise ValueError(f"files: image_size must be >= 8 pixels (or 0 = the model's), got {params.image_size}")
         self.params = params

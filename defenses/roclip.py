@@ -9,6 +9,7 @@ use the CLIP loss. Image and EDA augmentation apply in every epoch (as aug-only)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class RoCLIPParams(AugOnlyParams):
     pool_size: int = param(2048, "caption pool size, in captions (paper scale: 21845 for 1M pairs)")
     match_every: int = param(2, "K: epochs with epoch % K == 0 (1-indexed) are matching epochs")
     augment: bool = param(True, "image + EDA augmentation in every epoch (False = RoCLIP without augmentation)")
-    pool_update: str = param("matching", "when the pool receives each batch's captions: matching (the official code) or always")
+    pool_update: Literal["matching", "always"] = param("matching", "when the pool receives each batch's captions: matching (the official code) or always")
 
 
 @register_defense("roclip")
@@ -95,8 +96,6 @@ class RoCLIP(AugOnly):
             raise ValueError(f"roclip: match_every must be >= 1, got {params.match_every}")
         if params.pool_size < 1:
             raise ValueError(f"roclip: pool_size must be >= 1, got {params.pool_size}")
-        if params.pool_update not in ("matching", "always"):
-            raise ValueError(f"roclip: pool_update must be matching or always, got {params.pool_update!r}")
         self.augment = params.augment
         self.pool: CaptionPool | None = None  # made on first use, when the embedding size is known
 

@@ -20,7 +20,7 @@ def test_tiny_run_then_report(tmp_path):
     assert len(df) == 1
     r = df.iloc[0]
     assert r["status"] == "ok" and r["attack"] == "badnet" and r["defense"] == "roclip"
-    assert r["n_poison"] == 20 and r["p_n_poison"] == 20 and r["p_pool_size"] == 256
+    assert r["n_poison"] == 20 and r["p_attack_n_poison"] == 20 and r["p_defense_pool_size"] == 256
     assert r["n_train"] == 532 and r["poison_rate"] == pytest.approx(20 / 532)
     assert 0.0 <= r["clean_top1"] <= r["clean_top5"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
     assert 400 < r["asr_n"] < 500  # the ~10% bags of the 500 eval images are excluded

@@ -256,7 +256,7 @@ def cell_scenario(rank, results):
     writes, write_row = [], runner.write_row
     runner.write_row = lambda row, res: writes.append(row["status"]) or write_row(row, res)
     try:
-        cfg = resolve("badnet", "clip", "tiny", attack_params={"n_poison": 20}, epochs=1,
+        cfg = resolve("badnet", "clip", "tiny", attack_params={"n_poison": 20}, epochs=1, world_size=WORLD,
                       dataset_params={"n_train": 256, "n_eval": 100, "n_probe": 100, "n_heldout": 50})
         cell = runner.prepare(cfg, "cpu")
         row = runner.execute(cell, results, progress=False)
@@ -280,15 +280,16 @@ def test_a_two_process_cell_writes_exactly_one_row_from_rank_0(scenarios):
 # --- the command line --------------------------------------------------------------------
 
 
-def test_cell_command_runs_torchrun_for_several_processes():
-    cfg = resolve("badnet", "clip", "tiny")
+def test_cell_command_runs_torchrun_for_a_cell_of_several_processes():
+    cfg, two = resolve("badnet", "clip", "tiny"), resolve("badnet", "clip", "tiny", world_size=2)
     cell = ["-m", "poisonbench", "cell", json.dumps(cfg.to_dict()), "--results", "res", "--device"]
     assert cell_command(cfg, "res", "cpu", False, False, True) == [sys.executable, *cell, "cpu", "--quiet"]
-    assert cell_command(cfg, "res", "cuda", False, True, False, nproc=2) == [
+    cell[3] = json.dumps(two.to_dict())
+    assert cell_command(two, "res", "cuda", False, True, False) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cell, "cuda",
         "--keep-checkpoint"]
-    with pytest.raises(ValueError, match="nproc"):
-        cell_command(cfg, "res", "cpu", False, False, False, nproc=0)
+    with pytest.raises(ValueError, match="world_size"):
+        resolve("badnet", "clip", "tiny", world_size=0)
 
 
 def test_more_processes_than_gpus_is_refused_before_anything_runs(tmp_path, monkeypatch):

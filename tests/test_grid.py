@@ -140,3 +140,59 @@ def test_a_parameter_given_twice_is_refused():
 
     with pytest.raises(ValueError, match="given twice"):
         parse_assignments(["n_poison=10", "n_poison=20"])
+
+
+# --- the processes of a cell are part of it -------------------------------------------------
+
+def test_a_cell_is_trained_only_by_the_number_of_processes_it_was_resolved_for():
+    from poisonbench.runner import ConfigError, prepare
+
+    two = resolve("badnet", "clip", "tiny", world_size=2)
+    with pytest.raises(ConfigError, match="cell of 2 process.*but 1 would train it.*--nproc 1"):
+        prepare(two, "cpu")  # not under torchrun: one process
+    assert expand(GridSpec("badnet", "clip", "tiny", world_size=2)) == [two]
+
+
+def test_bench_run_under_torchrun_resolves_the_cells_for_its_processes(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from poisonbench import cli, distributed
+
+    ran = []
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(cli, "run_here", lambda cfgs, *args: ran.extend(cfgs))
+    out = CliRunner().invoke(cli.main, ["run", "-p", "tiny", "-a", "badnet", "-s", "0,1", "-r", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert ran == expand(GridSpec("badnet", "clip", "tiny", "0,1", world_size=2))
+
+
+# --- one description of a grid: the follow-up commands name the same cells --------------------
+
+FULL_GRID = ["-p", "tiny", "-a", "badnet[n_poison=20],blended", "-d", "clip,roclip", "-s", "0-1",
+             "-A", "target=bag,shirt", "-D", "pool_size=128", "--data", "csv:/data/pairs.csv", "--eval", "cifar10:/data/c10",
+             "--dataset-param", "n_train=100,200", "--dataset-param", "caption_key=caption",
+             "--epochs", "1", "--batch-size", "32", "--lr", "0.0005", "--nproc", "2"]
+
+
+def spec_of(args):
+    """The GridSpec `bench status ARGS` selects, through the command line's own parsing."""
+    from poisonbench import cli
+
+    ctx = cli.status.make_context("status", list(args))
+    return cli.grid_spec(**ctx.params)
+
+
+def test_the_status_command_of_a_grid_parses_back_to_the_same_cells(tmp_path):
+    spec = spec_of(FULL_GRID + ["-r", str(tmp_path / "my results")])
+    assert (spec.data, spec.eval, spec.world_size, spec.training) == (
+        "csv:/data/pairs.csv", "cifar10:/data/c10", 2, {"epochs": 1, "batch_size": 32, "lr": 0.0005})
+    command = spec.command("status")
+    assert command[:2] == ["bench", "status"]
+    again = spec_of(command[2:])
+    assert again == spec
+    cfgs = expand(spec)
+    assert len(cfgs) == 2 * 2 * 2 * 2 * 2  # attacks x defenses x seeds x targets x n_train
+    assert [c.run_id for c in expand(again)] == [c.run_id for c in cfgs]
+    assert {c.world_size for c in cfgs} == {2} and {c.dataset for c in cfgs} == {"files"}
+    assert spec.command("report") == ["bench", "report", "-r", str(tmp_path / "my results")]

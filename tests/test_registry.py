@@ -80,3 +80,105 @@ def test_duplicate_registration_is_refused():
 def test_non_finite_float_parameters_are_refused(value):
     with pytest.raises(RegistryError, match="finite"):
         resolve("wanet", "clip", "tiny", attack_params={"strength": value})
+
+
+# --- enum-like parameters, and when a run id changes ------------------------------------------
+
+# Run ids of reference cells on main before Literal parameters, world_size and hash_default existed:
+# none of those may re-key an existing cell.
+REFERENCE_IDS = {("badnet", "clip", "tiny", 0): "477ce5b67d0c22cf", ("badnet", "clip", "cpu-small", 0): "a4f540880d13a031",
+                 ("targeted", "roclip", "cpu-small", 1): "b4bbf6f831b7d350"}
+
+
+def test_run_ids_of_existing_cells_are_unchanged():
+    for (attack, defense, profile, seed), run_id in REFERENCE_IDS.items():
+        assert resolve(attack, defense, profile, seed).run_id == run_id
+    files = resolve("badnet", "roclip", "tiny", 0, {"location": "random"}, {"pool_update": "always"},
+                    {"train": "csv:/x.csv", "load": "lazy"}, "files")  # all three Literal parameters
+    assert files.run_id == "8e664d48e2f177de"
+
+
+def test_literal_annotation_leaves_asdict_as_with_str():
+    import typing
+
+    @dataclasses.dataclass
+    class AsStr:
+        where: str = param("left", "w")
+
+    @dataclasses.dataclass
+    class AsLiteral:
+        where: typing.Literal["left", "right"] = param("left", "w")
+
+    as_str, as_literal = build_params(AsStr, {"where": "right"}, "t"), build_params(AsLiteral, {"where": "right"}, "t")
+    assert dataclasses.asdict(as_str) == dataclasses.asdict(as_literal) == {"where": "right"}
+    assert type(as_literal.where) is str
+
+
+@pytest.mark.parametrize("kind, name, key, choices", [
+    ("attack", "badnet", "location", "random, top-left, top-right, bottom-left, bottom-right"),
+    ("attack", "badnet-lc", "location", "random, top-left, top-right, bottom-left, bottom-right"),
+    ("defense", "roclip", "pool_update", "matching, always"),
+    ("dataset", "files", "load", "auto, memory, lazy"),
+])
+def test_enum_like_parameters_are_checked_by_the_registry_and_listed(kind, name, key, choices, monkeypatch):
+    from click.testing import CliRunner
+
+    from poisonbench.cli import main
+    from poisonbench.display import console
+    from poisonbench.registry import ATTACKS, DATASETS, DEFENSES, param_fields
+
+    registry = {"attack": ATTACKS, "defense": DEFENSES, "dataset": DATASETS}[kind]
+    with pytest.raises(RegistryError, match=f"bad value 'middle' for {key}: choose one of {choices}"):
+        registry.params(name, {key: "middle"})
+    assert {f[0]: f[1] for f in param_fields(registry.get(name).Params)}[key] == "{" + choices + "}"
+    monkeypatch.setattr(console, "width", 400)  # one line per parameter
+    listed = CliRunner().invoke(main, ["list", kind + "s"])
+    assert "{" + choices + "}" in listed.output
+    if kind != "dataset":  # `bench status` refuses it, before any data is read or any plugin is built
+        flag = {"attack": "-A", "defense": "-D"}[kind]
+        out = CliRunner().invoke(main, ["status", "-p", "tiny", "-a" if kind == "attack" else "-d", name,
+                                        flag, f"{key}=middle", "-r", "unused"])
+        assert out.exit_code == 2 and f"bad value 'middle' for {key}: choose one of {choices}" in out.output
+
+
+def test_a_literal_default_outside_its_choices_is_refused_at_registration():
+    import typing
+
+    @dataclasses.dataclass
+    class P:
+        where: typing.Literal["left", "right"] = param("middle", "w")
+
+    reg = poisonbench.registry.Registry("thing", "poisonbench.attacks", "poisonbench.things")
+    with pytest.raises(RegistryError, match="default 'middle' of where is not valid: choose one of left, right"):
+        reg.register("p")(type("T", (), {"Params": P}))
+
+
+def test_a_parameter_added_with_hash_default_false_keeps_the_run_ids(monkeypatch):
+    """A plugin that gains a parameter declared hash_default=False keeps the run ids of its cells
+    (and so their finished results) while the parameter is at its default; a plain new parameter
+    re-keys them all."""
+    from poisonbench.attacks.badnet import BadNet, BadNetParams
+    from poisonbench.config import RunConfig, setting_id
+    from poisonbench.registry import ATTACKS
+
+    before = resolve("badnet", "clip", "tiny")
+
+    def gain(hash_default):
+        @dataclasses.dataclass
+        class Grown(BadNetParams):
+            opacity: float = param(1.0, "how opaque the patch is", hash_default=hash_default)
+
+        monkeypatch.setitem(ATTACKS._items, "badnet", type("GrownBadNet", (BadNet,), {"Params": Grown}))
+
+    gain(hash_default=False)
+    after = resolve("badnet", "clip", "tiny")
+    assert after.attack_params["opacity"] == 1.0  # the cell has it ...
+    assert after.run_id == before.run_id  # ... and its id is unchanged
+    assert "opacity" not in after.to_dict()["attack_params"]
+    assert RunConfig(**after.to_dict()).run_id == after.run_id  # `bench cell` rebuilds the same cell
+    assert setting_id(after.to_dict()) == setting_id(before.to_dict())  # and the report pools old and new rows
+    changed = resolve("badnet", "clip", "tiny", attack_params={"opacity": "0.5"})
+    assert changed.run_id != before.run_id and changed.to_dict()["attack_params"]["opacity"] == 0.5
+
+    gain(hash_default=True)  # today's rule without it: every cell of the plugin is re-keyed
+    assert resolve("badnet", "clip", "tiny").run_id != before.run_id

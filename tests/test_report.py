@@ -96,3 +96,59 @@ def test_clean_baseline_rows_report_beside_attacks():
 def test_a_copied_result_file_is_not_counted_twice():
     board = leaderboard(pd.DataFrame([run(0, asr=0.5, asr_n=10), run(0, asr=0.5, asr_n=10)]))
     assert board.loc[0, "asr_n"] == 10 and board.loc[0, "seeds"] == 1
+
+
+# --- what one setting is: the resolved config up to the seed (config.setting_id) -------------
+
+def cell_row(cfg, top1=0.8, asr=0.5, **extra):
+    """A finished row of the resolved cell ``cfg``, its config stored as the runner stores it."""
+    return {"run_id": cfg.run_id, "status": "ok", "attack": cfg.attack, "defense": cfg.defense, "profile": cfg.profile,
+            "seed": cfg.seed, "config": json.dumps(cfg.to_dict(), sort_keys=True), "clean_top1": top1,
+            "clean_top5": 0.99, "asr": asr, "asr_n": 10, "n_poison": 100, "world_size": cfg.world_size, **extra}
+
+
+def test_cells_of_another_world_size_are_another_setting_and_seeds_alone_pool():
+    from poisonbench.config import resolve
+
+    one = [resolve("badnet", "clip", "tiny", seed) for seed in (0, 1)]
+    two = [resolve("badnet", "clip", "tiny", seed, world_size=2) for seed in (0, 1)]
+    assert len({c.run_id for c in one + two}) == 4  # a cell of 2 processes (global batch 128) is another cell
+    board = leaderboard(pd.DataFrame([cell_row(c) for c in one + two])).set_index("setting")
+    assert list(board["seeds"]) == [2, 2] and sorted(board.index) == ["", "world_size=2"]
+
+
+def test_a_row_of_schema_1_run_by_two_processes_is_not_pooled_with_one_process():
+    """Before world_size joined the config, a 2-process cell had the run id and config of the
+    1-process one; its row's world_size column still tells them apart."""
+    from poisonbench.config import resolve
+
+    cfg = resolve("badnet", "clip", "tiny", 0)
+    old = {**cell_row(resolve("badnet", "clip", "tiny", 1)), "world_size": 2, "run_id": "old"}
+    board = leaderboard(pd.DataFrame([cell_row(cfg), old])).set_index("setting")
+    assert sorted(board.index) == ["", "world_size=2"] and list(board["seeds"]) == [1, 1]
+
+
+def test_settings_with_the_same_short_label_are_kept_apart():
+    """An attack and a defense parameter of one name and value: two settings, named in full."""
+    from poisonbench.config import resolve
+
+    base = resolve("badnet", "roclip", "tiny").to_dict()
+    by_attack = {**base, "attack_params": {**base["attack_params"], "strength": 1}}
+    by_defense = {**base, "defense_params": {**base["defense_params"], "strength": 1}}
+    rows = [{**cell_row(resolve("badnet", "roclip", "tiny")), "run_id": f"r{i}", "config": json.dumps(c)}
+            for i, c in enumerate((by_attack, by_defense))]
+    board = leaderboard(pd.DataFrame(rows))
+    assert list(board["seeds"]) == [1, 1]
+    assert sorted(board["setting"]) == ["attack_params.strength=1", "defense_params.strength=1"]
+
+
+def test_cells_of_another_dataset_at_its_defaults_are_another_setting():
+    """A dataset whose defaults leave nothing to name (here one that is not installed) is not
+    pooled with the profile's dataset."""
+    from poisonbench.config import resolve
+
+    cfg = resolve("badnet", "clip", "tiny", 0)
+    mine = {**cfg.to_dict(), "dataset": "my-data", "seed": 1}
+    rows = [cell_row(cfg), {**cell_row(cfg), "run_id": "mine", "seed": 1, "config": json.dumps(mine)}]
+    board = leaderboard(pd.DataFrame(rows))
+    assert list(board["seeds"]) == [1, 1] and sorted(board["setting"]) == ["", "dataset=my-data"]

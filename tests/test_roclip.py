@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from poisonbench.defenses.base import TrainState
 from poisonbench.defenses.roclip import CaptionPool, RoCLIP, RoCLIPParams
+from poisonbench.registry import DEFENSES
 
 
 def unit(*shape, seed=0):
@@ -118,7 +119,7 @@ def test_pool_prefilled_before_first_matching_epoch_and_checkpointed():
 def test_bad_parameters():
     with pytest.raises(ValueError, match="match_every"):
         make(k=0)
-    with pytest.raises(ValueError, match="pool_update"):
-        make(pool_update="sometimes")
+    with pytest.raises(ValueError, match="pool_update: choose one of matching, always"):  # by the registry
+        DEFENSES.params("roclip", {"pool_update": "sometimes"})
     with pytest.raises(RuntimeError, match="empty"):
         CaptionPool(3, 2).nearest(torch.ones(1, 2))

@@ -37,8 +37,8 @@ def fake_cells(monkeypatch):
     records (run_id, nproc) of every command built, i.e. of every cell submitted."""
     built = []
 
-    def fake_command(cfg, results, device, force, keep_checkpoint, quiet, nproc=1):
-        built.append((cfg.run_id, nproc))
+    def fake_command(cfg, results, device, force, keep_checkpoint, quiet):
+        built.append((cfg.run_id, cfg.world_size))
         return [sys.executable, "-c", f"from poisonbench.store import write_row; write_row({ok_row(cfg)!r}, {str(results)!r})"]
 
     monkeypatch.setattr(grid, "cell_command", fake_command)
@@ -88,7 +88,7 @@ def test_slurm_submits_one_array_with_the_requested_resources_and_does_not_wait(
     assert out.exit_code == 0, out.output
     scripts = fake_slurm.read_text().split("=== end")[:-1]
     assert len(scripts) == 1  # one sbatch call for both cells
-    cfgs = expand(GridSpec("badnet[n_poison=20]", "clip,roclip", "tiny"))
+    cfgs = expand(GridSpec("badnet[n_poison=20]", "clip,roclip", "tiny", world_size=2))  # 2 GPUs: cells of 2 processes
     for line in ["--partition=gpu", "--array=0-1%1", "--gpus-per-node=2", "--cpus-per-task=16", "--mem=32GB",
                  "--time=90", "--account=proj", f"--job-name=pb-{cfgs[0].run_id}+1", "--ntasks-per-node=1",
                  f"--output={res.absolute()}/slurm/%A_%a/%A_%a_0_log.out", "--signal=USR2@"]:
@@ -224,3 +224,32 @@ def test_a_stopped_cell_gets_one_sigterm_even_if_slow_to_exit(tmp_path):
     assert job._proc.returncode == 143
     assert got.read_text().splitlines() == ["SIGTERM"]
     assert isinstance(requeued.function, slurm.CellJob) and requeued.function.command == job.command
+
+
+def test_the_printed_status_command_names_the_cells_that_were_submitted(tmp_path, fake_cells, monkeypatch):
+    """Every option that selects a cell reaches the printed `bench status` command: own data, its
+    evaluation set, dataset parameters, training overrides and the processes of each job."""
+    import shlex
+
+    monkeypatch.setattr(grid, "validate", lambda *args, **kwargs: [])  # no real files behind --data
+    res = tmp_path / "my res"
+    args = ["-p", "tiny", "-a", "badnet[n_poison=20]", "-d", "clip,roclip", "--data", "csv:/data/pairs.csv",
+            "--eval", "cifar10:/data/c10", "--dataset-param", "n_train=100,200", "--epochs", 1, "--batch-size", 32,
+            "--lr", 0.0005]
+    out = bench("run", *args, "--launcher", "submitit-local", "--gpus-per-node", 2, "--device", "cpu", "--wait", "-r", res)
+    assert out.exit_code == 0, out.output
+    submitted = {run_id for run_id, _ in fake_cells}
+    assert len(submitted) == 4 and {n for _, n in fake_cells} == {2}  # cells of 2 processes, one per GPU
+    progress = shlex.split(next(line for line in out.output.splitlines() if line.startswith("progress: "))[10:])
+    assert progress[:2] == ["bench", "status"]
+    status = bench(*progress[1:])
+    assert status.exit_code == 0, status.output
+    assert "4 done, 0 running, 0 failed, 0 pending" in status.output
+    assert {c.run_id for c in expand(cli_spec(progress[2:]))} == submitted
+    assert f"results: bench report -r '{res}'" in out.output
+
+
+def cli_spec(args):
+    from poisonbench import cli
+
+    return cli.grid_spec(**cli.status.make_context("status", list(args)).params)

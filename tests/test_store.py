@@ -26,7 +26,7 @@ def test_parquet_round_trip_keeps_values_types_and_schema_version(tmp_path):
             assert back[k] is None or (isinstance(back[k], float) and math.isnan(back[k]))
         else:
             assert back[k] == v and type(back[k]) in (type(v), __import__("numpy").int64, __import__("numpy").float64)
-    assert pq.read_schema(path).metadata[SCHEMA_KEY] == b"1"
+    assert pq.read_schema(path).metadata[SCHEMA_KEY] == b"2"
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
@@ -91,3 +91,43 @@ def test_foreign_parquet_files_are_skipped(tmp_path):
 def test_empty_or_missing_store_says_what_to_run(tmp_path):
     with pytest.raises(EmptyStoreError, match="bench run --attack badnet"):
         load_leaderboard(tmp_path / "nothing")
+
+
+def test_parameter_columns_are_always_prefixed_by_their_kind():
+    """A parameter's column does not depend on which other plugins have a parameter of that name."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from poisonbench.config import resolve
+    from poisonbench.runner import base_row
+
+    plan = SimpleNamespace(train=[0] * 10, n_poison=2, poison_rate=0.2, manifest_hash=lambda: "h")
+    for defense in ("clip", "roclip"):
+        row = base_row(resolve("badnet", defense, "tiny"), plan, torch.device("cpu"))
+        params = {k for k in row if k.startswith("p_")}
+        assert {"p_attack_n_poison", "p_attack_location", "p_dataset_n_train"} <= params
+        assert all(k.startswith(("p_attack_", "p_defense_", "p_dataset_")) for k in params), params
+    assert row["p_defense_pool_size"] == 256 and row["world_size"] == 1
+
+
+def test_a_row_of_schema_1_is_read_with_the_columns_of_schema_2_and_still_reports(tmp_path):
+    import pyarrow as pa
+
+    from poisonbench.config import resolve
+    from poisonbench.store import runs_dir
+
+    old_cfg, new_cfg = resolve("badnet", "clip", "tiny", 0), resolve("badnet", "clip", "tiny", 1)
+    old = {**row(old_cfg.run_id, seed=0, asr=0.5), "config": json.dumps(old_cfg.to_dict()), "profile": "tiny",
+           "p_n_poison": 100, "p_patch_size": 4, "p_poison_rate": None, "world_size": 1}
+    table = pa.Table.from_pylist([old]).replace_schema_metadata({SCHEMA_KEY: b"1"})
+    runs_dir(tmp_path).mkdir(parents=True)
+    pq.write_table(table, runs_dir(tmp_path) / f"{old_cfg.run_id}.parquet")
+    new = {k: v for k, v in row(new_cfg.run_id, seed=1, asr=0.7).items() if not k.startswith("p_")}
+    write_row({**new, "config": json.dumps(new_cfg.to_dict()), "p_attack_n_poison": 100, "p_attack_patch_size": 4}, tmp_path)
+    df = read_runs(tmp_path).set_index("run_id")
+    assert "p_n_poison" not in df and "p_patch_size" not in df
+    assert df.loc[old_cfg.run_id, "p_attack_n_poison"] == 100 and df.loc[old_cfg.run_id, "p_attack_patch_size"] == 4
+    assert df.loc[old_cfg.run_id, "p_dataset_n_train"] == 512  # from the row's config
+    board = load_leaderboard(tmp_path)
+    assert len(board) == 1 and board.loc[0, "seeds"] == 2 and board.loc[0, "asr"] == pytest.approx(0.6)
