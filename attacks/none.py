@@ -18,6 +18,7 @@ class NoAttack(Attack):
     """Trains on the clean data; reports clean accuracy only."""
 
     Params = NoParams
+    seeded = False  # poisons nothing: every seed gives the same (empty) manifest
 
     def poison(self, data) -> PoisonPlan:
         return PoisonPlan(data.train, {"attack": "none"})

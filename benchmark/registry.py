@@ -5,6 +5,12 @@ A plugin is a class decorated with ``@register_attack("name")`` (or ``register_d
 ``Params``. Built-in plugins live in ``poisonbench.attacks`` / ``.defenses`` / ``.datasets``;
 installed third-party plugins are found through the entry-point groups ``poisonbench.attacks``,
 ``poisonbench.defenses`` and ``poisonbench.datasets`` (each entry point names a module to import).
+
+Every registered plugin is tested by tests/test_conformance.py (parameters, determinism, one cell
+end to end on the ``tiny`` profile). A plugin may declare the parameters those tests use as a
+class attribute ``test_params`` (a dict of parameter -> value applied over the profile's
+defaults, e.g. ``test_params = {"n_poison": 30}`` so that the tiny data holds the poison);
+without it the tests use the defaults.
 """
 from __future__ import annotations
 
