@@ -90,7 +90,16 @@ def to_stored_geometry(images: torch.Tensor, data: DatasetBundle) -> torch.Tenso
 
 class Attack:
     """Base class of attacks. Subclasses set ``Params`` (a dataclass) and implement ``poison``
-    and ``evaluate``; ``check`` validates parameters against the data before any training."""
+    and ``evaluate``; ``check`` validates parameters against the data before any training.
+
+    ``poison`` must be a function of the data, the parameters and the seed (draw from
+    ``generator``, never from a global RNG); an attack that draws nothing at random sets the class
+    attribute ``seeded = False``. ``evaluate``'s metrics are fractions in [0, 1] unless named as
+    counts (``n_*``, ``*_n``) or seconds (``*_s``). tests/test_conformance.py checks all of this
+    for every registered attack.
+    """
+
+    seeded: bool = True
 
     Params: type
     name: str

@@ -19,6 +19,7 @@ class NoAttack(Attack):
 
     Params = NoParams
     poisons = False  # the clean baseline: not an attack, left out of `--attack all`
+    seeded = False  # poisons nothing: every seed gives the same (empty) manifest
 
     def poison(self, data) -> PoisonPlan:
         return PoisonPlan(data.train, {"attack": "none"})

@@ -11,6 +11,12 @@ A third-party entry point whose module fails to import does not break the tool: 
 (``Registry.broken``), ``bench list`` shows it with its error, and asking for it by name raises a
 RegistryError naming the module and the error. A built-in module that fails to import is a bug
 in the package and raises.
+
+Every registered plugin is tested by tests/test_conformance.py (parameters, determinism, one cell
+end to end on the ``tiny`` profile). A plugin may declare the parameters those tests use as a
+class attribute ``test_params`` (a dict of parameter -> value applied over the profile's
+defaults, e.g. ``test_params = {"n_poison": 30}`` so that the tiny data holds the poison);
+without it the tests use the defaults.
 """
 from __future__ import annotations
 
