@@ -118,7 +118,7 @@ def main() -> None:
         text = path.read_text()
         if text.count(old) != 1:
             sys.exit(f"{mid}: the fragment occurs {text.count(old)} times in {file}, not once: update MUTATIONS")
-        first = next(i for i, (a, b) in enumerate(zip(old, new + "\0")) if a != b)  # the first changed character
+        first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))  # first changed character
         line = text[: text.index(old) + first].count("\n") + 1
         chosen = args.files.split(",") if args.files else files + (NEW if args.with_new else [])
         try:
