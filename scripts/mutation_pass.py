@@ -89,7 +89,7 @@ MUTATIONS = [
      'check_nproc(nproc, device)\n    pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]',
      'check_nproc(nproc, device)\n    pending = cfgs if force else [c for c in cfgs if state(c, results) == "pending"]',
      "a failed cell is not retried by the next bench run", GRID),
-    ("all-includes-none", "benchmark/grid.py", 'NOT_IN_ALL = {"none"}', "NOT_IN_ALL = set()",
+    ("all-includes-none", "benchmark/grid.py", 'if getattr(registry.get(n), "poisons", True)]', "]",
      "`all` runs the clean baseline as an attack", GRID),
 ]
 
