@@ -130,3 +130,18 @@ def detection_metrics(scores: torch.Tensor, is_poison: torch.Tensor, kept: torch
     out["det_fpr_at_95tpr"] = fpr_at_tpr(fpr, tpr, 0.95)
     out["det_roc_fpr"], out["det_roc_tpr"] = roc_points(*roc_curve(y, s, drop_intermediate=True)[:2])
     return out
+
+
+def mean_roc(curves: list[tuple[list[float], list[float]]], points: int = ROC_POINTS) -> tuple[list[float], list[float]]:
+    """The mean of several ROC curves (seeds of one setting), each a pair (FPR list, TPR list) as
+    ``detection_metrics`` stores them: one curve is returned as it is; several are averaged
+    vertically (Fawcett 2006, §7.1): their TPRs at ``points`` evenly spaced FPRs in [0, 1]
+    (``tpr_at_fpr``), preceded by the origin. ValueError when ``curves`` is empty."""
+    if not curves:
+        raise ValueError("mean_roc: no curve to average")
+    if len(curves) == 1:
+        f, t = curves[0]
+        return [float(v) for v in f], [float(v) for v in t]
+    grid = np.linspace(0.0, 1.0, points)
+    ys = np.mean([[tpr_at_fpr(f, t, float(x)) for x in grid] for f, t in curves], axis=0)
+    return [0.0] + [float(x) for x in grid], [0.0] + [float(y) for y in ys]
