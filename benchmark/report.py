@@ -234,8 +234,9 @@ def fmt_count(x) -> str:
 
 
 def has_detection(board: pd.DataFrame) -> bool:
-    """True when some setting of ``board`` has a data filter's detection metrics."""
-    return "det_auroc" in board and bool(board["det_auroc"].notna().any())
+    """True when some setting of ``board`` is a data filter's (with detection metrics, or at least
+    the pairs it removed: on clean data, ``none``, the AUROC is undefined)."""
+    return "det_auroc" in board and bool(board[["det_auroc"] + REMOVED].notna().any(axis=None))
 
 
 def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:

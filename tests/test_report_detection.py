@@ -77,6 +77,17 @@ def test_markdown_shows_detection_columns_for_filters_only():
     assert "detection AUROC" in to_html(board) and "Data filters" in to_html(board)
 
 
+def test_a_filter_on_clean_data_shows_the_pairs_it_removed():
+    """With no poisoned pair (attack none) the AUROC is undefined, the removed counts are not."""
+    flags = torch.zeros(50, dtype=torch.bool)
+    kept = torch.arange(50) >= 5
+    det = detection_metrics(torch.arange(50, dtype=torch.float32), flags, kept)
+    board = leaderboard(pd.DataFrame([run(0, "density-filter", attack="none", asr=None, **det), run(0, attack="none")]))
+    md = to_text(board, "md")
+    line = next(ln for ln in md.splitlines() if ln.startswith("| density-filter"))
+    assert [c.strip() for c in line.strip("|").split("|")][-4:-1] == ["-", "0", "5"]
+
+
 def test_csv_and_json_carry_detection_and_channel_columns():
     board = leaderboard(pd.DataFrame([filter_run(s) for s in range(2)] + [run(0)]))
     records = {r["defense"]: r for r in json.loads(to_text(board, "json"))}
