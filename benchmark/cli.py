@@ -569,7 +569,8 @@ def report(results, fmt, out, html_page, plots) -> None:
 
     \b
     Plots (RESULTS/plots/*.png and *.svg): asr_vs_clean (the trade-off per attack),
-    asr_by_attack (grouped bars), asr_vs_poison (when a poison count was swept).
+    asr_by_attack (grouped bars), asr_vs_poison (when a poison count was swept), roc (the data
+    filters' ROC curves per attack, when the store has detection rows).
     """
     from .report import EmptyStoreError, load_leaderboard, rich_tables, to_html, to_text
     from .utils import atomic_write

@@ -1,5 +1,5 @@
 """Leaderboard plots (matplotlib, PNG and SVG): the trade-off per attack, ASR by attack and
-defense, and ASR against the number of poisoned pairs for sweeps."""
+defense, ASR against the number of poisoned pairs for sweeps, and the data filters' ROC curves."""
 from __future__ import annotations
 
 import math
@@ -124,9 +124,51 @@ def asr_vs_poison(board: pd.DataFrame, plt):
     return fig
 
 
+def roc_rows(board: pd.DataFrame) -> pd.DataFrame:
+    """Settings of ``board`` with a ROC curve (data filters with detection metrics)."""
+    if "det_roc_fpr" not in board:
+        return board.iloc[:0]
+    has = board["det_roc_fpr"].map(lambda v: isinstance(v, list) and len(v) > 0)
+    return board[has & board["det_auroc"].notna()]
+
+
+def roc(board: pd.DataFrame, plt):
+    """One panel per attack with a data filter: the ROC curve of each filter setting (mean over
+    seeds, ``detection.mean_roc``), poisons as the positive class, the AUROC (mean over seeds) in
+    the legend, and the diagonal of a random score."""
+    part = roc_rows(board)
+    attacks = sorted(part["attack"].unique())
+    cols = min(4, len(attacks))
+    rows = math.ceil(len(attacks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.5 * rows), squeeze=False)
+    colours = _defense_colours(board)
+    styles = ["-", "--", "-.", ":"]
+    for ax, attack in zip(axes.flat, attacks):
+        sub = part[part["attack"] == attack]
+        dashes = {st: styles[i % len(styles)] for i, st in enumerate(sorted(sub["setting"].unique()))}
+        ax.plot([0, 100], [0, 100], color="#999999", lw=0.8, ls=":", label="random score")
+        for _, r in sub.iterrows():
+            ax.plot(100 * np.asarray(r["det_roc_fpr"]), 100 * np.asarray(r["det_roc_tpr"]), ls=dashes[r["setting"]],
+                    color=colours[r["defense"]], label=f"{_label(r)} (AUROC {100 * r['det_auroc']:.1f})")
+        ax.set_title(attack)
+        ax.set_xlabel("clean pairs flagged, FPR (%)")
+        ax.set_ylabel("poisoned pairs flagged, TPR (%)")
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-2, 102)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(attacks):]:
+        ax.axis("off")
+    fig.suptitle("Data filters: ROC of their scores per attack (mean over seeds; upper left is better)")
+    fig.tight_layout()
+    return fig
+
+
 def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
     """Write the plots that the leaderboard has data for as PNG (150 dpi) and SVG into ``folder``
-    (atomically); return their paths. ``asr_vs_poison`` needs a sweep over the poison count."""
+    (atomically); return their paths. ``asr_vs_poison`` needs a sweep over the poison count,
+    ``roc`` a data filter with detection metrics (``det_*`` columns)."""
     plt = _pyplot()
     folder = Path(folder)
     figures = {}
@@ -136,6 +178,8 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
             figures["asr_by_attack"] = asr_bars(board, plt)
     if not sweep_groups(board).empty:
         figures["asr_vs_poison"] = asr_vs_poison(board, plt)
+    if not roc_rows(board).empty:
+        figures["roc"] = roc(board, plt)
     paths = []
     for name, fig in figures.items():
         for ext in ("png", "svg"):

@@ -2,7 +2,10 @@
 
 Seeds of one setting are pooled (docs/DESIGN.md): accuracies get the mean and a Student-t 95 %
 interval over seeds (clipped to [0, 1]); ASR, a proportion of evaluation images (backdoors) or targets (targeted
-poisoning), gets the pooled proportion and its Wilson 95 % interval.
+poisoning), gets the pooled proportion and its Wilson 95 % interval. The detection metrics of data
+filters (``det_*`` columns, benchmark/detection.py), each a number per cell, get the mean and a
+Student-t interval like accuracies; the pairs they removed, the mean; their ROC curves, the mean
+curve. A defense's own numbers (``d_*`` columns, its metrics channel) are carried to CSV/JSON.
 """
 from __future__ import annotations
 
@@ -23,7 +26,13 @@ ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
 COLUMNS = (GROUP + ["setting", "seeds"]
            + [f"{m}{s}" for m in ACCURACIES for s in ("", "_lo", "_hi")]
            + ["asr", "asr_lo", "asr_hi", "asr_n", "n_poison"])
-LABELS = {"clean_top1": "clean top-1", "clean_top5": "clean top-5", "linear_probe_top1": "linear probe", "asr": "ASR"}
+# data filters' detection metrics (benchmark/detection.py): fractions per cell, the pairs removed, the ROC curve
+DETECTION = ["det_auroc", "det_ap", "det_tpr_at_1fpr", "det_tpr_at_5fpr", "det_fpr_at_95tpr"]
+REMOVED = ["det_poisons_removed", "det_clean_removed"]
+ROC = ["det_roc_fpr", "det_roc_tpr"]
+DETECTION_COLUMNS = [f"{m}{s}" for m in DETECTION for s in ("", "_lo", "_hi")] + REMOVED + ROC
+LABELS = {"clean_top1": "clean top-1", "clean_top5": "clean top-5", "linear_probe_top1": "linear probe", "asr": "ASR",
+          "det_auroc": "detection AUROC"}
 CONFIDENCE = 0.95
 
 
@@ -67,7 +76,24 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def _aggregate(group: pd.DataFrame) -> pd.Series:
+def _present(v) -> bool:
+    """A stored cell value that is there: not None and not a float NaN (lists and arrays are there)."""
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _carried(values: pd.Series):
+    """A metrics-channel column (``d_<key>``) over the seeds of a setting: the mean when every
+    value is a number (bools count 0/1), else the list of the values (arrays as lists), NaN when
+    no seed has one."""
+    present = [v.tolist() if hasattr(v, "tolist") else v for v in values if _present(v)]
+    if not present:
+        return math.nan
+    if all(isinstance(v, (int, float)) for v in present):  # np.generic.tolist() gave Python numbers
+        return float(sum(present)) / len(present)
+    return present
+
+
+def _aggregate(group: pd.DataFrame, extra: list[str]) -> pd.Series:
     # a row of an older schema without a seed is one run all the same (the rows are distinct cells)
     seeds = group["seed"].nunique() + int(group["seed"].isna().sum()) if "seed" in group else len(group)
     out: dict[str, float] = {"seeds": seeds}
@@ -85,7 +111,20 @@ def _aggregate(group: pd.DataFrame) -> pd.Series:
     else:  # rows of an older schema without asr_n: the mean, no interval
         out.update(asr=float(asr.mean()), asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
     out["n_poison"] = float(group["n_poison"].mean()) if "n_poison" in group else math.nan
-    order = ["seeds"] + [c for c in COLUMNS if c in out and c != "seeds"]
+    if "det_auroc" in extra:
+        for m in DETECTION:
+            out[m], out[f"{m}_lo"], out[f"{m}_hi"] = clipped_t_interval(group[m])
+        for m in REMOVED:
+            out[m] = float(group[m].mean())  # NaN for a defense that is not a filter
+        curves = [(f, t) for f, t in zip(group["det_roc_fpr"], group["det_roc_tpr"])
+                  if _present(f) and _present(t) and len(f)]
+        from .detection import mean_roc
+
+        out["det_roc_fpr"], out["det_roc_tpr"] = mean_roc(curves) if curves else (math.nan, math.nan)
+    for c in extra:
+        if c.startswith("d_"):
+            out[c] = _carried(group[c])
+    order = ["seeds"] + [c for c in COLUMNS + extra if c in out and c != "seeds"]
     return pd.Series({k: out[k] for k in order})  # the same keys in the same order for every group
 
 
@@ -97,7 +136,12 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     settings and the number of processes, hence the global batch). ``setting`` names the config
     values in which a setting departs from its profile's defaults, e.g. ``n_poison=50`` or
     ``world_size=2``; it is empty at the defaults. Columns: COLUMNS (fractions in
-    [0, 1]; ``_lo``/``_hi`` are the 95 % interval bounds, NaN with one seed for accuracies).
+    [0, 1]; ``_lo``/``_hi`` are the 95 % interval bounds, NaN with one seed for accuracies); then,
+    when some row has ``det_*`` columns (a data filter's), DETECTION_COLUMNS: each of DETECTION
+    with its Student-t interval, the mean pairs removed (REMOVED), the mean ROC curve (ROC, lists;
+    ``detection.mean_roc``), all NaN for defenses that are not filters; then every ``d_<key>``
+    metrics-channel column of the rows, sorted: the mean over seeds when numeric, else the list of
+    the seeds' values.
     Sorted by attack and setting, then ASR ascending and clean top-1 descending (the most robust
     defense first). Rows of an older schema report too: a missing metric is NaN, and a row
     without a ``seed`` counts as one run.
@@ -110,17 +154,22 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok.drop_duplicates("run_id", keep="last").copy()  # a copied file must not count twice
     if ok.empty:
         return pd.DataFrame(columns=COLUMNS)
-    for col in ACCURACIES + ["asr", "asr_n", "n_poison"]:
+    detection = any(c.startswith("det_") for c in ok.columns)
+    for col in ACCURACIES + ["asr", "asr_n", "n_poison"] + (DETECTION + REMOVED if detection else []):
         ok[col] = pd.to_numeric(ok[col], errors="coerce") if col in ok else math.nan
+    for col in ROC if detection else []:
+        ok[col] = ok[col] if col in ok else None
+    extra = (DETECTION_COLUMNS if detection else []) + sorted(c for c in ok.columns if c.startswith("d_"))
     ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
     ok["setting"], ok["setting_id"] = _settings(ok)
-    board = ok.groupby(GROUP + ["setting", "setting_id"], dropna=False)[list(ok.columns)].apply(_aggregate).reset_index()
+    board = (ok.groupby(GROUP + ["setting", "setting_id"], dropna=False)[list(ok.columns)]
+             .apply(_aggregate, extra).reset_index())
     board["seeds"] = board["seeds"].astype(int)
     board["asr_n"] = board["asr_n"].astype(int)
     board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
     board = board.sort_values(["attack", "setting", "asr", "clean_top1"], ascending=[True, True, True, False],
                               na_position="last", key=_natural)
-    return board[COLUMNS].reset_index(drop=True)
+    return board[COLUMNS + extra].reset_index(drop=True)
 
 
 def _natural(col: pd.Series) -> pd.Series:
@@ -177,13 +226,29 @@ def fmt_value(row, metric: str) -> str:
     return f"{100 * x:.1f}" if pd.isna(lo) else f"{100 * x:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
 
 
+def fmt_count(x) -> str:
+    """A count averaged over seeds: ``12``, or ``12.3`` when the seeds differ; ``-`` when missing."""
+    if pd.isna(x):
+        return "-"
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def has_detection(board: pd.DataFrame) -> bool:
+    """True when some setting of ``board`` is a data filter's (with detection metrics, or at least
+    the pairs it removed: on clean data, ``none``, the AUROC is undefined)."""
+    return "det_auroc" in board and bool(board[["det_auroc"] + REMOVED].notna().any(axis=None))
+
+
 def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per attack, the leaderboard as strings for people: percent with 95 % intervals, the
     poisoned pairs (``n_poison``, so that a count that rounded to nothing shows), the number of
-    seeds, and ``setting`` only when some row has one."""
+    seeds, and ``setting`` only when some row has one. When a defense of that attack is a data
+    filter with detection metrics, the table also shows its detection AUROC (percent, 95 %
+    interval) and the poisoned and clean pairs it removed (mean over seeds); ``-`` for the others."""
     show_setting = board["setting"].astype(bool).any()
     out = {}
     for attack, part in board.groupby("attack", sort=True):
+        detection = has_detection(part)
         rows = []
         for _, r in part.iterrows():
             shown = {"defense": r["defense"], "profile": r["profile"]}
@@ -191,6 +256,10 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 shown["setting"] = r["setting"]
             shown.update({f"{LABELS[m]} (%)": fmt_value(r, m) for m in ["asr"] + ACCURACIES})
             shown["poisoned pairs"] = "-" if pd.isna(r["n_poison"]) else str(r["n_poison"])
+            if detection:
+                shown[f"{LABELS['det_auroc']} (%)"] = fmt_value(r, "det_auroc")
+                shown["poisons removed"] = fmt_count(r["det_poisons_removed"])
+                shown["clean removed"] = fmt_count(r["det_clean_removed"])
             shown["seeds"] = str(r["seeds"])
             rows.append(shown)
         out[attack] = pd.DataFrame(rows)
@@ -201,16 +270,20 @@ TITLE = "poisonbench leaderboard"
 NOTE = ("Percent; mean over seeds with a 95 % interval in parentheses (Student t for accuracies; "
         "Wilson for ASR, pooled over the seeds' evaluation images or targets). "
         "Per attack, defenses are ranked by ASR, then clean top-1.")
+DETECTION_NOTE = ("Data filters: detection AUROC of their scores against the poison flags (poisons positive; "
+                  "mean over seeds, Student t interval) and the poisoned and clean training pairs they "
+                  "removed (mean over seeds); \"-\" for defenses that are not filters.")
 
 
 def rich_tables(board: pd.DataFrame) -> list[Table]:
-    """One rich table per attack."""
+    """One rich table per attack; the first with detection columns explains them in its caption."""
     tables = []
     for attack, shown in display(board).items():
         title = attack
         if shown["profile"].nunique() == 1:  # one profile: name it in the title, keep the width for numbers
             title, shown = f"{attack} ({shown['profile'].iloc[0]})", shown.drop(columns="profile")
-        table = Table(title=title)
+        explain = "poisons removed" in shown and not any(t.caption for t in tables)  # once, under the first
+        table = Table(title=title, caption=DETECTION_NOTE if explain else None)
         # the interval on its own line, so that a narrow terminal never breaks a number
         cells = shown.astype(str).apply(lambda c: c.str.replace(" (", "\n(", regex=False))
         for col in shown.columns:
@@ -226,13 +299,18 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
 
 def to_text(board: pd.DataFrame, fmt: str) -> str:
     """The leaderboard as ``md`` (one Markdown table per attack, percent), ``csv`` or ``json``
-    (one record per setting, fractions in [0, 1], interval bounds as ``*_lo``/``*_hi``)."""
+    (one record per setting with every column of ``leaderboard``, fractions in [0, 1], interval
+    bounds as ``*_lo``/``*_hi``, missing values empty/null; in CSV a list-valued cell, e.g. the
+    ROC curve ``det_roc_fpr``, is JSON text)."""
     if fmt == "csv":
-        return board.to_csv(index=False)
+        listed = board.copy()
+        for c in listed.columns[listed.dtypes == object]:
+            listed[c] = listed[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+        return listed.to_csv(index=False)
     if fmt == "json":
         return board.to_json(orient="records", indent=1) + "\n"
     if fmt == "md":
-        parts = [f"# {TITLE}\n", NOTE + "\n"]
+        parts = [f"# {TITLE}\n", NOTE + (" " + DETECTION_NOTE if has_detection(board) else "") + "\n"]
         for attack, shown in display(board).items():
             parts.append(f"## {attack}\n\n" + shown.to_markdown(index=False, disable_numparse=True) + "\n")
         return "\n".join(parts)
@@ -247,6 +325,9 @@ PLOT_CAPTIONS = {
                       "with Wilson 95 % intervals, labelled in percent."),
     "asr_vs_poison": ("ASR vs number of poisoned pairs", "For attacks whose poison count was swept; one line per "
                       "defense."),
+    "roc": ("Data filters: ROC curves", "One panel per attack; one curve per data-filter setting (mean over "
+            "seeds), poisons as the positive class; the AUROC in the legend. The diagonal is a filter that "
+            "scores at random."),
 }
 
 
@@ -261,7 +342,8 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
            "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}"
            "figure{margin:1em 0}svg{max-width:100%;height:auto}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title><style>{css}</style></head><body>",
-             f"<h1>{TITLE}</h1><p>{html.escape(NOTE)}</p>",
+             f"<h1>{TITLE}</h1><p>{html.escape(NOTE)}</p>"
+             + (f"<p>{html.escape(DETECTION_NOTE)}</p>" if has_detection(board) else ""),
              f"<p>{int(board['seeds'].sum())} runs in {len(board)} settings; generated {time.strftime('%Y-%m-%d %H:%M %Z')}.</p>"]
     for attack, shown in display(board).items():
         parts.append(f"<h2>{html.escape(attack)}</h2>" + shown.to_html(index=False, border=0, escape=True))
