@@ -131,15 +131,17 @@ def batch_scores(image_emb: Tensor, text_emb: Tensor | None, detector: Detector 
     Notation (B.4): for query image q, a_0 <= a_1 <= ... are its sorted distances to the references
     (other images, plus all captions but its own in paired mode; see ``reference_distances``); n_j is its
     j-th nearest reference (j < k); b^(n)_k is the k-th nearest non-self distance of reference point n,
-    taken over the full reference [images; captions]; LID(n) as in ``reference_lids``.
+    taken over the full reference [images; captions] (only n itself skipped: an image neighbour's own
+    caption counts, as in the code; B.4, B.10); LID(n) as in ``reference_lids``.
 
     - ``"k-distance"``: s = a_k, the distance to the (k+1)-th nearest non-self reference
-      (k_distance.py:47-48; B.11.2).
-    - ``"slof"``: s = (1/k) sum_{j<k} a_k / b^(n_j)_k (slof.py:47-64).
-    - ``"dao"``: s = (1/k) sum_{j<k} LID(n_j) * ln(a_k / b^(n_j)_k), the mean of the logs (dao.py:53-86;
-      the code adds no 1e-4 inside this log, only inside the LID logs).
+      (B.4, D:backdoor_sample_detector/k_distance.py:47-48; B.11.2).
+    - ``"slof"``: s = (1/k) sum_{j<k} a_k / b^(n_j)_k (B.4, D:.../slof.py:47-64).
+    - ``"dao"``: s = (1/k) sum_{j<k} LID(n_j) * ln(a_k / b^(n_j)_k), the mean of the logs (B.4,
+      D:.../dao.py:53-86). The authors' code adds no 1e-4 inside this log, only inside the LID logs, and
+      neither does this one.
     - ``"lid"``: s = -k / sum_{i<k} ln(a_i / a_k + 1e-4), the query's own MLE LID over self-excluded
-      distances (lid_detection.py:48-55). Not a monotone isolation score (B.11.11).
+      distances (B.4, D:.../lid_detection.py:48-55). Not a monotone isolation score (B.11.11).
 
     In ``"faithful"`` mode n_j is the reference *row* equal to n_j's column index in the masked row (D1);
     in ``"corrected"`` mode it is n_j's true row (B.10). Ties in the sorts are broken by column index.

@@ -18,6 +18,7 @@ from poisonbench.defenses import density_scores as ds
 from poisonbench.defenses.density_scores import DETECTORS, INDEX_MODES, batch_scores, dataset_scores, keep_lowest
 
 F64 = torch.float64
+EXACT = "donot_use_mm_for_euclid_dist"
 NEIGHBOUR_DETECTORS = ("slof", "dao")
 
 
@@ -198,7 +199,7 @@ def test_b11_8_dao_faithful_neighbour_lid_collapses(uniform_subspaces):
     k = 16
     dist, _ = ds.reference_distances(x, None)
     a, col = torch.sort(dist, dim=1, stable=True)
-    b_k = torch.sort(torch.cdist(x, x), dim=1).values[:, k]
+    b_k = torch.sort(torch.cdist(x, x, compute_mode=EXACT), dim=1).values[:, k]
     nbr = col[:, :k]
     want = (ds.reference_lids(x, k, "faithful")[nbr] * torch.log(a[:, k:k + 1] / b_k[nbr])).mean(dim=1)
     assert torch.allclose(batch_scores(x, None, "dao", k, "faithful"), want, rtol=1e-9)
@@ -251,13 +252,13 @@ def test_b11_11_isolated_poisons():
 
 
 def test_b11_13_non_finite_scores_are_mapped():
-    """NaN and +inf -> 1000, -inf -> 0. Five copies of one point (a 0/0 for each copy with k = 2) and a
-    point whose nearest neighbours are those copies (b_k = 0: a_k / 0 = +inf)."""
+    """NaN and +inf -> 1000, -inf -> 0. Five copies of one point (a_k = b_k = 0 for each copy with k = 2:
+    0/0) and a point whose nearest neighbours are those copies (a_k > 0 = b_k: +inf). -inf (DAO with
+    a_k = 0 < b_k) is not reachable with a simple batch, so the mapping itself is checked on it."""
     x = torch.cat([torch.zeros(5, 3, dtype=F64), torch.tensor([[1.0, 0, 0], [9.0, 9, 9], [-9.0, 9, 0]], dtype=F64)])
     for mode in INDEX_MODES:
         for det in NEIGHBOUR_DETECTORS:
-            with torch.no_grad():
-                s = batch_scores(x, None, det, 2, mode)
+            s = batch_scores(x, None, det, 2, mode)
             assert torch.isfinite(s).all()
             assert s[5] == 1000.0, (det, mode)  # +inf
             assert s[0] == 1000.0, (det, mode)  # NaN
@@ -281,6 +282,32 @@ def test_b11_14_keep_exactly_the_lowest():
         keep_lowest(scores, 1.0)
     with pytest.raises(ValueError, match="NaN"):
         keep_lowest(torch.tensor([0.0, float("nan")]), 0.1)
+
+
+def test_ties_are_broken_by_column_index():
+    """Faithful SLOF/DAO look up the neighbour's column index (D1), so with tied distances (repeated
+    captions are common) the result depends on which tied column comes first: always the lowest, as a
+    stable sort gives, on every device."""
+    d = torch.randint(0, 4, (50, 40), generator=gen(26)).to(F64)
+    v, c = ds._nearest(d, 7)
+    vs, cs = torch.sort(d, dim=1, stable=True)
+    assert torch.equal(v, vs[:, :7]) and torch.equal(c, cs[:, :7])
+    img = gaussian(60, 4, seed=27)
+    txt = gaussian(3, 4, seed=28)[torch.arange(60) % 3]  # 3 distinct captions, 20 copies each
+    k = 5
+    dist, _ = ds.reference_distances(img, txt)
+    a, col = torch.sort(dist, dim=1, stable=True)
+    ref = torch.cat([img, txt])
+    b = torch.sort(torch.cdist(ref, ref, compute_mode=EXACT), dim=1).values
+    nbr = col[:, :k]
+    ratio = a[:, k:k + 1] / b[nbr, k]
+    # 20 copies of each caption: a caption row has b_k = 0, so a look-up on it gives +inf -> 1000 (B.11.13)
+    slof = torch.nan_to_num(ratio.mean(dim=1), nan=1000.0, posinf=1000.0, neginf=0.0)
+    assert (slof == 1000.0).any() and (slof < 1000.0).any()
+    assert torch.allclose(batch_scores(img, txt, "slof", k, "faithful"), slof, rtol=1e-12)
+    lids = ds.reference_lids(ref, k, "faithful")
+    dao = torch.nan_to_num((lids[nbr] * torch.log(ratio)).mean(dim=1), nan=1000.0, posinf=1000.0, neginf=0.0)
+    assert torch.allclose(batch_scores(img, txt, "dao", k, "faithful"), dao, rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- protocol (B.3)
