@@ -327,6 +327,8 @@ def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | Non
         for name in ("model.pt", "model.json") + (("last.pt",) if own_ckpt else ()):
             remove_temp_files(folder / name)
         info = cached_model(results, ucfg, cell.plan) if cached is not False else None
+        if cached and info is None:  # the other processes were told not to train along
+            raise RuntimeError(f"the cached model {folder / 'model.pt'} disappeared; run the cell again")
         model, tokenizer = fresh_model(cell)
         if info is not None:
             model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
