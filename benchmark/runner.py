@@ -415,8 +415,7 @@ def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     start = undefended_model(cell, results, progress)
     row.update(start_model=start.run_id, start_model_train_s=start.result.train_s if start.result else 0.0)
     phase = cell.defense.phase(cell.cfg)
-    row.update(n_finetune=len(cell.data.finetune), finetune_epochs=phase.epochs, finetune_lr=phase.lr,
-               finetune_batch_size=phase.batch_size)
+    row["n_finetune"] = len(cell.data.finetune)  # the phase's settings are the defense's parameters (p_defense_*)
     result = train(start.model, start.tokenizer, cell.data.finetune, cell.defense.training(), cell.cfg, cell.device,
                    ckpt, progress, phase=phase)
     return start.model, start.tokenizer, result

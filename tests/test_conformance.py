@@ -95,7 +95,9 @@ def dataset_params(request):
     def params(name: str) -> dict:
         if name == "files":
             csv = request.getfixturevalue("files_csv")
-            return {"train": f"csv:{csv}", "n_train": 0, "n_heldout": 100, **plugin_test_params("dataset", name)}
+            # its pairs stand in for a fine-tuning split too (repairs need one; only prepare's checks use it here)
+            return {"train": f"csv:{csv}", "finetune": f"csv:{csv}", "n_train": 0, "n_heldout": 100,
+                    **plugin_test_params("dataset", name)}
         return plugin_test_params("dataset", name)
 
     return params
