@@ -11,7 +11,6 @@ import io
 import math
 import sys
 import types
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -142,7 +141,7 @@ def detection():
     """``poisonbench.detection`` (issue 14 item 4, from another branch); until it is merged, a
     minimal stand-in computing the AUROC alone, so that the runner's call site is exercised."""
     try:
-        import poisonbench.detection as det  # noqa: F401
+        import poisonbench.detection  # noqa: F401
         yield
         return
     except ModuleNotFoundError:
