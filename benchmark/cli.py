@@ -56,13 +56,14 @@ def list_cmd(kind: str | None) -> None:
             continue
         table = Table(title=k, show_lines=True)
         table.add_column("name", no_wrap=True)
-        for col in ("description", "parameters (default)"):
-            table.add_column(col)
+        kinds = k == "defenses"  # training, task, filter or repair (defenses.base)
+        for col in ("kind",) * kinds + ("description", "parameters (default)"):
+            table.add_column(col, no_wrap=col == "kind")
         for name in reg.names():
             cls = reg.get(name)
             doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
             params = "\n".join(f"{p}: {t} = {d!r}  [dim]{h}[/dim]" for p, t, d, h in param_fields(cls.Params)) or "-"
-            table.add_row(name, doc, params)
+            table.add_row(name, *[getattr(cls, "kind", "?") or "?"] * kinds, doc, params)
         console.print(table)
     broken = [(k, b) for k, reg in registries.items() if kind in (None, k) for b in reg.broken()]
     if broken:  # installed entry points whose module failed to import: shown, and the rest still works
@@ -109,6 +110,9 @@ def grid_options(f):
         click.option("--eval", "eval_set", metavar="SET",
                      help="Evaluation set for --data: fashion-mnist (default), imagenet:ROOT, cifar10:ROOT, "
                           "cifar100:ROOT or imagefolder:ROOT (local folders; nothing is downloaded)."),
+        click.option("--finetune-data", "finetune_data", metavar="csv:PATH|wds:URLS",
+                     help="Clean image–caption pairs, in the format of --data, that post-training repairs "
+                          "(e.g. cleanclip) fine-tune on; keep them apart from the training data."),
         click.option("--dataset-param", multiple=True, metavar="NAME=V1[,V2..]",
                      help="Dataset parameter (repeatable, one name each; several values sweep it), e.g. "
                           "n_train=20000, or for --data: caption_key=caption. See `bench list datasets`."),
@@ -129,7 +133,7 @@ def grid_options(f):
 
 
 def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-              epochs, batch_size, lr, nproc, results):
+              epochs, batch_size, lr, nproc, results, finetune_data=None):
     """The grid_options as one grid.GridSpec (``nproc``: the processes of each cell);
     click.UsageError naming the problem."""
     from .grid import GridSpec, parse_assignments
@@ -139,7 +143,7 @@ def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data,
             attack, defense, profile, seed,
             parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
             {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None},
-            data, eval_set, nproc, str(results),
+            data, eval_set, nproc, str(results), finetune_data,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -212,8 +216,8 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-array-parallelism", type=click.IntRange(min=1), help="At most this many of the grid's jobs run at once.")
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
-def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-        nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
+def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
+        batch_size, lr, nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
         cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -264,7 +268,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
                                    "drop --nproc and --jobs (torchrun's --nproc_per_node sets the processes)")
         nproc = distributed.launched_world_size()  # the cells are those of torchrun's processes
     spec = grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-                     epochs, batch_size, lr, nproc, results)
+                     epochs, batch_size, lr, nproc, results, finetune_data)
     cfgs = expand_grid(spec)
     if distributed.launched():
         run_here(cfgs, results, device, force, keep_checkpoint, quiet)
@@ -430,8 +434,8 @@ def check_writable(results) -> None:
 
 @main.command()
 @grid_options
-def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param, epochs, batch_size, lr,
-           nproc, results) -> None:
+def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
+           batch_size, lr, nproc, results) -> None:
     """List the cells of a grid (same options as `bench run`, --nproc included; for a grid run on
     SLURM with --gpus-per-node N > 1, --nproc N) as done, running, failed or pending."""
     from collections import Counter
@@ -439,7 +443,7 @@ def status(attack, defense, profile, seed, attack_param, defense_param, data, ev
     from .grid import state
 
     cfgs = expand_grid(grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set,
-                                 dataset_param, epochs, batch_size, lr, nproc, results))
+                                 dataset_param, epochs, batch_size, lr, nproc, results, finetune_data))
     console.print(grid_table(cfgs, results))
     counts = Counter(state(c, results) for c in cfgs)
     console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))

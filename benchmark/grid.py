@@ -111,6 +111,8 @@ class GridSpec:
         data, eval: ``--data``/``--eval``: strings for the parameters of the one registered
             dataset that claims ``--data`` (``cli_options``, ``datasets.base.Dataset``), e.g.
             training pairs from files and their evaluation set; None keeps the profile's data.
+        finetune: ``--finetune-data``: the same dataset's clean fine-tuning source (its
+            ``cli_options["finetune"]`` parameter), for post-training repairs; None for none.
         world_size: processes that train each cell together (``--nproc``; torchrun's WORLD_SIZE;
             the GPUs of a SLURM job), part of each cell since the global batch is
             batch_size x world_size.
@@ -129,6 +131,7 @@ class GridSpec:
     eval: str | None = None
     world_size: int = 1
     results: str = "results"
+    finetune: str | None = None
 
     def args(self) -> list[str]:
         """The ``bench run`` / ``bench status`` arguments that select this grid (``--results``
@@ -140,6 +143,7 @@ class GridSpec:
             out += [a for k, v in params.items() for a in (flag, f"{k}={v}")]
         out += ["--data", self.data] if self.data is not None else []
         out += ["--eval", self.eval] if self.eval is not None else []
+        out += ["--finetune-data", self.finetune] if self.finetune is not None else []
         for key, value in self.training.items():
             if value is None:
                 continue
@@ -160,16 +164,21 @@ class GridSpec:
         raise ValueError(f"no follow-up command {name!r}; valid: status, report")
 
     def dataset(self) -> tuple[str | None, dict[str, str]]:
-        """(dataset name or None for the profile's, its fixed parameters) from ``data``/``eval``."""
-        if not (self.data or self.eval):
+        """(dataset name or None for the profile's, its fixed parameters) from
+        ``data``/``eval``/``finetune``."""
+        if not (self.data or self.eval or self.finetune):
             return None, {}
         name, options = data_dataset()
         if not self.data:
             data_help = next((h for f, _, _, h in param_fields(DATASETS.get(name).Params) if f == options["data"]), "")
-            raise ValueError(f"--eval chooses the evaluation set of --data; give --data too ({data_help})")
+            flag = "--eval chooses the evaluation set" if self.eval else "--finetune-data gives the fine-tuning pairs"
+            raise ValueError(f"{flag} of --data; give --data too ({data_help})")
         if self.eval and "eval" not in options:
             raise ValueError(f"--eval: dataset {name}, which takes --data, has no evaluation set option")
-        return name, {options[k]: v for k, v in (("data", self.data), ("eval", self.eval)) if v}
+        if self.finetune and "finetune" not in options:
+            raise ValueError(f"--finetune-data: dataset {name}, which takes --data, has no fine-tuning data option")
+        given = (("data", self.data), ("eval", self.eval), ("finetune", self.finetune))
+        return name, {options[k]: v for k, v in given if v}
 
 
 def data_dataset() -> tuple[str, dict[str, str]]:

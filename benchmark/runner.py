@@ -1,8 +1,18 @@
-"""Run one cell: load data, poison, train with a defense, evaluate, write one result row."""
+"""Run one cell: load data, poison, train with a defense, evaluate, write one result row.
+
+How a cell trains depends on its defense's kind (``defenses.base``; dispatched on ``kind``, never
+on a name): a training-time defense or a task trains a fresh model on the poisoned data; a data
+filter scores the poisoned pairs with the cached undefended model, keeps some and trains a fresh
+undefended CLIP on them; a post-training repair fine-tunes the cached undefended model on the
+dataset's clean fine-tuning split. The cached undefended model (``undefended_model``) is the model
+of the undefended cell (``defenses.base.UNDEFENDED``) with the same attack, data, settings and
+seed, stored under ``RESULTS/cache/<its run_id>/`` (benchopt's cached cells).
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import subprocess
 import time
@@ -16,16 +26,16 @@ import torch
 
 from . import __version__, distributed
 from .attacks.base import Attack, PoisonPlan, ZeroShotModel
-from .config import RunConfig
-from .datasets.base import DatasetBundle
-from .defenses.base import Defense
+from .config import RunConfig, get_profile
+from .datasets.base import CaptionDataset, DatasetBundle
+from .defenses.base import KINDS, UNDEFENDED, DefenseBase
 from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
 from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
-from .store import cell_lock, has_finished_row, read_row, runs_dir, write_row
-from .train import set_threads, train
+from .store import cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
+from .train import TrainResult, set_threads, train
 from .utils import atomic_write, derive_seed, remove_temp_files
 
 
@@ -42,7 +52,7 @@ class Cell:
     data: DatasetBundle
     attack: Attack
     plan: PoisonPlan
-    defense: Defense
+    defense: DefenseBase
     device: torch.device
     dataset: Any = None
 
@@ -77,6 +87,7 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         attack.check(data)
         plan = attack.poison(data)
         defense.check(len(plan.train))
+        check_kind(cfg, defense, dataset, data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if attack.poisons and plan.n_poison == 0:  # its ASR would be that of a clean model
@@ -87,6 +98,30 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         per = f" ({cfg.batch_size} per process x {world} processes)" if world > 1 else ""
         raise ConfigError(f"{len(plan.train)} training pairs are fewer than one batch of {cfg.batch_size * world}{per}")
     return Cell(cfg, data, attack, plan, defense, dev, dataset)
+
+
+def check_kind(cfg: RunConfig, defense: DefenseBase, dataset: Any, data: DatasetBundle) -> None:
+    """ValueError when the defense's kind cannot run this cell: an unknown kind; a filter or a
+    repair with several processes (not supported yet); a repair without a clean fine-tuning split
+    (the message says how to give one) or with fewer fine-tuning pairs than one batch of its phase."""
+    kind = getattr(defense, "kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"defense {cfg.defense}: unknown kind {kind!r}; a defense subclasses one of the kinds of "
+                         f"poisonbench.defenses.base ({', '.join(KINDS)})")
+    if kind in ("filter", "repair") and cfg.world_size > 1:
+        raise ValueError(f"defense {cfg.defense} is a {kind} defense, which runs in one process only for now; "
+                         "drop --nproc")
+    if kind == "repair":
+        if data.finetune is None:
+            option = getattr(dataset, "cli_options", {}).get("finetune")
+            how = (f"give clean pairs with --finetune-data csv:PATH|wds:URLS (dataset parameter {option})" if option
+                   else f"set the dataset's fine-tuning size (see `bench list datasets`, {cfg.dataset})")
+            raise ValueError(f"defense {cfg.defense} repairs a trained model by fine-tuning it on clean pairs, but "
+                             f"dataset {cfg.dataset} gives no fine-tuning split; {how}")
+        phase = defense.phase(cfg)
+        if len(data.finetune) < phase.batch_size:
+            raise ValueError(f"defense {cfg.defense}: the {len(data.finetune)} fine-tuning pairs are fewer than one "
+                             f"batch of {phase.batch_size}; give more fine-tuning pairs or a smaller batch")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -152,7 +187,7 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     results = Path(results)
     ckpt = results / "checkpoints" / cell.cfg.run_id / "last.pt"
     if not distributed.is_main():
-        if distributed.broadcast_object(None) == "train":
+        if distributed.broadcast_object(None) == "train":  # "cached": rank 0 evaluates the cached model alone
             _train(cell, ckpt, progress=False)
         return None
     told = False
@@ -174,8 +209,13 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
                 return read_row(results, cell.cfg.run_id)
             if force:
                 ckpt.unlink(missing_ok=True)
-            tell("train")
-            return _execute(cell, results, ckpt, progress, keep_checkpoint)
+            # The undefended cell evaluates the cached model when there is one (all ranks agree on
+            # that before training: the other processes train along or not at all); --force retrains it.
+            cached = None  # one process: decided under the cache's lock
+            if is_undefended(cell.cfg) and (force or distributed.world_size() > 1):
+                cached = not force and cached_model(results, cell.cfg, cell.plan) is not None
+            tell("cached" if cached else "train")
+            return _execute(cell, results, ckpt, progress, keep_checkpoint, cached)
     finally:
         if not told:  # the cell is busy elsewhere, or the store failed: the other ranks must not wait
             distributed.broadcast_object("stop")
@@ -197,17 +237,209 @@ def write_poisoned_set(cell: Cell, results: Path) -> Path | None:
     return None if written is None else Path(written)
 
 
-def _train(cell: Cell, ckpt: Path, progress: bool):
-    """A fresh model (seeded by the cell's seed, the same on every rank) trained on the poisoned
-    data: (model, tokenizer, TrainResult)."""
+def _train(cell: Cell, ckpt: Path, progress: bool, data: CaptionDataset | None = None, defense=None):
+    """A fresh model (seeded by the cell's seed, the same on every rank) trained on ``data``
+    (default: the poisoned training set) with ``defense`` (default: the cell's):
+    (model, tokenizer, TrainResult)."""
+    model, tokenizer = fresh_model(cell)
+    return model, tokenizer, train(model, tokenizer, cell.plan.train if data is None else data,
+                                   cell.defense if defense is None else defense, cell.cfg, cell.device, ckpt, progress)
+
+
+def fresh_model(cell: Cell):
+    """(model, tokenizer): the cell's architecture with the initial weights of its seed."""
     if cell.device.type == "cpu":
         set_threads()
     torch.manual_seed(derive_seed(cell.cfg.seed, "model"))
-    model, tokenizer = create_model(cell.cfg.model)
-    return model, tokenizer, train(model, tokenizer, cell.plan.train, cell.defense, cell.cfg, cell.device, ckpt, progress)
+    return create_model(cell.cfg.model)
 
 
-def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpoint: bool) -> dict[str, Any]:
+# --- the cached undefended model -------------------------------------------------------------
+
+def undefended_config(cfg: RunConfig) -> RunConfig:
+    """The config of the undefended cell (``defenses.base.UNDEFENDED``, plain CLIP, with its
+    profile's parameters) of the same attack, attack parameters, dataset, profile, training
+    settings, world size and seed as ``cfg``: its run id keys the cached undefended model."""
+    params = get_profile(cfg.profile).defense_params.get(UNDEFENDED, {})
+    return dataclasses.replace(cfg, defense=UNDEFENDED, defense_params=dataclasses.asdict(DEFENSES.params(UNDEFENDED, params)))
+
+
+def is_undefended(cfg: RunConfig) -> bool:
+    """True for the undefended cell itself (it saves its model to the cache and reuses it)."""
+    return undefended_config(cfg).run_id == cfg.run_id
+
+
+def cache_dir(results: Path, run_id: str) -> Path:
+    """Folder of the cached model of cell ``run_id``: ``model.pt`` (the state dict) and
+    ``model.json`` (what it is: the cell's config, its poisoned data's manifest hash, steps, loss)."""
+    return Path(results) / "cache" / run_id
+
+
+def cached_model(results: Path, ucfg: RunConfig, plan: PoisonPlan) -> dict[str, Any] | None:
+    """The cache's description (``model.json``) of undefended cell ``ucfg``'s model, or None
+    when it holds none, or one trained on other poisoned data (another manifest hash, warned)."""
+    folder = cache_dir(results, ucfg.run_id)
+    info_path, model_path = folder / "model.json", folder / "model.pt"
+    if not (info_path.is_file() and model_path.is_file()):
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("config_hash") != ucfg.config_hash or info.get("manifest_hash") != plan.manifest_hash():
+        warnings.warn(f"the cached model {model_path} was trained on other data or settings; training it again")
+        return None
+    return info
+
+
+@dataclass
+class StartModel:
+    """The cached undefended model as a cell receives it.
+
+    Attributes:
+        model, tokenizer: the trained model (on the cell's device) and its tokenizer.
+        run_id: the undefended cell's run id (the row's ``start_model``).
+        info: the cache's description (``cached_model``): steps, final_loss, train_s, ...
+        result: the TrainResult when this call trained it, None when it was loaded.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    run_id: str
+    info: dict[str, Any]
+    result: TrainResult | None
+
+
+def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | None = None,
+                     cached: bool | None = None) -> StartModel:
+    """The undefended model of ``cell``'s poisoned data: loaded from the cache
+    (``RESULTS/cache/<undefended run_id>/model.pt``, ``torch.load(weights_only=True)``), or
+    trained from the seed's initial weights with the undefended defense's hooks and written
+    there atomically, holding the cache's lock (``store.cache_lock``) throughout, so that a
+    model is trained once however many cells need it.
+
+    ``ckpt``: the checkpoint of that training (default ``cache/<run_id>/last.pt``, removed once
+    the model is written); the undefended cell itself passes its own, and its defense trains.
+    ``cached``: True/False to load/train regardless of the cache (ranks of a process group
+    decided it together), None to decide under the lock."""
+    ucfg = undefended_config(cell.cfg)
+    folder = cache_dir(results, ucfg.run_id)
+    own_ckpt = ckpt is None
+    ckpt = folder / "last.pt" if own_ckpt else ckpt
+    with cache_lock(results, ucfg.run_id):
+        for name in ("model.pt", "model.json") + (("last.pt",) if own_ckpt else ()):
+            remove_temp_files(folder / name)
+        info = cached_model(results, ucfg, cell.plan) if cached is not False else None
+        if cached and info is None:  # the other processes were told not to train along
+            raise RuntimeError(f"the cached model {folder / 'model.pt'} disappeared; run the cell again")
+        model, tokenizer = fresh_model(cell)
+        if info is not None:
+            model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+            return StartModel(model.to(cell.device), tokenizer, ucfg.run_id, info, None)
+        defense = cell.defense if is_undefended(cell.cfg) else DEFENSES.get(UNDEFENDED)(
+            build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params, f"defense {UNDEFENDED!r}"), ucfg.seed)
+        result = train(model, tokenizer, cell.plan.train, defense, ucfg, cell.device, ckpt, progress)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(folder / "model.pt", lambda tmp: torch.save(state, tmp))
+        info = {"what": "the undefended model of the cell run_id, trained on its poisoned data",
+                "run_id": ucfg.run_id, "config_hash": ucfg.config_hash, "config": ucfg.to_dict(),
+                "manifest_hash": cell.plan.manifest_hash(), "steps": result.steps, "final_loss": result.final_loss,
+                "train_s": result.train_s, "git_rev": git_rev(), "version": __version__,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+        if own_ckpt:
+            ckpt.unlink(missing_ok=True)
+        return StartModel(model, tokenizer, ucfg.run_id, info, result)
+
+
+# --- one cell, by its defense's kind --------------------------------------------------------
+
+def _train_training(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
+    """Training-time and task defenses: a fresh model trained on the poisoned data. The
+    undefended cell goes through the cache: it saves its model there, or evaluates the cached
+    one (``start_model`` = its own run id) without training."""
+    if not is_undefended(cell.cfg):
+        model, tokenizer, result = _train(cell, ckpt, progress)
+        return model, tokenizer, result
+    start = undefended_model(cell, results, progress, ckpt, cached)
+    if start.result is None:
+        row["start_model"] = start.run_id
+        return start.model, start.tokenizer, TrainResult(start.info["steps"], start.info["final_loss"], 0.0, 0)
+    return start.model, start.tokenizer, start.result
+
+
+def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
+    """Data filters: score the poisoned pairs with the cached undefended model, keep what the
+    filter keeps, train a fresh undefended CLIP on the kept pairs; detection metrics and counts
+    into the row."""
+    data, name = cell.plan.train, cell.cfg.defense
+    start = undefended_model(cell, results, progress)
+    row.update(start_model=start.run_id, start_model_train_s=start.result.train_s if start.result else 0.0)
+    start.model.eval()
+    t0 = time.perf_counter()
+    scores = cell.defense.score(start.model, data, cell.device)
+    row["score_s"] = time.perf_counter() - t0
+    if not (isinstance(scores, torch.Tensor) and scores.shape == (len(data),) and scores.is_floating_point()):
+        raise ValueError(f"defense {name}: score() must return float [{len(data)}], got "
+                         f"{getattr(scores, 'dtype', type(scores).__name__)} {tuple(getattr(scores, 'shape', ()))}")
+    scores = scores.detach().float().cpu()
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"defense {name}: score() returned {int((~torch.isfinite(scores)).sum())} non-finite scores")
+    kept = cell.defense.keep(scores)
+    if not (isinstance(kept, torch.Tensor) and kept.dtype == torch.bool and kept.shape == (len(data),)):
+        raise ValueError(f"defense {name}: keep() must return bool [{len(data)}]")
+    row.update(n_kept=int(kept.sum()), n_filtered=len(data) - int(kept.sum()))
+    row.update(detection_columns(scores, data.is_poison, kept))
+    if int(kept.sum()) < cell.cfg.batch_size:
+        raise ValueError(f"defense {name} kept {int(kept.sum())} pairs, fewer than one batch of {cell.cfg.batch_size}")
+    del start
+    ucfg = undefended_config(cell.cfg)
+    clip = DEFENSES.get(UNDEFENDED)(build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params,
+                                                 f"defense {UNDEFENDED!r}"), cell.cfg.seed)
+    return _train(cell, ckpt, progress, data.subset(kept.nonzero().squeeze(1)), clip)
+
+
+def detection_columns(scores: torch.Tensor, is_poison: torch.Tensor, kept: torch.Tensor) -> dict[str, Any]:
+    """The ``det_*`` columns of a data filter's row: ``detection.detection_metrics(scores float
+    [N], is_poison bool [N], kept bool [N])`` (AUROC, AP, TPR at 1 %/5 % FPR, poisons and clean
+    pairs removed), each key prefixed ``det_`` unless it is already."""
+    try:
+        from .detection import detection_metrics
+    except ModuleNotFoundError as e:  # MERGE: benchmark/detection.py comes from another branch of issue 14
+        if e.name != f"{__package__}.detection":
+            raise
+        return {}
+    return {k if k.startswith("det_") else f"det_{k}": v for k, v in detection_metrics(scores, is_poison, kept).items()}
+
+
+def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
+    """Post-training repairs: fine-tune the cached undefended model on the clean fine-tuning
+    split, in the repair's own phase (settings, hooks, checkpoint) of the one training loop."""
+    start = undefended_model(cell, results, progress)
+    row.update(start_model=start.run_id, start_model_train_s=start.result.train_s if start.result else 0.0)
+    phase = cell.defense.phase(cell.cfg)
+    row["n_finetune"] = len(cell.data.finetune)  # the phase's settings are the defense's parameters (p_defense_*)
+    result = train(start.model, start.tokenizer, cell.data.finetune, cell.defense.training(), cell.cfg, cell.device,
+                   ckpt, progress, phase=phase)
+    return start.model, start.tokenizer, result
+
+
+TRAIN_BY_KIND = {"training": _train_training, "task": _train_training, "filter": _train_filter, "repair": _train_repair}
+
+
+def defense_columns(defense: DefenseBase) -> dict[str, Any]:
+    """The defense's own numbers (``metrics()``) as ``d_<key>`` columns. Raises ValueError for a
+    key that is not a plain name or a value that is not a finite number or a list of numbers."""
+    out = {}
+    for key, value in defense.metrics().items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise ValueError(f"defense {defense.name}: metric name {key!r} must be letters, digits and _")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"defense {defense.name}: metric {key} = {value!r} must be a finite number or a list of them")
+        out[f"d_{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpoint: bool,
+             cached: bool | None = None) -> dict[str, Any]:
     cfg, dev = cell.cfg, cell.device
     if dev.type == "cpu":
         set_threads()
@@ -223,10 +455,12 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
         written = write_poisoned_set(cell, results)
         if written is not None:
             row["poison_files"] = str(written)
-        model, tokenizer, result = _train(cell, ckpt, progress)
+        model, tokenizer, result = TRAIN_BY_KIND[cell.defense.kind](cell, results, ckpt, progress, row, cached)
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
                    steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)
+        row.update({f"final_loss_{k}": v for k, v in result.loss_terms.items()})
         row.update(evaluate(model, tokenizer, cell, dev))
+        row.update(defense_columns(cell.defense))
         row["status"] = "ok"
     except BaseException as e:  # Ctrl-C too: the cell is recorded as failed and retried next time
         row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

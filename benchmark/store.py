@@ -2,7 +2,9 @@
 
 Each file holds one row in long format (identity, ``p_<kind>_<name>`` parameter columns, metric
 columns), written atomically (temp file + rename), with the schema version in the file metadata.
-Readers take the union of columns, so adding a metric never breaks reading old files.
+Readers take the union of columns, so adding a metric never breaks reading old files: a
+defense's own numbers (``d_<key>``), a data filter's detection metrics (``det_*``), ``n_kept`` /
+``n_filtered`` and ``start_model`` are plain columns of the rows that have them, null elsewhere.
 
 Schema versions: 1, parameter columns ``p_<name>`` (``p_attack_<name>``/``p_defense_<name>`` only
 where an attack and a defense parameter shared a name), no dataset parameters; 2, always
@@ -65,6 +67,23 @@ def cell_lock(results: str | Path, run_id: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CellBusyError(f"cell {run_id} is being run by another process on {results}") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def cache_lock(results: str | Path, run_id: str):
+    """Hold the exclusive lock of the cached model of cell ``run_id`` in ``results``
+    (``locks/cache-<run_id>.lock``, flock), waiting for it when another process holds it: the one
+    process that trains a cached model (``runner.undefended_model``) holds it until the model is
+    written, and the others then load that model instead of training it again. Released when the
+    holder dies, even by SIGKILL."""
+    path = Path(results) / "locks" / f"cache-{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

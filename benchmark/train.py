@@ -8,7 +8,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import distributed
 from .config import RunConfig
 from .datasets.base import CaptionDataset, is_lazy
-from .defenses.base import Defense, TrainState
+from .defenses.base import Defense, PhaseSettings, TaskBatch, TrainingTask, TrainState
 from .evaluate import encode_tokens
 from .preprocess import eval_geometry, normalize
 from .models import image_size
@@ -27,11 +27,13 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or one named loss term of a ``TrainingTask`` (``term``), became NaN or
+    infinite."""
 
-    def __init__(self, step: int, epoch: int, value: float):
-        super().__init__(f"non-finite loss {value} at step {step} (epoch {epoch}); lower the learning rate")
-        self.step, self.epoch, self.value = step, epoch, value
+    def __init__(self, step: int, epoch: int, value: float, term: str | None = None):
+        what = "loss" if term is None else f"loss term {term!r} ="
+        super().__init__(f"non-finite {what} {value} at step {step} (epoch {epoch}); lower the learning rate")
+        self.step, self.epoch, self.value, self.term = step, epoch, value, term
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainResult:
     resumed_from_epoch: int
     data_wait_s: float = 0.0
     augment_s: float = 0.0
+    loss_terms: dict[str, float] = field(default_factory=dict)  # a TrainingTask's terms at the last step
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -95,13 +98,21 @@ def train(
     checkpoint: Path | None = None,
     progress: bool = True,
     on_epoch_end=None,
+    phase: PhaseSettings | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``defense``'s hooks.
 
+    ``defense`` is a training-time ``Defense`` (its ``loss`` of the embeddings) or a
+    ``TrainingTask`` (its ``step`` runs the forward pass and returns named loss terms, which are
+    summed; ``TrainResult.loss_terms`` holds their last values). ``phase`` gives the settings of
+    a training phase other than the cell's own (a repair's fine-tuning: epochs, lr, batch size,
+    warm-up, weight decay; default: those of ``cfg``); its shuffling and augmentation seeds come
+    from a stream of its own, and its checkpoint records its name.
+
     Each epoch shuffles with a generator seeded from (seed, epoch) and reseeds torch's global RNG
     (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
-    uninterrupted run. A checkpoint whose config hash (and number of processes) matches is resumed.
-    ``on_epoch_end(epoch, model)``, if given, is called after each epoch's checkpoint.
+    uninterrupted run. A checkpoint whose config hash, phase (and number of processes) match is
+    resumed. ``on_epoch_end(epoch, model)``, if given, is called after each epoch's checkpoint.
 
     In a process group of W ranks (``distributed.init``) every rank calls this with the same
     arguments: ``cfg.batch_size`` is per rank, so a step sees a global batch of batch_size x W
@@ -112,43 +123,50 @@ def train(
     0 writes the checkpoint and shows the progress bar; every rank loads the same checkpoint.
 
     Raises:
-        ValueError: fewer training pairs than one global batch.
-        NonFiniteLossError: the loss became NaN or inf.
+        ValueError: fewer training pairs than one global batch; a task that returned no loss term.
+        NonFiniteLossError: the loss (or a task's loss term, named) became NaN or inf.
     """
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
-    n, bs = len(data), cfg.batch_size
+    settings = phase or PhaseSettings(MAIN_PHASE, cfg.epochs, cfg.lr, cfg.batch_size, cfg.warmup_steps, cfg.weight_decay)
+    # the cell's own phase keeps the seeds it always had; another phase draws from its own stream
+    tag = () if phase is None else (phase.name,)
+    n, bs = len(data), settings.batch_size
     global_bs = bs * world
     if n < global_bs:
         per = f" ({bs} per process x {world} processes)" if world > 1 else ""
         raise ValueError(f"{n} training pairs are fewer than one batch of {global_bs}{per}; lower batch_size")
     steps_per_epoch = n // global_bs  # drop_last, as the official code
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * settings.epochs
     size = image_size(model)
+    task = isinstance(defense, TrainingTask)
+    if task:
+        defense.prepare(list(data.captions), tokenizer)
     tokens = tokenizer(defense.text_transform(data.captions))
-    transform = defense.train_transform(size)
+    transform = None if task else defense.train_transform(size)
 
     model.to(device).train()
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total))
     amp = device.type == "cuda"
 
-    start_epoch, step, loss_value = 1, 0, float("nan")
+    start_epoch, step, loss_value, loss_terms = 1, 0, float("nan"), {}
     distributed.barrier()  # rank 0 may have removed a stale checkpoint: all ranks see the same file
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
         if state.get("world_size", 1) != world:
             warnings.warn(f"the checkpoint {checkpoint} was written by {state.get('world_size', 1)} process(es), "
                           f"this run has {world}; training from scratch")
-        elif state.get("config_hash") == cfg.config_hash:
+        elif state.get("config_hash") == cfg.config_hash and state.get("phase", MAIN_PHASE) == settings.name:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             defense.load_state_dict(state["defense"])
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             loss_value = float(state.get("loss", float("nan")))  # a run resumed after its last epoch reports it
+            loss_terms = {k: float(v) for k, v in state.get("loss_terms", {}).items()}
 
     def encode_captions(k: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
@@ -172,30 +190,37 @@ def train(
     with bar:
         if start_epoch > 1 and main:
             bar.console.print(f"resuming from the checkpoint of epoch {start_epoch - 1} ({checkpoint})")
-        task = bar.add_task(f"{cfg.defense} / {cfg.attack}", total=total, completed=step, loss=float("nan"), rate=0.0)
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            torch.manual_seed(augment_seed(cfg.seed, epoch, rank, world))
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", epoch)))
+        title = f"{cfg.defense} / {cfg.attack}" + (f" ({settings.name})" if phase is not None else "")
+        bar_task = bar.add_task(title, total=total, completed=step, loss=float("nan"), rate=0.0)
+        for epoch in range(start_epoch, settings.epochs + 1):
+            torch.manual_seed(augment_seed(cfg.seed, epoch, rank, world, tag))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, *tag, "shuffle", epoch)))
             defense.start_epoch(TrainState(epoch, step, encode_captions))
-            bar.update(task, description=f"{cfg.defense} / {cfg.attack}  epoch {epoch}/{cfg.epochs}")
+            bar.update(bar_task, description=f"{title}  epoch {epoch}/{settings.epochs}")
             t_epoch = time.perf_counter()
             batches = prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world), fetch,
                                  background=device.type == "cuda" or is_lazy(data.images))
             for b, (idx, images) in enumerate(batches):
-                if transform is not None:
-                    t_aug = time.perf_counter()
-                    images = transform(images.to(device).float() / 255.0)
-                    augment_s += time.perf_counter() - t_aug
+                if task:  # the task runs the forward pass and returns named loss terms
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        terms = defense.step(net, TaskBatch(idx, images, tokens[idx], size, device), TrainState(epoch, step))
+                    loss = task_loss(terms, step, epoch, defense.name)
+                    loss_terms = {k: v.item() for k, v in terms.items()}
                 else:
-                    images = eval_geometry(images, size).to(device)
-                x = normalize(images)
-                t = tokens[idx].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    img_emb, txt_emb, scale = net(x, t)
-                    img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
-                    loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(step, epoch, loss.item())
+                    if transform is not None:
+                        t_aug = time.perf_counter()
+                        images = transform(images.to(device).float() / 255.0)
+                        augment_s += time.perf_counter() - t_aug
+                    else:
+                        images = eval_geometry(images, size).to(device)
+                    x = normalize(images)
+                    t = tokens[idx].to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        img_emb, txt_emb, scale = net(x, t)
+                        img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
+                        loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(step, epoch, loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -205,16 +230,40 @@ def train(
                 step += 1
                 loss_value = loss.item()
                 rate = (b + 1) * global_bs / (time.perf_counter() - t_epoch)
-                bar.update(task, advance=1, loss=loss_value, rate=rate)
+                bar.update(bar_task, advance=1, loss=loss_value, rate=rate)
             if progress and main:  # one line per epoch: a log that survives when the bar is not a live terminal
-                bar.console.print(f"epoch {epoch}/{cfg.epochs}: loss {loss_value:.3f}, {rate:.0f} samples/s, "
-                                  f"{time.perf_counter() - t_epoch:.0f} s")
+                parts = "".join(f", {k} {v:.3f}" for k, v in loss_terms.items())
+                bar.console.print(f"{'' if phase is None else settings.name + ' '}epoch {epoch}/{settings.epochs}: "
+                                  f"loss {loss_value:.3f}{parts}, {rate:.0f} samples/s, {time.perf_counter() - t_epoch:.0f} s")
             if checkpoint is not None and main:
-                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world, loss_value)
+                save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world, loss_value,
+                                settings.name, loss_terms)
             distributed.barrier()  # no rank runs ahead of the last checkpoint
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
-    return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1, fetch["wait_s"], augment_s)
+    return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1, fetch["wait_s"], augment_s,
+                       loss_terms)
+
+
+MAIN_PHASE = "train"  # the name of a cell's own training phase (RunConfig's settings) in checkpoints
+
+
+def task_loss(terms: dict[str, torch.Tensor], step: int, epoch: int, who: str = "task") -> torch.Tensor:
+    """The sum of a ``TrainingTask``'s named scalar loss terms (in their order).
+
+    Raises ValueError when there is no term or a term is not a scalar tensor; NonFiniteLossError
+    naming the first term that is NaN or infinite."""
+    if not terms:
+        raise ValueError(f"{who}: step() returned no loss term; return a dict of named scalar losses")
+    total = None
+    for name, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"{who}: loss term {name!r} must be a scalar tensor, got {type(value).__name__}"
+                             + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
+        if not torch.isfinite(value):
+            raise NonFiniteLossError(step, epoch, value.item(), name)
+        total = value if total is None else total + value
+    return total.reshape(())
 
 
 def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, world: int = 1):
@@ -258,11 +307,12 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
             yield current, fetched
 
 
-def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1) -> int:
+def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1, tag: tuple = ()) -> int:
     """Seed of torch's global RNG (the augmentations) for ``epoch`` on ``rank`` of ``world``
     processes: distinct per rank, so that ranks do not draw the same augmentations; in one
-    process the seed of (seed, epoch) alone, as before DDP."""
-    return derive_seed(seed, "augment", epoch) if world == 1 else derive_seed(seed, "augment", epoch, rank)
+    process the seed of (seed, epoch) alone, as before DDP. ``tag``: the phase's name, for a
+    phase other than the cell's own (a stream of its own), else empty."""
+    return derive_seed(seed, *tag, "augment", epoch) if world == 1 else derive_seed(seed, *tag, "augment", epoch, rank)
 
 
 class CheckpointError(RuntimeError):
@@ -301,10 +351,13 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense,
-                    world_size: int = 1, loss: float = float("nan")) -> None:
+                    world_size: int = 1, loss: float = float("nan"), phase: str = MAIN_PHASE,
+                    loss_terms: dict[str, float] | None = None) -> None:
     """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``).
     ``world_size``, the number of processes that trained it, is stored: a run with another
-    number of processes (another global batch) does not resume it. ``loss`` is the last step's loss."""
+    number of processes (another global batch) does not resume it. ``loss`` is the last step's
+    loss, ``loss_terms`` a task's named terms at that step; ``phase`` the training phase's name
+    (a checkpoint of another phase is not resumed)."""
     state = {
         "config_hash": cfg.config_hash,
         "world_size": world_size,
@@ -315,6 +368,8 @@ def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, op
         "scheduler": scheduler.state_dict(),
         "defense": defense.state_dict(),
         "loss": loss,
+        "phase": phase,
+        "loss_terms": dict(loss_terms or {}),
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 

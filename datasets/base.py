@@ -205,6 +205,10 @@ class DatasetBundle:
         heldout: clean image–caption pairs never trained on, for retrieval recall@k, or None.
         skipped / eval_skipped: training / evaluation images left out because they could not be
             read (files only; recorded in the result row).
+        finetune: clean image–caption pairs for a post-training repair's fine-tuning
+            (``defenses.base.PostTrainingRepair``), disjoint from ``train``, ``eval`` and
+            ``heldout``; never poisoned (attacks change only ``train``); None when the dataset has
+            none (a repair cell is then refused before training).
     """
 
     train: CaptionDataset
@@ -215,6 +219,7 @@ class DatasetBundle:
     heldout: CaptionDataset | None = None
     skipped: int = 0
     eval_skipped: int = 0
+    finetune: CaptionDataset | None = None
 
 
 class Dataset:
@@ -232,8 +237,9 @@ class Dataset:
         ``cli_options``: class attribute, dict mapping the options of ``bench run``/``bench status``
             that this dataset takes, ``"data"`` (``--data``) and ``"eval"`` (``--eval``), to the
             names of its parameters that receive their strings, e.g.
-            ``{"data": "train", "eval": "eval"}``. ``--data`` selects the dataset that claims it;
-            exactly one registered dataset may claim it.
+            ``{"data": "train", "eval": "eval"}``; ``"finetune"`` (``--finetune-data``) names the
+            parameter of a separate clean fine-tuning source. ``--data`` selects the dataset that
+            claims it; exactly one registered dataset may claim it.
         ``write_poison(self, train: CaptionDataset, folder: pathlib.Path) -> pathlib.Path | None``:
             write the poisoned pairs of ``train`` (the rows with ``train.is_poison`` True; images
             uint8 [N, 3, H, W]) under ``folder`` (``RESULTS/poison/<run_id>``, which it may create

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from poisonbench.registry import param, register_dataset
+from poisonbench.utils import derive_seed
 
 from .base import CaptionDataset, DatasetBundle, EvalSet, draw_rows, with_article
 
@@ -173,6 +174,10 @@ class FashionMNISTParams:
     n_eval: int = param(0, "evaluation images drawn (seeded) from the 10k test split; 0 = all")
     n_probe: int = param(10000, "train-split images for the linear probe (seeded); 0 = all 60k")
     n_heldout: int = param(1000, "test-split images with generated captions for retrieval recall@k")
+    # Added after release: hash_default=False keeps the run ids of every cell at the default.
+    n_finetune: int = param(-1, "clean fine-tuning pairs for post-training repairs, drawn (seeded) from the train-split "
+                                "images that are not training pairs; -1 = 10 % of n_train, at least 128; 0 = none",
+                            hash_default=False)
 
 
 @register_dataset("fashion-mnist")
@@ -185,6 +190,8 @@ class FashionMNIST:
         for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
             if getattr(params, name) < 0:
                 raise ValueError(f"fashion-mnist: {name} must be >= 0 (0 = all), got {getattr(params, name)}")
+        if params.n_finetune < -1:
+            raise ValueError(f"fashion-mnist: n_finetune must be >= 0, or -1 for 10 % of n_train, got {params.n_finetune}")
         self.params = params
 
     def load(self, seed: int) -> DatasetBundle:
@@ -208,4 +215,30 @@ class FashionMNIST:
             held_rng = random.Random(seed + 1)  # captions independent of the training captions
             held_caps = [write_caption(int(y), held_rng) for y in test_y[held_idx]]
             heldout = CaptionDataset(test_x[held_idx], held_caps, test_y[held_idx])
-        return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES), probe, heldout)
+        finetune = None
+        ft_idx = finetune_rows(len(train_y), train_idx, self.params.n_finetune, seed)
+        if len(ft_idx):
+            ft_rng = random.Random(derive_seed(seed, "finetune-captions"))
+            ft_caps = [write_caption(int(y), ft_rng) for y in train_y[ft_idx]]
+            finetune = CaptionDataset(train_x[ft_idx], ft_caps, train_y[ft_idx])
+        return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES), probe, heldout,
+                             finetune=finetune)
+
+
+def finetune_rows(n_split: int, train_idx: torch.Tensor, n_finetune: int, seed: int) -> torch.Tensor:
+    """Sorted rows, int64 [k], of the clean fine-tuning split: train-split rows (of ``n_split``)
+    that are not training rows (``train_idx``), drawn without replacement by a generator of their
+    own (seeded from ``seed``), so the other draws of ``load`` are those they were before the
+    split existed. The evaluation set and the retrieval hold-out come from the test split, so the
+    split is disjoint from them too. ``n_finetune`` -1 means 10 % of the training pairs, at least
+    128, as many as are left (none when the training pairs take the whole split); 0 means none.
+    Raises ValueError when an explicit ``n_finetune`` exceeds the rows left."""
+    free = torch.ones(n_split, dtype=torch.bool)
+    free[train_idx] = False
+    rest = free.nonzero().squeeze(1)
+    k = min(max(128, len(train_idx) // 10), len(rest)) if n_finetune == -1 else n_finetune
+    if k > len(rest):
+        raise ValueError(f"fashion-mnist: n_finetune={k} exceeds the {len(rest)} train-split images that are not "
+                         "training pairs; lower n_finetune or n_train")
+    g = torch.Generator().manual_seed(derive_seed(seed, "finetune"))
+    return rest[torch.randperm(len(rest), generator=g)[:k]].sort().values

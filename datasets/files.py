@@ -199,6 +199,9 @@ class FilesParams:
     load: Literal["auto", "memory", "lazy"] = param(
         "auto", "memory (decode all pairs once), lazy (decode each batch; local files and shards) "
                 "or auto (lazy above 8 GiB of decoded images)")
+    # Added after release: hash_default=False keeps the run ids of every cell without it.
+    finetune: str = param("", "clean fine-tuning pairs for post-training repairs (--finetune-data): csv:PATH or wds:URLS, "
+                              "the format of train; decoded into memory; empty = none", hash_default=False)
 
 
 @register_dataset("files")
@@ -213,7 +216,7 @@ class Files:
 
     Params = FilesParams
     # bench run --data / --eval fill these parameters (datasets.base.Dataset.cli_options)
-    cli_options = {"data": "train", "eval": "eval"}
+    cli_options = {"data": "train", "eval": "eval", "finetune": "finetune"}
 
     def __init__(self, params: FilesParams):
         if not params.train:
@@ -237,14 +240,7 @@ class Files:
         if p.image_size == 0:
             raise ValueError("files: image_size is 0; resolve the config (config.resolve sets the model's size)")
         pairs = read_pairs(p.train, p.image_size, p.image_key, p.caption_key, p.delimiter, p.load)
-        total = len(pairs.captions) + len(pairs.skipped)
-        if total == 0:
-            raise ValueError(f"{p.train}: no image–caption pairs")
-        rate = len(pairs.skipped) / total
-        if rate > p.max_skip_rate:
-            first = "; ".join(f"{w}: {r}" for w, r in pairs.skipped[:3])
-            raise ValueError(f"{p.train}: {len(pairs.skipped)} of {total} images ({rate:.1%}) cannot be read, above "
-                             f"max_skip_rate={p.max_skip_rate:g} (first: {first}); fix the data or raise max_skip_rate")
+        self._check_skips(p.train, pairs)
         g = torch.Generator().manual_seed(seed)
         ev, probe, eval_skipped = load_eval(p.eval, p.image_size, p.n_eval, p.n_probe, g)
         class_words = eval_class_words(p.eval, ev.classnames)
@@ -262,8 +258,26 @@ class Files:
         heldout = None
         if p.n_heldout:  # decoded: the evaluation code takes in-memory images
             heldout = CaptionDataset(everything.images[held], [everything.captions[i] for i in held.tolist()], labels[held])
+        finetune = None
+        if p.finetune:  # a separate source: its pairs are the user's to keep apart from the training data
+            ft = read_pairs(p.finetune, p.image_size, p.image_key, p.caption_key, p.delimiter, "memory")
+            self._check_skips(p.finetune, ft)
+            finetune = CaptionDataset(ft.images, ft.captions, label_by_caption(ft.captions, class_words))
         return DatasetBundle(everything.subset(rest), ev, class_words, ["a photo of {}."], probe, heldout,
-                             skipped=len(pairs.skipped), eval_skipped=eval_skipped)
+                             skipped=len(pairs.skipped), eval_skipped=eval_skipped, finetune=finetune)
+
+    def _check_skips(self, source: str, pairs: Pairs) -> None:
+        """ValueError when ``source`` gave no pair, or more unreadable images than ``max_skip_rate``
+        (the message lists the first ones)."""
+        total = len(pairs.captions) + len(pairs.skipped)
+        if total == 0:
+            raise ValueError(f"{source}: no image–caption pairs")
+        rate = len(pairs.skipped) / total
+        if rate > self.params.max_skip_rate:
+            first = "; ".join(f"{w}: {r}" for w, r in pairs.skipped[:3])
+            raise ValueError(f"{source}: {len(pairs.skipped)} of {total} images ({rate:.1%}) cannot be read, above "
+                             f"max_skip_rate={self.params.max_skip_rate:g} (first: {first}); fix the data or raise "
+                             "max_skip_rate")
 
 
     def write_poison(self, train: CaptionDataset, folder: Path) -> Path:

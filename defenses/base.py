@@ -1,6 +1,25 @@
-"""The defense interface: the hooks one training loop calls (docs/DESIGN.md, "Registries")."""
+"""The defense interfaces: one registry (``register_defense``) for every kind of defense, each kind
+a small interface of its own (docs/DESIGN.md, "Registries" and "Defenses come in kinds").
+
+The kinds follow trojanzoo's taxonomy of backdoor defenses (abstract bases per kind, each with its
+standard entry point and metrics: ``trojanvision/defenses/abstract.py``, training filtering /
+model inspection / input filtering; BackdoorBench's defense and detection folders), plus the
+in-training task of open_clip (``src/open_clip/task/``, a ``TrainingTask`` owns the forward pass
+and returns named losses):
+
+- ``Defense`` (``kind = "training"``): hooks into the one training loop (clip, aug-only, roclip);
+- ``TrainingTask`` (``kind = "task"``): owns the forward pass of a batch, returns named losses;
+- ``DataFilter`` (``kind = "filter"``): scores every training pair with the cached undefended
+  model, keeps the unsuspicious ones; the cell then trains the undefended CLIP on them;
+- ``PostTrainingRepair`` (``kind = "repair"``): fine-tunes the cached undefended model on the
+  dataset's clean fine-tuning split through the same training loop, in a phase of its own.
+
+Every kind has ``metrics()``: numbers the runner stores in the cell's row as ``d_<key>``.
+The runner dispatches on ``kind``; it never names a defense.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -8,13 +27,21 @@ import torch
 
 from poisonbench.losses import info_nce
 
+# Registered name of the undefended baseline (plain CLIP, ``defenses/clip.py``): the defense whose
+# cell trains the cached undefended model that filters score with and repairs start from, and
+# whose hooks train the model on a filter's kept pairs. Kept here, beside the kinds that need it,
+# so that the engine never names a defense.
+UNDEFENDED = "clip"
+
+KINDS = ("training", "task", "filter", "repair")
+
 
 @dataclass
 class TrainState:
     """Where training stands when a defense hook is called.
 
     Attributes:
-        epoch: 1-indexed epoch.
+        epoch: 1-indexed epoch (of the phase being trained).
         step: global optimizer step, 0-indexed.
         encode_captions: function n -> float [n, D] L2-normalised text embeddings (no gradient) of
             n training captions drawn at random, for defenses that need a warm caption pool.
@@ -25,16 +52,13 @@ class TrainState:
     encode_captions: Optional[Callable[[int], torch.Tensor]] = None
 
 
-class Defense:
-    """Base class of defenses: plain CLIP unless a hook is overridden.
-
-    Hooks: ``text_transform`` (captions, once before training), ``train_transform`` (image
-    augmentation per sample), ``start_epoch``, ``loss``; ``state_dict``/``load_state_dict`` carry
-    any state the checkpoint must hold.
-    """
+class DefenseBase:
+    """What every kind of defense has: its resolved ``Params`` and seed, ``check``, ``metrics``
+    and the checkpointed state. A plugin subclasses one of the kinds below, not this."""
 
     Params: type
     name: str
+    kind: str = ""
 
     def __init__(self, params, seed: int):
         self.params = params
@@ -43,6 +67,33 @@ class Defense:
     def check(self, train_size: int) -> None:
         """Raise ValueError naming the problem if the defense cannot run on ``train_size``
         training pairs, or a resource it needs (e.g. WordNet) is missing; called before training."""
+
+    def metrics(self) -> dict[str, float | int | list]:
+        """The defense's own numbers for the cell's row, called once after training and
+        evaluation: key -> a finite number or a list of numbers, stored as column ``d_<key>``
+        (keys: letters, digits and ``_``). Names follow the row's conventions: ``n_*`` counts,
+        ``*_s`` seconds, anything else a fraction in [0, 1] unless documented otherwise.
+        Default: none."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Tensors and numbers to checkpoint (loadable with ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class Defense(DefenseBase):
+    """The training-time kind (``kind = "training"``): hooks into the one training loop; plain
+    CLIP unless a hook is overridden.
+
+    Hooks: ``text_transform`` (captions, once before training), ``train_transform`` (image
+    augmentation per sample), ``start_epoch``, ``loss``; ``state_dict``/``load_state_dict`` carry
+    any state the checkpoint must hold.
+    """
+
+    kind = "training"
 
     def text_transform(self, captions: list[str]) -> list[str]:
         """Captions the model trains on, one per training pair (default: unchanged)."""
@@ -60,9 +111,148 @@ class Defense:
         """Training objective (scalar) of a batch of normalised embeddings [B, D]; default CLIP's InfoNCE."""
         return info_nce(image_emb, text_emb, logit_scale)
 
+
+@dataclass
+class TaskBatch:
+    """One batch as a ``TrainingTask`` receives it (this rank's slice under DDP).
+
+    Attributes:
+        rows: int64 [B], the training-set row of each pair (index into the ``CaptionDataset``).
+        images: uint8 [B, 3, H, W], values 0..255, at the stored geometry, on the CPU (or as the
+            data holds them); the task brings them to ``image_size`` (``poisonbench.preprocess``:
+            ``eval_geometry`` or an augmentation, then ``normalize``) and to ``device``.
+        tokens: int64 [B, L], the tokenized captions of the rows (after ``text_transform``).
+        image_size: S, the model's input side in pixels.
+        device: where the model is.
+    """
+
+    rows: torch.Tensor
+    images: torch.Tensor
+    tokens: torch.Tensor
+    image_size: int
+    device: torch.device
+
+
+class TrainingTask(Defense):
+    """The in-training task kind (``kind = "task"``): owns the forward pass of a batch, as an
+    open_clip ``TrainingTask`` does, and returns named scalar loss terms, which the trainer sums
+    (each must be finite: ``train.NonFiniteLossError`` names the term), logs and reports.
+
+    The trainer calls ``prepare`` once before training, ``start_epoch`` before each epoch (it may
+    embed the whole training set and route rows, SafeCLIP), and ``step`` for every batch inside
+    the trainer's autocast. ``loss`` and ``train_transform`` are not used. The task uses
+    ``poisonbench.preprocess`` itself and, under DDP, ``poisonbench.distributed.gather_with_grad``
+    (``model`` is then the DistributedDataParallel wrapper; every rank runs the same task).
+    """
+
+    kind = "task"
+
+    def prepare(self, captions: list[str], tokenizer) -> None:
+        """Called once before training with the N training captions and the model's tokenizer
+        (list[str] -> int64 [N, L]), e.g. to compute text views. Default: nothing."""
+
+    def step(self, model: torch.nn.Module, batch: TaskBatch, state: TrainState) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms (float tensors with gradient) of ``batch``; the trainer
+        minimises their sum. ``model(images, tokens)`` returns (image_emb [B, D], text_emb [B, D],
+        logit_scale) with L2-normalised embeddings (open_clip's CLIP forward)."""
+        raise NotImplementedError(f"{type(self).__name__}: a TrainingTask must implement step()")
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    """The training settings of one phase of the training loop (``train.train(phase=...)``).
+
+    Attributes:
+        name: the phase's name: its checkpoint records it and its shuffling and augmentation
+            seeds are drawn from their own stream (e.g. ``"finetune"``).
+        epochs: >= 1. batch_size: pairs per step per process, >= 1.
+        lr: peak AdamW learning rate (> 0); warmup_steps: linear warm-up steps (>= 0) before the
+            cosine decay to 0 at the last step. weight_decay: AdamW decoupled weight decay (>= 0;
+            not on norms, biases, logit scale).
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    batch_size: int
+    warmup_steps: int
+    weight_decay: float
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a training phase needs a name (its checkpoint and seeds are keyed by it)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"phase {self.name}: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"phase {self.name}: lr must be a positive finite number, got {self.lr}")
+        if self.warmup_steps < 0 or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"phase {self.name}: warmup_steps and weight_decay must be >= 0, "
+                             f"got {self.warmup_steps}, {self.weight_decay}")
+
+
+class DataFilter(DefenseBase):
+    """The data-filter kind (``kind = "filter"``; trojanzoo's training filtering): before
+    training, ``score`` every training pair with the cached undefended model (the ``clip`` cell's
+    model on the same poisoned data), ``keep`` the unsuspicious ones; the cell then trains the
+    undefended CLIP (plain CLIP hooks, from a fresh seeded model) on the kept pairs. The runner
+    stores detection metrics of the scores against ``data.is_poison`` (``det_*`` columns) and
+    the counts ``n_kept`` / ``n_filtered``.
+
+    The default ``keep`` (spec-badclip-density-detection.md B.6, B.11.14) keeps exactly
+    floor(N * (1 - remove_fraction)) pairs, those of the lowest scores; it reads
+    ``params.remove_fraction`` (in [0, 1)).
+    """
+
+    kind = "filter"
+
+    def score(self, model: torch.nn.Module, data, device: torch.device) -> torch.Tensor:
+        """Suspicion of each pair of ``data`` (a ``CaptionDataset`` of N pairs, poisons
+        included): float [N] on the CPU, finite, higher = more suspicious. ``model`` is the
+        trained undefended CLIP in eval mode on ``device`` (not trained further: score under
+        ``torch.no_grad()`` unless the detector needs gradients)."""
+        raise NotImplementedError(f"{type(self).__name__}: a DataFilter must implement score()")
+
+    def keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """bool [N]: True for the pairs to train on, given ``scores`` float [N]. Default: the
+        floor(N * (1 - remove_fraction)) lowest scores (ties: the earlier row first)."""
+        fraction = getattr(self.params, "remove_fraction", None)
+        if fraction is None or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"{self.name}: the default keep() needs a parameter remove_fraction in [0, 1), "
+                             f"got {fraction!r}; add it to Params or override keep()")
+        n = scores.shape[0]
+        n_keep = math.floor(n * (1.0 - fraction))
+        order = torch.sort(scores, stable=True).indices
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[:n_keep]] = True
+        return mask
+
+
+class PostTrainingRepair(DefenseBase):
+    """The post-training repair kind (``kind = "repair"``): the runner loads the cached
+    undefended model (trained on the poisoned data), fine-tunes it on the dataset's clean
+    fine-tuning split (``DatasetBundle.finetune``) through the same training loop, with the
+    settings of ``phase`` and the hooks of the defense ``training()`` returns (own checkpoint,
+    resumable), then evaluates it. A dataset without a fine-tuning split refuses the cell before
+    any training."""
+
+    kind = "repair"
+
+    def phase(self, cfg) -> PhaseSettings:
+        """The fine-tuning phase's settings for the cell ``cfg`` (a ``config.RunConfig``; its
+        ``profile`` says the scale), usually from this defense's Params."""
+        raise NotImplementedError(f"{type(self).__name__}: a PostTrainingRepair must implement phase()")
+
+    def training(self) -> Defense:
+        """The training-time or task defense the trainer runs in the fine-tuning phase (the same
+        object every call: its state is checkpointed)."""
+        raise NotImplementedError(f"{type(self).__name__}: a PostTrainingRepair must implement training()")
+
+    def metrics(self) -> dict[str, float | int | list]:
+        """Default: the numbers of the defense that trained the fine-tuning phase."""
+        return self.training().metrics()
+
     def state_dict(self) -> dict:
-        """Tensors and numbers to checkpoint (loadable with ``torch.load(weights_only=True)``)."""
-        return {}
+        return self.training().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
+        self.training().load_state_dict(state)
