@@ -29,6 +29,7 @@ from .attacks.base import Attack, PoisonPlan, ZeroShotModel
 from .config import RunConfig, get_profile
 from .datasets.base import CaptionDataset, DatasetBundle
 from .defenses.base import KINDS, UNDEFENDED, DefenseBase
+from .detection import detection_metrics
 from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
 from .metrics import linear_probe, retrieval_recall
 from .models import create_model, image_size
@@ -386,7 +387,7 @@ def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     if not (isinstance(kept, torch.Tensor) and kept.dtype == torch.bool and kept.shape == (len(data),)):
         raise ValueError(f"defense {name}: keep() must return bool [{len(data)}]")
     row.update(n_kept=int(kept.sum()), n_filtered=len(data) - int(kept.sum()))
-    row.update(detection_columns(scores, data.is_poison, kept))
+    row.update(detection_metrics(scores, data.is_poison, kept))  # the det_* columns
     if int(kept.sum()) < cell.cfg.batch_size:
         raise ValueError(f"defense {name} kept {int(kept.sum())} pairs, fewer than one batch of {cell.cfg.batch_size}")
     del start
@@ -394,19 +395,6 @@ def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     clip = DEFENSES.get(UNDEFENDED)(build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params,
                                                  f"defense {UNDEFENDED!r}"), cell.cfg.seed)
     return _train(cell, ckpt, progress, data.subset(kept.nonzero().squeeze(1)), clip)
-
-
-def detection_columns(scores: torch.Tensor, is_poison: torch.Tensor, kept: torch.Tensor) -> dict[str, Any]:
-    """The ``det_*`` columns of a data filter's row: ``detection.detection_metrics(scores float
-    [N], is_poison bool [N], kept bool [N])`` (AUROC, AP, TPR at 1 %/5 % FPR, poisons and clean
-    pairs removed), each key prefixed ``det_`` unless it is already."""
-    try:
-        from .detection import detection_metrics
-    except ModuleNotFoundError as e:  # MERGE: benchmark/detection.py comes from another branch of issue 14
-        if e.name != f"{__package__}.detection":
-            raise
-        return {}
-    return {k if k.startswith("det_") else f"det_{k}": v for k, v in detection_metrics(scores, is_poison, kept).items()}
 
 
 def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
