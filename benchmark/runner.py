@@ -375,7 +375,7 @@ def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     row.update(start_model=start.run_id, start_model_train_s=start.result.train_s if start.result else 0.0)
     start.model.eval()
     t0 = time.perf_counter()
-    scores = cell.defense.score(start.model, data, cell.device)
+    scores = cell.defense.score(start.model, start.tokenizer, data, cell.device)
     row["score_s"] = time.perf_counter() - t0
     if not (isinstance(scores, torch.Tensor) and scores.shape == (len(data),) and scores.is_floating_point()):
         raise ValueError(f"defense {name}: score() must return float [{len(data)}], got "

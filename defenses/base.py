@@ -205,11 +205,12 @@ class DataFilter(DefenseBase):
 
     kind = "filter"
 
-    def score(self, model: torch.nn.Module, data, device: torch.device) -> torch.Tensor:
+    def score(self, model: torch.nn.Module, tokenizer, data, device: torch.device) -> torch.Tensor:
         """Suspicion of each pair of ``data`` (a ``CaptionDataset`` of N pairs, poisons
         included): float [N] on the CPU, finite, higher = more suspicious. ``model`` is the
         trained undefended CLIP in eval mode on ``device`` (not trained further: score under
-        ``torch.no_grad()`` unless the detector needs gradients)."""
+        ``torch.no_grad()`` unless the detector needs gradients); ``tokenizer`` (open_clip's, of
+        that model) turns captions into int64 tokens [N, L]."""
         raise NotImplementedError(f"{type(self).__name__}: a DataFilter must implement score()")
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:

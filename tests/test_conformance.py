@@ -212,6 +212,7 @@ def test_every_cell_passes_the_checks_before_training(attack, defense, dataset, 
 NOT_RATES = {"final_loss", "linear_probe_c"}  # numbers of the row that are neither counts, seconds nor fractions
 NOT_RATE_PREFIXES = ("final_loss_",)  # a task's loss terms
 PROVENANCE = {"seed", "epochs", "batch_size", "world_size"}
+COUNTS = {"steps", "resumed_from_epoch", "n", "poisons_removed", "clean_removed"}  # counts not named n_* / *_n
 
 
 def assert_row_in_range(row: dict, cell) -> None:
@@ -233,7 +234,7 @@ def assert_row_in_range(row: dict, cell) -> None:
         if key.startswith(NOT_RATE_PREFIXES):
             continue
         key = key.removeprefix("d_").removeprefix("det_")  # a defense's own numbers, detection metrics: named alike
-        if key.startswith("n_") or key.endswith("_n") or key in ("steps", "resumed_from_epoch"):
+        if key.startswith("n_") or key.endswith("_n") or key in COUNTS:
             assert isinstance(value, int) and value >= 0, f"{key} = {value!r} is not a count"
         elif key.endswith("_s"):
             assert value >= 0, f"{key} = {value} seconds"

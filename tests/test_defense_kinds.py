@@ -51,7 +51,7 @@ class OracleFilter(DataFilter):
 
     Params = OracleParams
 
-    def score(self, model, data, device):
+    def score(self, model, tokenizer, data, device):
         assert not model.training  # scored with the cached model in eval mode
         return data.is_poison.float()
 
