@@ -84,7 +84,8 @@ def test_folder_tab_name_lines_map_by_folder_in_the_order_given(tmp_path):
     for image, label in zip(ev.images, ev.labels.tolist()):  # each image carries its folder's class
         assert int(image[0, 4, 4]) == 10 * int(order[label])
     assert sorted(ev.labels.tolist()) == list(range(12))
-    assert ev.class_index("10") == 1 and ev.display_name(1) == "class 10"  # a folder name selects its class
+    # an integer is the class index, never the integer-named folder (class 10 is folder 1, not folder 10)
+    assert ev.class_index("10") == 10 and ev.class_ids[10] == "1" and ev.display_name(10) == "class 1"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -104,6 +105,10 @@ def test_numbered_folders_without_classnames_are_named_by_folder(tmp_path):
     folders(tmp_path, NUMBERED, with_images=NUMBERED)
     ev, _, _ = load(f"imagefolder:{tmp_path}")
     assert ev.classnames == sorted(NUMBERED) and ev.class_ids == sorted(NUMBERED)
+    # "8" is the index of class 8 (folder 6) and the name of class 10 (folder 8): refused, with how to pick
+    with pytest.raises(ValueError, match=r"'8' is ambiguous.*target=#8.*the class named '8' with target=#10"):
+        ev.class_index("8")
+    assert ev.class_index("#8") == 8 and ev.class_ids[8] == "6"
 
 
 def test_names_in_sorted_folder_order_still_work_when_the_orders_agree(tmp_path):
