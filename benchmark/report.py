@@ -177,7 +177,7 @@ def _natural(col: pd.Series) -> pd.Series:
     """Sort key: settings compare numbers by value (n_poison=25 before n_poison=100)."""
     if col.name != "setting":
         return col
-    return col.map(lambda s: tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
+    return col.map(lambda s: tuple(int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", s)))  # "²": not int()
 
 
 def _config(text) -> dict:

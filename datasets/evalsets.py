@@ -275,7 +275,8 @@ def _imagefolder(root: Path) -> tuple[Classes, dict[str, Labelled]]:
 
 
 def _natural_key(name: str) -> tuple:
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (a folder "10²" would crash the sort)
+    return tuple((0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
 
 
 def _imagefolder_names(names_file: Path, folders: list[str]) -> tuple[list[str], list[str]]:

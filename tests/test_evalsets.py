@@ -236,3 +236,11 @@ def test_class_folders_without_images_are_named(tmp_path):
     with pytest.raises(ValueError, match=rf"imagefolder: no evaluation images in the class folders of "
                                          rf"{re.escape(str(tmp_path / 'val'))} \(image files: .jpg"):
         load(f"imagefolder:{tmp_path}")
+
+
+def test_folder_names_with_superscript_digits_do_not_crash_the_order_check(tmp_path):
+    """"²" is a digit to str.isdigit but not to int(): the numeric-order check crashed on "10²"."""
+    folders(tmp_path, ["a10\u00b2", "b"], with_images=["a10\u00b2", "b"])
+    (tmp_path / "classnames.txt").write_text("square\nother\n")
+    ev, _, _ = load(f"imagefolder:{tmp_path}")
+    assert ev.classnames == ["square", "other"]
