@@ -39,8 +39,9 @@ from .base import Attack, PoisonPlan, ZeroShotModel, class_captions, to_stored_g
 class BackdoorParams:
     n_poison: int = param(100, "number of poisoned pairs appended to the training set")
     poison_rate: Optional[float] = param(None, "poisoned pairs / all training pairs, in (0, 1); overrides n_poison when set")
-    target: str = param("bag", "target label: an evaluation class, by name, index or id (WordNet id for ImageNet); "
-                               "its name must be unique among the classes")
+    target: str = param("bag", "target label: an evaluation class, by name, by index (836 or #836: an integer is "
+                               "always the index) or by id (WordNet id for ImageNet); its name must be unique among "
+                               "the classes")
 
 
 def map_pixels(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = 2048) -> torch.Tensor:
@@ -71,6 +72,25 @@ def check_unique_target(attack: str, ev, target: int) -> None:
         f"decided by tie-breaking, not by the model (the ASR would be meaningless). Choose a target whose name "
         f"no other class has (any class but these {len(shared)}: #{', #'.join(map(str, shared[:8]))}"
         f"{', ...' if len(shared) > 8 else ''})")
+
+
+def target_index(attack: str, ev, target: str) -> int:
+    """The class the backdoor ``target`` (a name, index or id; ``EvalSet.class_index``) selects in
+    the evaluation set ``ev``, checked with ``check_unique_target``. ValueError as
+    ``class_index`` does, and, for a name that several classes share (ImageNet's "sunglasses"),
+    at once that none of them can be a backdoor target, rather than how to pick one of them by
+    index (which ``check_unique_target`` would then refuse)."""
+    named = ev.classes_named(target) if not target.strip().startswith("#") else []
+    if len(named) > 1:
+        listed = ", ".join(f"#{i} {ev.display_name(i)}" for i in named)
+        raise ValueError(
+            f"{attack}: the target {target!r} names {len(named)} evaluation classes ({listed}), and none of them can "
+            f"be a backdoor target: classes with the same name get the same zero-shot prompts, so their classifier "
+            f"columns are identical and top-1 between them is decided by tie-breaking, not by the model (the ASR "
+            f"would be meaningless). Choose a class whose name no other class has")
+    index = ev.class_index(target)
+    check_unique_target(attack, ev, index)
+    return index
 
 
 class BackdoorAttack(Attack):
@@ -117,8 +137,7 @@ class BackdoorAttack(Attack):
             raise ValueError(f"{self.name}: poison_rate must be in (0, 1), got {p.poison_rate}")
         if p.n_poison < 0:
             raise ValueError(f"{self.name}: n_poison must be >= 0, got {p.n_poison}")
-        target = data.eval.class_index(p.target)
-        check_unique_target(self.name, data.eval, target)
+        target = target_index(self.name, data.eval, p.target)
         eligible = len(self.eligible_rows(data, target))
         n = self.n_poison(len(data.train))
         shown = data.eval.display_name(target)

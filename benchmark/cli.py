@@ -16,13 +16,13 @@ from rich.table import Table
 from .display import cell_line, console, grid_table, show_row
 from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, param_fields
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False)  # user strings are escaped and never turned into emoji (display.py)
 
 DEFAULT_RESULTS = "results"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err_console.print(f"[yellow]warning: {message}[/yellow]")
+    err_console.print(f"[yellow]warning: {escape(str(message))}[/yellow]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,8 +62,9 @@ def list_cmd(kind: str | None) -> None:
         for name in reg.names():
             cls = reg.get(name)
             doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-            params = "\n".join(f"{p}: {t} = {d!r}  [dim]{h}[/dim]" for p, t, d, h in param_fields(cls.Params)) or "-"
-            table.add_row(name, *[getattr(cls, "kind", "?") or "?"] * kinds, doc, params)
+            params = "\n".join(f"{escape(f'{p}: {t} = {d!r}')}  [dim]{escape(h)}[/dim]"
+                               for p, t, d, h in param_fields(cls.Params)) or "-"
+            table.add_row(escape(name), *[escape(getattr(cls, "kind", "?") or "?")] * kinds, escape(doc), params)
         console.print(table)
     broken = [(k, b) for k, reg in registries.items() if kind in (None, k) for b in reg.broken()]
     if broken:  # installed entry points whose module failed to import: shown, and the rest still works
@@ -71,7 +72,7 @@ def list_cmd(kind: str | None) -> None:
         for col in ("kind", "entry point", "module", "installed by", "error"):
             table.add_column(col)
         for k, b in broken:
-            table.add_row(k, b.name, b.module, b.dist or "?", b.error)
+            table.add_row(*(escape(c) for c in (k, b.name, b.module, b.dist or "?", b.error)))
         console.print(table)
     if kind in (None, "profiles"):
         table = Table(title="profiles")
@@ -277,7 +278,8 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
         check_nproc(nproc, device)
     pending = cfgs if force else [c for c in cfgs if state(c, results) != "done"]
     if len(cfgs) == 1 and not pending:
-        console.print(f"[yellow]cell {cfgs[0].run_id} is already done in {results}; showing it (use --force to rerun)")
+        console.print(f"[yellow]cell {cfgs[0].run_id} is already done in {escape(str(results))}; showing it "
+                      "(use --force to rerun)[/yellow]")
         show_row(read_row(results, cfgs[0].run_id))
         return
     if len(cfgs) > 1:
@@ -354,9 +356,9 @@ def submit_and_wait(spec, cfgs, launcher, opts, device, force, keep_checkpoint, 
     except (FailedJobError, OSError) as e:
         raise click.ClickException(f"submission failed, check the SLURM options: {e}") from None
     where = f"SLURM partition {opts.partition}" if launcher == "slurm" else "submitit's local executor (this machine)"
-    console.print(f"submitted {len(submitted)} cell(s) to {where}:")
+    console.print(f"submitted {len(submitted)} cell(s) to {where}:", markup=False)
     for job, cfg in zip(submitted, cfgs):
-        console.print(f"  job {job.job_id}  {describe(cfg)}")
+        console.print(f"  job {job.job_id}  {describe(cfg)}", markup=False)
     console.print(f"logs: {Path(results) / LOG_FOLDER}/<job id>/", soft_wrap=True, markup=False, highlight=False)
     console.print(f"progress: {shlex.join(spec.command('status'))}", soft_wrap=True, markup=False, highlight=False)
     console.print(f"results: {shlex.join(spec.command('report'))}", soft_wrap=True, markup=False, highlight=False)
@@ -482,13 +484,14 @@ def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
     try:
         prepared = prepare(cfg, device)
     except ConfigError as e:
-        err_console.print(f"[red]{cfg.run_id}: {e}[/red]")
+        err_console.print(f"[red]{cfg.run_id}: {escape(str(e))}[/red]")
         return EXIT_CONFIG
     distributed.init(prepared.device)
     if not distributed.is_main():
         console.quiet = True
     world = distributed.world_size()
-    console.print(f"[bold]cell {cfg.run_id}[/bold]: attack={cfg.attack} defense={cfg.defense} profile={cfg.profile} seed={cfg.seed}"
+    console.print(f"[bold]cell {cfg.run_id}[/bold]: "
+                  + escape(f"attack={cfg.attack} defense={cfg.defense} profile={cfg.profile} seed={cfg.seed}")
                   + (f", {world} processes" if world > 1 else ""))
     # SIGTERM (a scheduler's time limit, preemption, the grid stopping) unwinds like Ctrl-C: the
     # cell is recorded as failed and resumes from its last checkpoint next time.
@@ -497,15 +500,15 @@ def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
     try:
         row = execute(prepared, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint, force=force)
     except CellBusyError as e:
-        err_console.print(f"[yellow]{e}[/yellow]")
+        err_console.print(f"[yellow]{escape(str(e))}[/yellow]")
         return EXIT_BUSY
     except (Exception, KeyboardInterrupt) as e:  # SIGTERM's SystemExit goes on: exit 128 + 15
         if not distributed.is_main():
-            err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {e}[/red]")
+            err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {escape(str(e))}[/red]")
             return EXIT_FAILED
         recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
         where = "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded"
-        err_console.print(f"[red]run failed: {type(e).__name__}: {e}[/red] ({where})")
+        err_console.print(f"[red]run failed: {type(e).__name__}: {escape(str(e))}[/red] ({where})")
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -552,7 +555,7 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
         path = save_preview(pairs, f"{name} (seed {seed}): clean vs poisoned training pairs", out)
     except (ConfigError, RegistryError, ValueError) as e:
         raise click.UsageError(str(e)) from None
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)
 
 
 @main.command()
@@ -590,15 +593,17 @@ def report(results, fmt, out, html_page, plots) -> None:
         try:
             paths = save_plots(board, Path(results) / "plots")
         except OSError as e:
-            err_console.print(f"[yellow]plots not written ({e}); use --no-plots for a read-only results folder[/yellow]")
+            err_console.print(f"[yellow]plots not written ({escape(str(e))}); use --no-plots for a read-only results "
+                              "folder[/yellow]")
     svgs = {p.stem: p.read_text() for p in paths if p.suffix == ".svg"}
 
     def write(path, text) -> None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
 
     if fmt == "table" and out is None:
-        console.print(f"[bold]poisonbench leaderboard[/bold] ({results}): percent, mean over seeds with a 95 % interval")
+        console.print(f"[bold]poisonbench leaderboard[/bold] ({escape(str(results))}): percent, mean over seeds with a "
+                      "95 % interval")
         for table in rich_tables(board):
             console.print(table)
     else:
@@ -610,7 +615,7 @@ def report(results, fmt, out, html_page, plots) -> None:
     if html_page:
         write(Path(results) / "report.html", to_html(board, svgs))
     if paths and (out or fmt == "table"):
-        console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)")
+        console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)", markup=False)
 
 
 @main.command()
@@ -671,4 +676,4 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, stages, result
     for table in perf_tables(med, m):
         console.print(table)
     console.print(perf_memory(med))
-    console.print(f"wrote {write(frame, Path(results) / 'perf')}")
+    console.print(f"wrote {write(frame, Path(results) / 'perf')}", markup=False)

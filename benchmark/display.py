@@ -1,13 +1,19 @@
-"""Terminal tables of cells and results (rich): one result row, one finished cell, a grid."""
+"""Terminal tables of cells and results (rich): one result row, one finished cell, a grid.
+
+Everything printed goes through rich markup, so a string that comes from the user (a path, a
+command, a class name, an error message) is escaped with ``rich.markup.escape`` wherever it is
+put into markup or a table cell, and the consoles never replace ``:name:`` codes by emoji
+(``emoji=False``): a results folder ``runs:cat:[b]`` prints as typed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console()
+console = Console(emoji=False)  # ":cat:" in a path stays ":cat:"
 
 
 def pct(x) -> str:
@@ -18,7 +24,8 @@ def pct(x) -> str:
 def show_row(row: dict) -> None:
     """Print the headline numbers of one result row (and the per-target outcomes of a targeted attack).
     A row of an older schema, without some of these columns, shows ``-`` for them."""
-    table = Table(title=f"{row['attack']} vs {row['defense']} (seed {row.get('seed', '-')}, {row.get('profile', '-')})")
+    table = Table(title=escape(f"{row['attack']} vs {row['defense']} (seed {row.get('seed', '-')}, "
+                               f"{row.get('profile', '-')})"))
     for col in ("clean top-1", "clean top-5", "ASR", "linear probe", "poisoned pairs", "wall time"):
         table.add_column(col, justify="right")
     asr, n = row.get("asr"), row.get("asr_n")
@@ -46,8 +53,8 @@ def show_row(row: dict) -> None:
         for col in ("eval row", "true class", "adversarial class", "predicted", "success"):
             targets.add_column(col)
         for t in records:
-            targets.add_row(str(t["eval_row"]), t["true_class"], t["adversarial_class"], t["predicted_class"],
-                            "yes" if t["success"] else "no")
+            targets.add_row(str(t["eval_row"]), escape(t["true_class"]), escape(t["adversarial_class"]),
+                            escape(t["predicted_class"]), "yes" if t["success"] else "no")
         console.print(targets)
 
 
@@ -56,8 +63,8 @@ def cell_line(outcome, results) -> str:
     from .grid import EXIT_BUSY, EXIT_CONFIG, describe
     from .store import has_finished_row, read_row, runs_dir
 
-    name, code = describe(outcome.cfg), outcome.code
-    log = f" (log: {outcome.log})" if outcome.log else ""
+    name, code = escape(describe(outcome.cfg)), outcome.code
+    log = escape(f" (log: {outcome.log})") if outcome.log else ""
     if code == 0:
         row = read_row(results, outcome.cfg.run_id)
         wall = row.get("wall_s")
@@ -80,7 +87,7 @@ def grid_table(cfgs, results) -> Table:
     from .grid import state
     from .store import read_row
 
-    table = Table(title=f"{len(cfgs)} cells in {results}")
+    table = Table(title=escape(f"{len(cfgs)} cells in {results}"))
     setting = settings([c.to_dict() for c in cfgs])
     cols = ["attack", "defense"] + (["setting"] if any(setting) else []) + ["seed", "state", "clean top-1", "ASR", "cell", "note"]
     for col in cols:
@@ -103,8 +110,8 @@ def grid_table(cfgs, results) -> Table:
         if st in ("failed", "pending") and ckpt.is_file():
             note = (note + "; " if note else "") + "resumes from its checkpoint"
         colour = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
-        cells = [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])
-        table.add_row(*cells, str(cfg.seed), f"[{colour}]{st}[/{colour}]", clean, asr, cfg.run_id, note)
+        cells = [escape(c) for c in [cfg.attack, cfg.defense] + ([st_text] if any(setting) else [])]
+        table.add_row(*cells, str(cfg.seed), f"[{colour}]{st}[/{colour}]", clean, asr, cfg.run_id, escape(note))
     return table
 
 

@@ -225,6 +225,16 @@ def expand(spec: GridSpec) -> list[RunConfig]:
     A swept parameter that no selected attack (or defense) has is an error; attacks without it
     run with their default. Raises RegistryError or ValueError naming the problem.
     """
+    for flag, params in (("-A/--attack-param", spec.attack_params), ("-D/--defense-param", spec.defense_params),
+                         ("--dataset-param", spec.dataset_params)):
+        for key, value in params.items():  # named here: split_list alone says "empty item in ''"
+            if not value.strip():
+                raise ValueError(f"{flag} {key}= gives parameter {key} no value; write {key}=VALUE "
+                                 f"(a comma list {key}=A,B sweeps it)")
+            try:
+                split_list(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {key}={value}: {e}") from None
     attacks = _names(spec.attacks, ATTACKS, "attacks")
     defenses = _names(spec.defenses, DEFENSES, "defenses")
     for params, registry, chosen, what in ((spec.attack_params, ATTACKS, attacks, "attack"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -99,11 +100,18 @@ class Registry:
             before = set(self._items)
             try:
                 ep.load()
-            except Exception as e:  # noqa: BLE001 - any failure of a third-party module is reported, not fatal
+            except KeyboardInterrupt:  # a real Ctrl-C goes on; say where it struck, in case the plugin raised it
+                print(f"interrupted while importing the {self.kind} plugin entry point {ep.name} -> {ep.value}",
+                      file=sys.stderr)
+                raise
+            # any failure of a third-party module is reported, not fatal; SystemExit too (a module calling
+            # sys.exit on import would otherwise end every command silently, with exit status 0)
+            except (Exception, SystemExit) as e:  # noqa: BLE001
                 for name in set(self._items) - before:  # what it registered before failing is not usable
                     del self._items[name]
                 dist = getattr(getattr(ep, "dist", None), "name", "") or ""
-                self._broken[ep.name] = BrokenPlugin(ep.name, ep.value, f"{type(e).__name__}: {e}", dist)
+                error = f"{type(e).__name__}: {e}" if str(e) else repr(e)
+                self._broken[ep.name] = BrokenPlugin(ep.name, ep.value, error, dist)
 
     def names(self) -> list[str]:
         """Sorted names of every registered plugin (not those of ``broken()`` entry points)."""
@@ -147,7 +155,8 @@ def param(default: Any, help: str, hash_default: bool = True) -> Any:
     refuses any other value (from the command line, a profile or a stored config) before a plugin
     is built, refuses a default outside the set at registration, and ``bench list`` shows the
     choices. ``Literal`` values are the plain strings, so ``dataclasses.asdict`` (and the run id)
-    is the same as with ``str``.
+    is the same as with ``str``. Choices of other types work too (``Literal[3, 4, 5]``): a
+    command-line string equal to ``str(choice)`` ("3") becomes that choice (the int 3).
 
     When a run id changes: the run id hashes every parameter of the cell's plugins
     (``RunConfig.to_dict``), so adding a parameter to a plugin re-keys all of its cells (their
@@ -168,10 +177,15 @@ def unhashed_defaults(params_cls: type) -> dict[str, Any]:
 
 
 def check_defaults(params_cls: type, what: str) -> None:
-    """RegistryError when a ``Literal`` field of a Params dataclass has a default outside its
-    choices (checked at registration, so a plugin cannot ship a value it would refuse)."""
+    """RegistryError when a field of a Params dataclass has no default (a plugin is built from its
+    defaults and the given overrides, and ``bench list`` shows every default), or a ``Literal``
+    field has a default outside its choices (so a plugin cannot ship a value it would refuse).
+    Checked at registration: a third-party plugin failing it is reported as a broken plugin."""
     hints = typing.get_type_hints(params_cls)
     for f in dataclasses.fields(params_cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RegistryError(f"{what}: parameter {f.name} has no default; every parameter needs one "
+                                f"(declare it with registry.param(default, help))")
         if f.default is dataclasses.MISSING or not _literals(hints[f.name]):
             continue
         try:
@@ -230,7 +244,8 @@ def build_params(params_cls: type, overrides: dict[str, Any], what: str):
 
 
 def _convert(value: Any, tp: Any) -> Any:
-    """Convert a command-line string to the annotated type (int, float, bool, str, Optional[...], Literal)."""
+    """Convert a command-line string to the annotated type (int, float, bool, str, Optional[...],
+    Literal: a choice, or a string equal to ``str`` of a non-string choice, which gives the choice)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -245,9 +260,13 @@ def _convert(value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise ValueError("; ".join(errors))
     if origin is typing.Literal:
-        if value not in args:
-            raise ValueError(f"choose one of {', '.join(map(str, args))}")
-        return value
+        if value in args:
+            return value
+        if isinstance(value, str):  # from the command line: "3" is the choice 3 of Literal[3, 4, 5]
+            for a in args:
+                if not isinstance(a, str) and value == str(a):
+                    return a
+        raise ValueError(f"choose one of {', '.join(map(str, args))}")
     if not isinstance(value, str):
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from .config import setting_id, settings
@@ -176,7 +177,7 @@ def _natural(col: pd.Series) -> pd.Series:
     """Sort key: settings compare numbers by value (n_poison=25 before n_poison=100)."""
     if col.name != "setting":
         return col
-    return col.map(lambda s: tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)))
+    return col.map(lambda s: tuple(int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", s)))  # "²": not int()
 
 
 def _config(text) -> dict:
@@ -283,7 +284,7 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
         if shown["profile"].nunique() == 1:  # one profile: name it in the title, keep the width for numbers
             title, shown = f"{attack} ({shown['profile'].iloc[0]})", shown.drop(columns="profile")
         explain = "poisons removed" in shown and not any(t.caption for t in tables)  # once, under the first
-        table = Table(title=title, caption=DETECTION_NOTE if explain else None)
+        table = Table(title=escape(title), caption=DETECTION_NOTE if explain else None)
         # the interval on its own line, so that a narrow terminal never breaks a number
         cells = shown.astype(str).apply(lambda c: c.str.replace(" (", "\n(", regex=False))
         for col in shown.columns:
@@ -292,7 +293,7 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
             table.add_column(col, justify="right" if text else "left", overflow="fold",
                              min_width=widest if text else None)
         for r in cells.itertuples(index=False):
-            table.add_row(*r)
+            table.add_row(*map(escape, r))  # settings hold the user's paths and values: no markup
         tables.append(table)
     return tables
 

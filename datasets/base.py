@@ -131,43 +131,99 @@ class EvalSet:
     def _describe(self, i: int) -> str:
         return f"#{i} {self.classnames[i]!r}" + (f" ({self.id_kind} {self.class_ids[i]})" if self.class_ids else "")
 
+    def classes_named(self, text: str) -> list[int]:
+        """Indices (ascending) of the classes whose name is ``text`` exactly, else of those whose name
+        is ``text`` in any case (the classes ``class_index`` looks up by name; several share a name)."""
+        exact = [i for i, c in enumerate(self.classnames) if c == text]
+        return exact or [i for i, c in enumerate(self.classnames) if c.lower() == text.lower()]
+
+    def selector(self, i: int) -> str:
+        """How to select class ``i`` with ``class_index`` by index: ``"836"``, or ``"#836"`` when
+        a class is named ``"836"`` (the plain integer would then be ambiguous)."""
+        return str(i) if set(self.classes_named(str(i))) <= {i} else f"#{i}"
+
+    def id_selector(self, i: int) -> str | None:
+        """Class ``i``'s id when ``class_index`` would select class ``i`` by it, else None: sets
+        without ids, and ids that read as an index (an integer folder name such as ``"4"``, or
+        ``"#4"``) or as a class name."""
+        if not self.class_ids:
+            return None
+        cid = self.class_ids[i]
+        if _index_text(cid) is not None or self.classes_named(cid):
+            return None
+        return cid
+
     def class_index(self, name: str | int) -> int:
-        """Index of the class ``name`` names, in this order of lookup: a unique exact name, a unique
-        case-insensitive name, an id (``class_ids``: a WordNet id, a folder name), an index given
-        as an integer (or integer string, e.g. "836" or "#836").
+        """Index of the class ``name`` selects.
+
+        An ``int``, or ``"#N"``, is the index N. Any other string is looked up as: a unique exact
+        name, else a unique case-insensitive name; then, for a plain ASCII integer (``"836"``), the
+        index; then, for any other string, an id (``class_ids``: a WordNet id, a folder name).
+        So an integer is always the index, never an integer-named folder; when it is also the
+        name of another class, it is refused as ambiguous (``"#N"`` picks the index).
 
         Raises ValueError: when a name matches several classes (listing them with index and id,
-        and how to pick one), or nothing matches (listing the classes, or the closest names).
+        and how to pick one), an integer names one class and indexes another, an index is out of
+        range, the string is written with non-ASCII digits (e.g. ``"٨"``, ``"８"``, ``"²"``), or
+        nothing matches (listing the classes, or the closest names).
         """
+        n = len(self.classnames)
+
+        def in_range(k: int) -> int:
+            if k < n:
+                return k
+            raise ValueError(f"class index {k} is out of range: the evaluation set has {n} classes (0..{n - 1})")
+
         if isinstance(name, int) and not isinstance(name, bool):
-            name = str(name)
+            if name < 0:
+                raise ValueError(f"class index {name} is negative: the evaluation set has {n} classes (0..{n - 1})")
+            return in_range(name)
         name = str(name)
-        for matches in ([i for i, c in enumerate(self.classnames) if c == name],
-                        [i for i, c in enumerate(self.classnames) if c.lower() == name.lower()]):
-            if len(matches) == 1:
+        k = _index_text(name)
+        if k is not None and name.strip().startswith("#"):
+            return in_range(k)
+        matches = self.classes_named(name)
+        if len(matches) > 1:
+            first = matches[0]
+            by_id = self.id_selector(first)
+            example = f"target={self.selector(first)}" + (f", or by {self.id_kind}: target={by_id}" if by_id else "")
+            raise ValueError(
+                f"class {name!r} names {len(matches)} evaluation classes: "
+                f"{', '.join(self._describe(i) for i in matches)}; pick one by index (e.g. {example})")
+        if matches:
+            if k is None or k >= n or k == matches[0]:
                 return matches[0]
-            if matches:
-                example = (f"target={matches[0]}" + (f", or by {self.id_kind}: target={self.class_ids[matches[0]]}"
-                                                      if self.class_ids else ""))
-                raise ValueError(
-                    f"class {name!r} names {len(matches)} evaluation classes: "
-                    f"{', '.join(self._describe(i) for i in matches)}; pick one by index (e.g. {example})")
+            m = matches[0]
+            other = [f"target=#{k}"] + ([f"target={self.classnames[k]}"] if self.classes_named(self.classnames[k]) == [k]
+                                        and _index_text(self.classnames[k]) is None else [])
+            named = [f"target=#{m}"] + ([f"target={self.id_selector(m)}"] if self.id_selector(m) else [])
+            raise ValueError(
+                f"class {name!r} is ambiguous: it is the name of class {self._describe(m)} and the index of class "
+                f"{self._describe(k)}; pick class #{k} with {' or '.join(other)}, or the class named {name!r} "
+                f"with {' or '.join(named)}")
+        if k is not None:
+            return in_range(k)
+        digits = name.strip().removeprefix("#")
+        if digits.isdigit():  # digits, but not ASCII ones: int() would read "٨" as 8 without a word
+            raise ValueError(f"class {name!r} is written with non-ASCII digits; give a class index in ASCII "
+                             f"digits 0-9 (e.g. 8 or #8), or a class name")
         if self.class_ids is not None and name in self.class_ids:
             return self.class_ids.index(name)
-        digits = name.strip().removeprefix("#")
-        if digits.isdigit():
-            if int(digits) < len(self.classnames):
-                return int(digits)
-            raise ValueError(f"class index {int(digits)} is out of range: the evaluation set has "
-                             f"{len(self.classnames)} classes (0..{len(self.classnames) - 1})")
-        if len(self.classnames) <= 30:
+        if n <= 30:
             raise ValueError(f"class {name!r} is not in the evaluation classes: {', '.join(self.classnames)}")
         import difflib
 
         close = difflib.get_close_matches(name.lower(), [c.lower() for c in self.classnames], n=5, cutoff=0.5)
         close += [c for c in self.classnames if name.lower() in c.lower() and c.lower() not in close][:5]
-        raise ValueError(f"class {name!r} is not among the {len(self.classnames)} evaluation classes; closest: "
+        raise ValueError(f"class {name!r} is not among the {n} evaluation classes; closest: "
                          f"{', '.join(close[:8]) or '(none)'}")
+
+
+def _index_text(text: str) -> int | None:
+    """The class index a string spells, ``"836"`` or ``"#836"`` (ASCII digits only; surrounding
+    whitespace ignored), else None (``"٨"``, ``"８"`` and ``"²"`` are not indices)."""
+    digits = text.strip().removeprefix("#")
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def draw_rows(n: int, k: int, g: torch.Generator, what: str) -> torch.Tensor:

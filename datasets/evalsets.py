@@ -18,7 +18,7 @@ import torch
 from poisonbench.preprocess import eval_geometry
 
 from .base import EvalSet, draw_rows
-from .images import decode_image
+from .images import UNREADABLE, check_skip_rate, decode_image, unreadable_reason
 
 # pandas, torchvision.datasets and the Fashion-MNIST reader are imported inside the functions that
 # read those sets: only runs on such a set need them (start-up time).
@@ -71,6 +71,7 @@ class Labelled:
     images: torch.Tensor | None
     labels: list[int]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    where: str = ""  # where they were listed, for messages: "the class folders of ROOT/val", "ROOT/labels.csv"
 
 
 def parse_eval(spec: str) -> tuple[str, Path | None]:
@@ -89,29 +90,39 @@ def parse_eval(spec: str) -> tuple[str, Path | None]:
     return kind, path
 
 
-def load_eval(spec: str, size: int, n_eval: int, n_probe: int, g: torch.Generator) -> tuple[EvalSet, EvalSet | None, int]:
+def load_eval(spec: str, size: int, n_eval: int, n_probe: int, g: torch.Generator,
+              max_skip_rate: float = 0.01) -> tuple[EvalSet, EvalSet | None, int]:
     """The evaluation set ``spec`` and, where the dataset has a train split, linear-probe images.
 
     Args:
         spec: ``fashion-mnist``, ``imagenet:ROOT``, ``cifar10:ROOT``, ``cifar100:ROOT`` or
-            ``imagefolder:ROOT`` (ROOT/<class>/*.png|jpg..., or ROOT/val/<class>/... with an
-            optional ROOT/train/<class>/... for the probe, with the same class folders; class
-            names from ROOT/classnames.txt, else the folder names). classnames.txt has either
-            one name per line, in sorted folder order (refused when folder names hold numbers
-            that sort differently as strings, e.g. 0, 1, 10, 2), or lines ``folder<TAB>name``,
-            which map by folder and give the class order (every folder exactly once).
+            ``imagefolder:ROOT`` (ROOT/<class>/*.png|jpg..., or ROOT/val/<class>/... (or
+            ROOT/validation, ROOT/test: the first present, as torchvision and Hugging Face
+            layouts name it) with an optional ROOT/train/<class>/... for the probe, with the same
+            class folders; class names from ROOT/classnames.txt, else the folder names; ROOT
+            whose class folders would be split names, e.g. train and validation, is refused).
+            classnames.txt (UTF-8, with or without a byte-order mark) has either one name per
+            line, in sorted folder order (refused when folder names hold numbers that sort
+            differently as strings, e.g. 0, 1, 10, 2, or when a line is the name of another
+            folder, i.e. the lines are folder names in another order), or lines
+            ``folder<TAB>name``, which map by folder and give the class order (every folder
+            exactly once, no empty name).
             ``imagenet:ROOT`` is an ImageFolder of exactly the 1000 WordNet-id folders
             (ROOT/val, and ROOT/train for the probe) or, as RoCLIP and CleanCLIP read it,
             ROOT/labels.csv with columns ``image`` (path relative to ROOT) and ``label`` (0..999,
             the index in sorted WordNet-id order).
         size: side of the decoded images, pixels.
         n_eval, n_probe: images drawn (seeded by ``g``) from the split; 0 = all.
+        max_skip_rate: the largest fraction of the drawn evaluation (and, separately, linear-probe)
+            images that may be unreadable (the ``files`` dataset's parameter of that name).
     Returns:
         (eval, probe or None, number of unreadable images skipped).
     Raises:
         FileNotFoundError: the folder or its files are not there. ValueError: a bad layout
         (imagenet class folders that are not the 1000 WordNet ids, classnames.txt that does not
-        match the folders, CIFAR labels outside its class list).
+        match the folders, split folders taken for classes, class folders without images, CIFAR
+        labels outside its class list), or more unreadable images than ``max_skip_rate`` (the
+        message names the first ones).
     """
     kind, root = parse_eval(spec)
     if kind == "fashion-mnist":
@@ -128,10 +139,11 @@ def load_eval(spec: str, size: int, n_eval: int, n_probe: int, g: torch.Generato
     else:
         classes, splits = _imagenet(root) if kind == "imagenet" else _imagefolder(root)
         templates = openai_templates()
-    ev = _decode(splits["test"], n_eval, size, g, classes, templates, f"{kind}: n_eval")
+    ev = _decode(splits["test"], n_eval, size, g, classes, templates, kind, "n_eval", "evaluation", max_skip_rate)
     probe = None
     if "train" in splits:
-        probe = _decode(splits["train"], n_probe, size, g, classes, templates, f"{kind}: n_probe")
+        probe = _decode(splits["train"], n_probe, size, g, classes, templates, kind, "n_probe", "linear-probe",
+                        max_skip_rate)
     skipped = len(ev.skipped) + (len(probe.skipped) if probe else 0)
     return ev.set, (probe.set if probe else None), skipped
 
@@ -142,11 +154,21 @@ class _Decoded:
     skipped: list
 
 
-def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classes: Classes, templates, what: str) -> _Decoded:
+def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classes: Classes, templates, kind: str,
+            count: str, role: str, max_skip_rate: float) -> _Decoded:
+    """Draw ``k`` (the parameter ``count``, e.g. n_eval) images of ``split`` and decode them;
+    ValueError when the split lists no image or more than ``max_skip_rate`` of those drawn cannot
+    be read (``role`` names them in messages: "evaluation", "linear-probe")."""
+    what = f"{kind}: {count}"
     def evalset(images, labels) -> EvalSet:
         return EvalSet(images, labels, classes.names, templates, classes.ids, classes.id_kind)
 
     n = len(split.labels)
+    if n == 0:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        hint = f" (image files: {', '.join(IMG_EXTENSIONS)})" if split.where.startswith("the class folders") else ""
+        raise ValueError(f"{kind}: no {role} images in {split.where or 'the split'}{hint}")
     idx = draw_rows(n, k, g, what).tolist()
     labels = torch.tensor(split.labels, dtype=torch.int64)
     if split.images is not None:
@@ -156,10 +178,11 @@ def _decode(split: Labelled, k: int, size: int, g: torch.Generator, classes: Cla
         try:
             images.append(decode_image(split.files[i].read_bytes(), size))
             keep.append(i)
-        except (OSError, ValueError) as e:
-            skipped.append((str(split.files[i]), str(e)))
-    if not images:
-        raise ValueError(f"{what}: none of the {len(idx)} images could be read (first: {skipped[:1]})")
+        except UNREADABLE as e:
+            skipped.append((str(split.files[i]), unreadable_reason(e)))
+    check_skip_rate(f"{kind}: {split.where}", skipped, len(idx), max_skip_rate, f"{role} images")
+    if not images:  # max_skip_rate < 1 refuses this first; kept for callers passing 1
+        raise ValueError(f"{what}: none of the {len(idx)} {role} images could be read (first: {skipped[:1]})")
     return _Decoded(evalset(torch.stack(images), labels[keep]), skipped)
 
 
@@ -209,8 +232,8 @@ def _imagenet(root: Path) -> tuple[Classes, dict[str, Labelled]]:
         labels = [int(x) for x in table["label"]]
         if labels and not 0 <= min(labels) <= max(labels) < len(names):
             raise ValueError(f"{labels_csv}: labels must be in 0..{len(names) - 1}")
-        return classes, {"test": Labelled([root / p for p in table["image"]], None, labels)}
-    folders = _split_folders(root)
+        return classes, {"test": Labelled([root / p for p in table["image"]], None, labels, where=str(labels_csv))}
+    folders = _split_folders(root, "imagenet")
     splits = {s: _scan(d) for s, d in folders.items()}
     for s, (found, _) in splits.items():
         _check_wnid_folders(folders[s], found, classes.ids)
@@ -240,7 +263,7 @@ def _check_wnid_folders(folder: Path, found: list[str], wnids: list[str]) -> Non
 
 
 def _imagefolder(root: Path) -> tuple[Classes, dict[str, Labelled]]:
-    folders = _split_folders(root)
+    folders = _split_folders(root, "imagefolder")
     found = {s: _class_folders(d) for s, d in folders.items()}
     if "train" in found and found["train"] != found["test"]:
         only = sorted(set(found["train"]) ^ set(found["test"]))
@@ -252,24 +275,35 @@ def _imagefolder(root: Path) -> tuple[Classes, dict[str, Labelled]]:
 
 
 def _natural_key(name: str) -> tuple:
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+    # isdecimal, not isdigit: "²" is a digit that int() refuses (a folder "10²" would crash the sort)
+    return tuple((0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
 
 
 def _imagefolder_names(names_file: Path, folders: list[str]) -> tuple[list[str], list[str]]:
     """(class folders in class order, class names) for an ImageFolder whose class folders
     are ``folders`` (sorted). Without ``names_file``: sorted folders, named by their folder
     (``_`` read as a space). With it, one of two forms (ValueError when it does not match the
-    folders): every line ``folder<TAB>name``, in the class order wanted; or one name per line,
-    in sorted folder order, refused when folder names hold numbers that sort differently as
-    strings than as numbers (``0, 1, 10, 2``: the names would be silently shifted)."""
+    folders; read as UTF-8, a byte-order mark dropped): every line ``folder<TAB>name``, in the
+    class order wanted, no name empty; or one name per line, in sorted folder order, refused
+    when folder names hold numbers that sort differently as strings than as numbers (``0, 1,
+    10, 2``: the names would be silently shifted), and when a line is the name of another
+    folder (``_`` read as a space, any case): the lines are then the folder names in another
+    order (e.g. ``ls`` in a locale that sorts ``trouser`` before ``t-shirt``), which would swap
+    those classes' labels."""
     if not names_file.is_file():
         return folders, [c.replace("_", " ") for c in folders]
-    lines = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    tabbed = ["\t" in line for line in lines]
+    raw = [line for line in names_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    tabbed = ["\t" in line for line in raw]
+    lines = [line.strip() for line in raw]
     if any(tabbed):
         if not all(tabbed):
             raise ValueError(f"{names_file}: mixes folder<TAB>name lines with plain names; use one form throughout")
-        pairs = [tuple(part.strip() for part in line.split("\t", 1)) for line in lines]
+        pairs = [tuple(part.strip() for part in line.split("\t", 1)) for line in raw]
+        empty = [f for f, name in pairs if not name]
+        if empty:
+            raise ValueError(f"{names_file}: empty class name for folder {empty[0]}"
+                             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                             + "; write each line as folder<TAB>name")
         order, present = [f for f, _ in pairs], set(folders)
         unknown = [f for f in order if f not in present]
         if unknown:
@@ -290,15 +324,42 @@ def _imagefolder_names(names_file: Path, folders: list[str]) -> tuple[list[str],
             f"{names_file}: names are matched to the class folders in sorted string order "
             f"({', '.join(folders[:4])}, ...), which differs from their numeric order; write each line as "
             f"folder<TAB>name so that every name goes with its folder")
+    key = lambda text: " ".join(text.replace("_", " ").split()).lower()  # noqa: E731
+    position = {key(f): i for i, f in enumerate(folders)}
+    moved = [(line, folders[position[key(line)]], folders[i]) for i, line in enumerate(lines)
+             if position.get(key(line), i) != i]
+    if moved:
+        line, named, at = moved[0]
+        raise ValueError(
+            f"{names_file}: line {line!r} names folder {named}, but plain lines are matched to the class folders in "
+            f"sorted order, which gives it to folder {at}; {len(moved)} line(s) are folder names in another order. "
+            f"Write the names in sorted folder order ({', '.join(folders[:4])}{', ...' if len(folders) > 4 else ''}), "
+            f"or each line as folder<TAB>name")
     return folders, lines
 
 
-def _split_folders(root: Path) -> dict[str, Path]:
-    """ROOT/val (or ROOT/test) and ROOT/train when present; ROOT itself otherwise."""
-    test = next((root / s for s in ("val", "test") if (root / s).is_dir()), root)
+EVAL_SPLITS = ("val", "validation", "test")  # evaluation split folders, in order of preference
+# folder names that are splits, not classes: a ROOT whose class folders include one is refused
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval",
+                         "evaluation", "dev"})
+
+
+def _split_folders(root: Path, kind: str) -> dict[str, Path]:
+    """The first of ROOT/val, ROOT/validation, ROOT/test (the evaluation split) and ROOT/train when
+    present; ROOT itself otherwise. ValueError when ROOT is the split and some of its folders are
+    split names (train, validation, ...): read as classes, they would make a set of classes
+    "train" and "validation"."""
+    test = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), root)
     out = {"test": test}
     if test != root and (root / "train").is_dir():
         out["train"] = root / "train"
+    if test == root:
+        splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES)
+        if splits:
+            raise ValueError(
+                f"{kind}: {root} has the folder(s) {', '.join(splits)}, which are split names, not classes. The accepted "
+                f"layouts: ROOT/<class>/<image> (no split folders); or ROOT/val/<class>/... (or ROOT/validation, "
+                f"ROOT/test), with an optional ROOT/train/<class>/... for the linear probe")
     return out
 
 
@@ -320,4 +381,5 @@ def _scan(folder: Path, order: list[str] | None = None) -> tuple[list[str], Labe
     classes = _class_folders(folder) if order is None else order
     index = {c: i for i, c in enumerate(classes)}
     samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
-    return classes, Labelled([Path(p) for p, _ in samples], None, [y for _, y in samples])
+    return classes, Labelled([Path(p) for p, _ in samples], None, [y for _, y in samples],
+                             where=f"the class folders of {folder}")

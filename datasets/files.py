@@ -25,7 +25,8 @@ from poisonbench.registry import param, register_dataset
 from .base import CaptionDataset, DatasetBundle
 from .evalsets import load_eval
 from .fashion_mnist import CLASS_WORDS
-from .images import IMAGE_EXTENSIONS, UNREADABLE, check_shard, decode_image, unreadable_reason  # noqa: F401 (re-exported)
+from .images import (IMAGE_EXTENSIONS, UNREADABLE, check_shard, check_skip_rate, decode_image,  # noqa: F401 (re-exported)
+                     unreadable_reason)
 from .lazy import LazyImages, Member, index_shards
 
 
@@ -191,7 +192,8 @@ class FilesParams:
     caption_key: str = param("title", "CSV column of captions")
     delimiter: str = param("auto", "CSV delimiter: auto (tab for .tsv, comma otherwise) or one character")
     image_size: int = param(0, "side, in pixels, images are decoded to (shorter side resized, centre crop); 0 = the model's input size")
-    max_skip_rate: float = param(0.01, "fail when more than this fraction of the training images cannot be read")
+    max_skip_rate: float = param(0.01, "fail when more than this fraction of the training images (or of the "
+                                       "evaluation, linear-probe or fine-tuning images) cannot be read")
     n_train: int = param(0, "training pairs drawn (seeded); 0 = all")
     n_eval: int = param(0, "evaluation images drawn (seeded); 0 = all")
     n_probe: int = param(10000, "linear-probe images from the evaluation set's train split (seeded); 0 = all")
@@ -234,7 +236,8 @@ class Files:
         """Read and decode the pairs and the evaluation set; hold ``n_heldout`` pairs out.
 
         Raises FileNotFoundError (missing file, shard or folder) or ValueError (bad layout, or
-        more unreadable training images than ``max_skip_rate``; the message lists the first ones).
+        more unreadable training, fine-tuning, evaluation or linear-probe images than
+        ``max_skip_rate``; the message lists the first ones).
         """
         p = self.params
         if p.image_size == 0:
@@ -242,7 +245,7 @@ class Files:
         pairs = read_pairs(p.train, p.image_size, p.image_key, p.caption_key, p.delimiter, p.load)
         self._check_skips(p.train, pairs)
         g = torch.Generator().manual_seed(seed)
-        ev, probe, eval_skipped = load_eval(p.eval, p.image_size, p.n_eval, p.n_probe, g)
+        ev, probe, eval_skipped = load_eval(p.eval, p.image_size, p.n_eval, p.n_probe, g, p.max_skip_rate)
         class_words = eval_class_words(p.eval, ev.classnames)
         labels = label_by_caption(pairs.captions, class_words)
         everything = CaptionDataset(pairs.images, pairs.captions, labels)
@@ -272,12 +275,7 @@ class Files:
         total = len(pairs.captions) + len(pairs.skipped)
         if total == 0:
             raise ValueError(f"{source}: no image–caption pairs")
-        rate = len(pairs.skipped) / total
-        if rate > self.params.max_skip_rate:
-            first = "; ".join(f"{w}: {r}" for w, r in pairs.skipped[:3])
-            raise ValueError(f"{source}: {len(pairs.skipped)} of {total} images ({rate:.1%}) cannot be read, above "
-                             f"max_skip_rate={self.params.max_skip_rate:g} (first: {first}); fix the data or raise "
-                             "max_skip_rate")
+        check_skip_rate(source, pairs.skipped, total, self.params.max_skip_rate)
 
 
     def write_poison(self, train: CaptionDataset, folder: Path) -> Path:

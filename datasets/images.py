@@ -33,6 +33,20 @@ def unreadable_reason(e: Exception) -> str:
     return str(e) if isinstance(e, ValueError) else f"cannot read ({getattr(e, 'strerror', None) or e})"
 
 
+def check_skip_rate(source: str, skipped: list[tuple[str, str]], total: int, max_skip_rate: float,
+                    images: str = "images") -> None:
+    """ValueError when more than ``max_skip_rate`` (a fraction in [0, 1)) of the ``total`` images
+    of ``source`` were skipped as unreadable (``skipped``: (where, reason) pairs), naming the first
+    three: the one threshold of the file-backed datasets (``files``' ``max_skip_rate``), for
+    training, fine-tuning, evaluation and linear-probe images alike. ``images`` names them in the
+    message ("evaluation images")."""
+    rate = len(skipped) / total if total else 0.0
+    if rate > max_skip_rate:
+        first = "; ".join(f"{w}: {r}" for w, r in skipped[:3])
+        raise ValueError(f"{source}: {len(skipped)} of {total} {images} ({rate:.1%}) cannot be read, above "
+                         f"max_skip_rate={max_skip_rate:g} (first: {first}); fix the data or raise max_skip_rate")
+
+
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """uint8 [3, size, size] from encoded image bytes; ValueError when they are not a readable image."""
     if not data:

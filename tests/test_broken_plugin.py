@@ -123,3 +123,72 @@ def test_bench_list_shows_the_broken_plugin_and_run_refuses_it_before_training(p
     assert run.returncode == 2, run.stdout + run.stderr
     assert "brokenplug_mod" in run.stderr and MISSING in run.stderr
     assert not (res / "runs").exists()  # refused before any training or writing
+
+
+NO_DEFAULT = """
+from dataclasses import dataclass, field
+from poisonbench.registry import register_attack
+from poisonbench.attacks.none import NoAttack
+
+@register_attack("nodefault")
+class NoDefault(NoAttack):
+    '''Its Params has a field without a default: `bench list` could not show it.'''
+    @dataclass
+    class Params:
+        target: str = field(metadata={"help": "no default"})
+"""
+
+EXITS = """
+import sys
+sys.exit(3)
+"""
+
+INTERRUPTS = """
+raise KeyboardInterrupt
+"""
+
+
+def fresh_attacks(monkeypatch, tmp_path, entries: dict[str, str], modules: dict[str, str]):
+    """ATTACKS as a fresh process sees it with ``modules`` installed as the entry points ``entries``."""
+    ATTACKS.names()
+    folder = tmp_path / "site"
+    install(folder, "poisonbench.attacks", entries, modules)
+    monkeypatch.syspath_prepend(str(folder))
+    for attr, value in (("_items", dict(ATTACKS._items)), ("_broken", {}), ("_loaded", False)):
+        monkeypatch.setattr(ATTACKS, attr, value)
+    return folder
+
+
+def test_a_plugin_without_defaults_or_exiting_on_import_is_a_broken_plugin(monkeypatch, tmp_path):
+    fresh_attacks(monkeypatch, tmp_path, {"nodefault": "nodefault_mod", "exits": "exits_mod"},
+                  {"nodefault_mod": NO_DEFAULT, "exits_mod": EXITS})
+    try:
+        assert "badnet" in ATTACKS.names() and not {"nodefault", "exits"} & set(ATTACKS.names())
+        broken = {b.name: b.error for b in ATTACKS.broken()}
+        assert broken == {"exits": "SystemExit: 3",
+                          "nodefault": "RegistryError: attack 'nodefault': parameter target has no default; every "
+                                       "parameter needs one (declare it with registry.param(default, help))"}
+    finally:
+        for m in ("nodefault_mod", "exits_mod"):
+            sys.modules.pop(m, None)
+
+
+def test_a_plugin_raising_keyboardinterrupt_on_import_propagates_naming_the_entry_point(monkeypatch, tmp_path, capsys):
+    fresh_attacks(monkeypatch, tmp_path, {"interrupts": "interrupts_mod"}, {"interrupts_mod": INTERRUPTS})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ATTACKS.names()
+    finally:
+        sys.modules.pop("interrupts_mod", None)
+    assert "interrupted while importing the attack plugin entry point interrupts -> interrupts_mod" in capsys.readouterr().err
+
+
+def test_bench_list_survives_plugins_without_defaults_or_exiting_on_import(tmp_path):
+    folder = tmp_path / "site"
+    install(folder, "poisonbench.attacks", {"nodefault": "nodefault_mod", "exits": "exits_mod"},
+            {"nodefault_mod": NO_DEFAULT, "exits_mod": EXITS})
+    out = bench(folder, "list", "attacks")
+    assert out.returncode == 0, out.stderr
+    section = out.stdout[out.stdout.index("plugins that failed to load"):]
+    assert "badnet" in out.stdout[:out.stdout.index("plugins that failed to load")]
+    assert "nodefault" in section and "has no default" in section and "SystemExit: 3" in section

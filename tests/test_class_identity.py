@@ -73,10 +73,53 @@ def test_selection_by_unique_name_index_and_id():
     with pytest.raises(ValueError, match="out of range"):
         ev.class_index("5")
     numbered = evalset(names=["1", "0", "x"], ids=None)
-    assert numbered.class_index("0") == 1 and numbered.class_index("2") == 2  # a name first, then an index
+    assert numbered.class_index("#0") == 0 and numbered.class_index("2") == 2 and numbered.class_index("x") == 2
     inet = imagenet(torch.zeros(1, dtype=torch.int64))
     assert inet.class_index("n04356056") == 837 and inet.class_index("837") == 837
     assert inet.class_index("tench") == 0 and inet.class_index("mushroom") == 947
+
+
+def test_an_integer_is_the_index_never_an_integer_folder_name():
+    """Folders named by number in another order than the classes (an ImageFolder with a
+    folder<TAB>name classnames.txt): "0" is class 0, not the class whose folder is "0"."""
+    ev = evalset(names=["cat", "dog", "bag"], ids=["2", "0", "1"], id_kind="folder name")
+    assert [ev.class_index(t) for t in ("0", "1", "2", " 2", "#1", 0)] == [0, 1, 2, 2, 1, 0]
+    with pytest.raises(ValueError, match="class index 7 is out of range"):
+        ev.class_index("7")  # not looked up among the folder names either
+    named = evalset(names=["cat", "dog", "bag"], ids=["x_cat", "x_dog", "x_bag"], id_kind="folder name")
+    assert named.class_index("x_dog") == 1  # a non-integer id still selects its class
+
+
+def test_an_integer_that_is_the_name_of_another_class_is_ambiguous():
+    """Class 1 is named "0": "0" could mean class 0 (by index) or class 1 (by name)."""
+    numbered = evalset(names=["1", "0", "x"], ids=None)
+    for text, index_of, name_of in (("0", 0, 1), ("1", 1, 0)):
+        with pytest.raises(ValueError) as e:
+            numbered.class_index(text)
+        msg = str(e.value)
+        assert f"it is the name of class #{name_of} {text!r} and the index of class #{index_of}" in msg
+        assert f"pick class #{index_of} with target=#{index_of}" in msg and f"with target=#{name_of}" in msg
+        assert numbered.class_index(f"#{index_of}") == index_of
+    assert evalset(names=["a", "b", "2"], ids=None).class_index("2") == 2  # its own index: no ambiguity
+    assert evalset(names=["a", "b", "12"], ids=None).class_index("12") == 2  # no class 12: the name
+
+
+@pytest.mark.parametrize("text", ["\u0668", "\uff18", "\u00b2", "#\u0668"])  # Arabic-Indic 8, fullwidth 8, superscript 2
+def test_non_ascii_digits_are_refused(text):
+    with pytest.raises(ValueError, match="non-ASCII digits; give a class index in ASCII digits 0-9"):
+        evalset(names=[f"c{i}" for i in range(10)], ids=None).class_index(text)
+
+
+def test_shared_name_advice_offers_only_spellings_that_select_the_class():
+    """Integer folder names read as indices: "by folder name: target=0" would select class 0."""
+    ev = evalset(names=["cat", "sunglasses", "sunglasses"], ids=["4", "0", "1"], id_kind="folder name")
+    with pytest.raises(ValueError) as e:
+        ev.class_index("sunglasses")
+    msg = str(e.value)
+    assert "pick one by index (e.g. target=1)" in msg and "by folder name: target" not in msg
+    ev = evalset(names=["1", "sunglasses", "sunglasses"], ids=["a", "b", "c"], id_kind="folder name")
+    with pytest.raises(ValueError, match=r"e.g. target=#1, or by folder name: target=b\)"):
+        ev.class_index("sunglasses")  # "1" is the name of class 0
 
 
 def test_display_names_disambiguate_shared_names_only():
@@ -100,8 +143,12 @@ def test_a_target_whose_name_another_class_has_is_refused(name):
     for target in ("3", "n004"):
         with pytest.raises(ValueError, match=r"shares its name with #2 sunglasses \(n003\).*tie-breaking"):
             cls(build_params(cls.Params, {"target": target, "n_poison": 5}, name), 0).check(bundle())
-    with pytest.raises(ValueError, match="names 2 evaluation classes"):
-        cls(build_params(cls.Params, {"target": "sunglasses", "n_poison": 5}, name), 0).check(bundle())
+    for data in (bundle(), bundle(evalset(ids=["n001", "n002", "3", "4", "n005"], id_kind="folder name"))):
+        with pytest.raises(ValueError) as e:
+            cls(build_params(cls.Params, {"target": "sunglasses", "n_poison": 5}, name), 0).check(data)
+        msg = str(e.value)  # at once that neither can be a target, not how to pick one of them
+        assert "names 2 evaluation classes" in msg and "none of them can be a backdoor target" in msg
+        assert "pick one" not in msg and "tie-breaking" in msg
     cls(build_params(cls.Params, {"target": "bag", "n_poison": 5}, name), 0).check(bundle())  # a unique name is fine
 
 

@@ -167,3 +167,49 @@ def test_unwritable_results_folder_fails_before_training_and_report_still_prints
     (res / "plots").write_text("a file where the plots folder should be")
     rep = CliRunner().invoke(main, ["report", "--results", str(res)])
     assert rep.exit_code == 0 and "plots not written" in rep.output and "badnet" in rep.output
+
+
+# a results folder whose name rich would read as an emoji code and as markup (an unknown closing tag raises)
+ODD = "res :cat: [b]bold[/b] [/x]"
+
+
+@pytest.mark.parametrize("command", ["status", "busy", "done", "report"])
+def test_paths_and_commands_print_as_typed(tmp_path, monkeypatch, command):
+    """Every printed path and follow-up command is the user's text: no emoji, no markup eaten or raised."""
+    import shlex
+
+    import poisonbench.grid as grid
+    from poisonbench.config import resolve
+    from poisonbench.display import console
+
+    monkeypatch.setattr(console, "width", 400)  # one line each
+    res = tmp_path / ODD
+    if command == "status":
+        out = bench("status", "-p", "tiny", "-r", str(res))
+        assert out.exit_code == 0 and f"1 cells in {res}" in " ".join(out.output.split())  # the title wraps at spaces
+    if command == "busy":  # a cell another process holds: the hint names the results folder, quoted for the shell
+        monkeypatch.setattr(grid, "validate", lambda cfgs, device: [])
+        monkeypatch.setattr(grid, "run_cells",
+                            lambda cfgs, *a, **k: [grid.CellOutcome(c, grid.EXIT_BUSY, None) for c in cfgs])
+        out = bench("run", "-p", "tiny", "-r", str(res))
+        assert out.exit_code == 0 and "1 cell(s) are being run by another process" in out.output
+        assert f"-r {shlex.quote(str(res))}` shows when they are done" in out.output
+    run_id = resolve("badnet", "clip", "tiny").run_id
+    if command == "done":
+        write_row(stored_row(run_id, "ok", 0.8), res)
+        out = bench("run", "-p", "tiny", "-r", str(res))
+        assert out.exit_code == 0 and f"cell {run_id} is already done in {res}; showing it" in out.output
+    if command == "report":
+        write_row(stored_row(run_id, "ok", 0.8), res)
+        out = bench("report", "-r", str(res), "--no-plots")
+        assert out.exit_code == 0 and f"poisonbench leaderboard ({res})" in out.output
+    assert "\N{CAT FACE}" not in out.output
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "-A/--attack-param target= gives parameter target no value; write target=VALUE"),
+    ("bag,,coat", "-A/--attack-param target=bag,,coat: empty item in 'bag,,coat'"),
+])
+def test_an_empty_parameter_value_names_the_option_and_parameter(tmp_path, value, message):
+    out = CliRunner().invoke(main, ["status", "-p", "tiny", "-A", f"target={value}", "-r", str(tmp_path)])
+    assert out.exit_code == 2 and message in " ".join(out.output.split()), out.output

@@ -97,6 +97,24 @@ def test_skip_rate_threshold(fashion_files, tmp_path):
     assert sorted(kept) == sorted(c for i, c in enumerate(captions[:100]) if i not in (3, 7))
 
 
+def test_skip_rate_threshold_holds_for_evaluation_images(fashion_files, tmp_path):
+    """1 unreadable of 20 evaluation images: refused at the default 1 % before training, counted at 10 %."""
+    root, _, _ = fashion_files
+    for i in range(20):
+        folder = tmp_path / "ev" / ("bag" if i % 2 else "coat")
+        folder.mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            (folder / f"{i}.png").write_bytes(b"\x89PNG not really")
+        else:
+            Image.new("RGB", (12, 12), (i, 0, 0)).save(folder / f"{i}.png")
+    params = {"train": f"csv:{root / 'train.csv'}", "eval": f"imagefolder:{tmp_path / 'ev'}", "image_size": 28,
+              "n_heldout": 10}
+    with pytest.raises(ValueError, match=r"1 of 20 evaluation images \(5.0%\) cannot be read.*max_skip_rate=0.01.*5.png"):
+        Files(DATASETS.params("files", params)).load(0)
+    data = Files(DATASETS.params("files", {**params, "max_skip_rate": 0.1})).load(0)
+    assert data.eval_skipped == 1 and len(data.eval) == 19
+
+
 def test_label_by_caption_whole_words_and_ambiguity():
     words = [["coat", "jacket"], ["bag"], ["ankle boot", "boot"]]
     caps = ["a new coat", "a handbag", "an ankle boot", "a coat and a bag", "COAT!", "a bootie", "a boot"]

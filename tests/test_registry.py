@@ -182,3 +182,41 @@ def test_a_parameter_added_with_hash_default_false_keeps_the_run_ids(monkeypatch
 
     gain(hash_default=True)  # today's rule without it: every cell of the plugin is re-keyed
     assert resolve("badnet", "clip", "tiny").run_id != before.run_id
+
+
+def test_a_parameter_without_a_default_is_refused_at_registration():
+    """Accepted, it broke `bench list` (param_fields) for everyone; refused, a third-party plugin
+    with it is a broken plugin (tests/test_broken_plugin.py)."""
+    @dataclasses.dataclass
+    class P:
+        target: str = dataclasses.field(metadata={"help": "t"})
+        size: int = param(3, "s")
+
+    reg = poisonbench.registry.Registry("thing", "poisonbench.attacks", "poisonbench.things")
+    with pytest.raises(RegistryError, match="thing 'p': parameter target has no default"):
+        reg.register("p")(type("T", (), {"Params": P}))
+    assert "p" not in reg._items
+
+    @dataclasses.dataclass
+    class Q:
+        sizes: list = dataclasses.field(default_factory=lambda: [1, 2])  # a default factory is a default
+
+    reg.register("q")(type("U", (), {"Params": Q}))
+
+
+def test_literal_choices_that_are_not_strings_can_be_given_on_the_command_line():
+    import typing
+
+    @dataclasses.dataclass
+    class P:
+        k: typing.Literal[3, 4, 5] = param(3, "k")
+        mode: typing.Optional[typing.Literal["a", 2]] = param(None, "m")
+
+    assert build_params(P, {"k": "4"}, "t").k == 4 and type(build_params(P, {"k": "4"}, "t").k) is int
+    assert build_params(P, {"k": 5}, "t").k == 5  # a profile's or stored config's value
+    assert build_params(P, {"mode": "2"}, "t").mode == 2 and build_params(P, {"mode": "a"}, "t").mode == "a"
+    assert build_params(P, {"mode": "none"}, "t").mode is None
+    with pytest.raises(RegistryError, match="bad value '6' for k: choose one of 3, 4, 5"):
+        build_params(P, {"k": "6"}, "t")
+    with pytest.raises(RegistryError, match="choose one of 3, 4, 5"):
+        build_params(P, {"k": "4.0"}, "t")
