@@ -4,7 +4,7 @@ from .base import (KINDS, UNDEFENDED, DataFilter, Defense, DefenseBase, PhaseSet
                    TrainingTask, TrainState)
 
 # Modules of this package that register the built-in defenses (imported by ``registry.Registry``).
-BUILTIN_MODULES = ("aug_only", "clip", "roclip")
+BUILTIN_MODULES = ("aug_only", "cleanclip", "clip", "roclip")
 
 __all__ = ["Defense", "DefenseBase", "TrainingTask", "TaskBatch", "DataFilter", "PostTrainingRepair",
            "PhaseSettings", "TrainState", "KINDS", "UNDEFENDED", "BUILTIN_MODULES"]
