@@ -271,7 +271,9 @@ def is_undefended(cfg: RunConfig) -> bool:
 
 
 def cache_dir(results: Path, run_id: str) -> Path:
-    """Folder of the cached model of cell ``run_id``: ``model.pt`` (the state dict) and
+    """Folder of the cached model of cell ``run_id``: ``model.pt`` (the state dict),
+    ``optimizer.pt`` (the ``state_dict()`` of the AdamW at the end of its training, over
+    ``train.param_groups`` of the model; a cache written before it was stored has none) and
     ``model.json`` (what it is: the cell's config, its poisoned data's manifest hash, steps, loss)."""
     return Path(results) / "cache" / run_id
 
@@ -299,6 +301,8 @@ class StartModel:
         run_id: the undefended cell's run id (the row's ``start_model``).
         info: the cache's description (``cached_model``): steps, final_loss, train_s, ...
         result: the TrainResult when this call trained it, None when it was loaded.
+        optimizer_state: the ``state_dict()`` of the AdamW that trained it (tensors on the CPU),
+            None when the cache holds none (written before it was stored).
     """
 
     model: torch.nn.Module
@@ -306,26 +310,28 @@ class StartModel:
     run_id: str
     info: dict[str, Any]
     result: TrainResult | None
+    optimizer_state: dict | None = None
 
 
 def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | None = None,
-                     cached: bool | None = None) -> StartModel:
-    """The undefended model of ``cell``'s poisoned data: loaded from the cache
-    (``RESULTS/cache/<undefended run_id>/model.pt``, ``torch.load(weights_only=True)``), or
-    trained from the seed's initial weights with the undefended defense's hooks and written
-    there atomically, holding the cache's lock (``store.cache_lock``) throughout, so that a
-    model is trained once however many cells need it.
+                     cached: bool | None = None, optimizer: bool = False) -> StartModel:
+    """The undefended model of ``cell``'s poisoned data and its AdamW's final state: loaded from
+    the cache (``RESULTS/cache/<undefended run_id>/model.pt`` and ``optimizer.pt``,
+    ``torch.load(weights_only=True)``), or trained from the seed's initial weights with the
+    undefended defense's hooks and written there atomically, holding the cache's lock
+    (``store.cache_lock``) throughout, so that a model is trained once however many cells need it.
 
     ``ckpt``: the checkpoint of that training (default ``cache/<run_id>/last.pt``, removed once
     the model is written); the undefended cell itself passes its own, and its defense trains.
     ``cached``: True/False to load/train regardless of the cache (ranks of a process group
-    decided it together), None to decide under the lock."""
+    decided it together), None to decide under the lock. ``optimizer``: also return the AdamW's
+    state (``StartModel.optimizer_state``; a repair starts its fine-tuning from it), else None."""
     ucfg = undefended_config(cell.cfg)
     folder = cache_dir(results, ucfg.run_id)
     own_ckpt = ckpt is None
     ckpt = folder / "last.pt" if own_ckpt else ckpt
     with cache_lock(results, ucfg.run_id):
-        for name in ("model.pt", "model.json") + (("last.pt",) if own_ckpt else ()):
+        for name in ("model.pt", "optimizer.pt", "model.json") + (("last.pt",) if own_ckpt else ()):
             remove_temp_files(folder / name)
         info = cached_model(results, ucfg, cell.plan) if cached is not False else None
         if cached and info is None:  # the other processes were told not to train along
@@ -333,11 +339,18 @@ def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | Non
         model, tokenizer = fresh_model(cell)
         if info is not None:
             model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-            return StartModel(model.to(cell.device), tokenizer, ucfg.run_id, info, None)
+            opt = folder / "optimizer.pt"
+            opt_state = torch.load(opt, map_location="cpu", weights_only=True) if optimizer and opt.is_file() else None
+            return StartModel(model.to(cell.device), tokenizer, ucfg.run_id, info, None, opt_state)
         defense = cell.defense if is_undefended(cell.cfg) else DEFENSES.get(UNDEFENDED)(
             build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params, f"defense {UNDEFENDED!r}"), ucfg.seed)
-        result = train(model, tokenizer, cell.plan.train, defense, ucfg, cell.device, ckpt, progress)
+        result = train(model, tokenizer, cell.plan.train, defense, ucfg, cell.device, ckpt, progress,
+                       keep_optimizer_state=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        opt_state = to_cpu(result.optimizer_state)
+        result.optimizer_state = None  # kept here, not in the result the row is made from
+        # both before model.json, which marks the cache complete (cached_model)
+        atomic_write(folder / "optimizer.pt", lambda tmp: torch.save(opt_state, tmp))
         atomic_write(folder / "model.pt", lambda tmp: torch.save(state, tmp))
         info = {"what": "the undefended model of the cell run_id, trained on its poisoned data",
                 "run_id": ucfg.run_id, "config_hash": ucfg.config_hash, "config": ucfg.to_dict(),
@@ -347,7 +360,19 @@ def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | Non
         atomic_write(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
         if own_ckpt:
             ckpt.unlink(missing_ok=True)
-        return StartModel(model, tokenizer, ucfg.run_id, info, result)
+        return StartModel(model, tokenizer, ucfg.run_id, info, result, opt_state if optimizer else None)
+
+
+def to_cpu(obj):
+    """``obj`` (nested dicts, lists and tuples of tensors and plain values, e.g. an optimizer's
+    ``state_dict()``) with every tensor detached and copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 # --- one cell, by its defense's kind --------------------------------------------------------
@@ -399,13 +424,14 @@ def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
 
 def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
     """Post-training repairs: fine-tune the cached undefended model on the clean fine-tuning
-    split, in the repair's own phase (settings, hooks, checkpoint) of the one training loop."""
-    start = undefended_model(cell, results, progress)
+    split, in the repair's own phase (settings, hooks, checkpoint) of the one training loop; a
+    task's ``start_optimizer`` receives the undefended model's final AdamW state."""
+    start = undefended_model(cell, results, progress, optimizer=True)
     row.update(start_model=start.run_id, start_model_train_s=start.result.train_s if start.result else 0.0)
     phase = cell.defense.phase(cell.cfg)
     row["n_finetune"] = len(cell.data.finetune)  # the phase's settings are the defense's parameters (p_defense_*)
     result = train(start.model, start.tokenizer, cell.data.finetune, cell.defense.training(), cell.cfg, cell.device,
-                   ckpt, progress, phase=phase)
+                   ckpt, progress, phase=phase, optimizer_state=start.optimizer_state)
     return start.model, start.tokenizer, result
 
 

@@ -50,6 +50,7 @@ class TrainResult:
     data_wait_s: float = 0.0
     augment_s: float = 0.0
     loss_terms: dict[str, float] = field(default_factory=dict)  # a TrainingTask's terms at the last step
+    optimizer_state: dict | None = None  # the AdamW's final state_dict(), when train() was asked to keep it
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -99,6 +100,8 @@ def train(
     progress: bool = True,
     on_epoch_end=None,
     phase: PhaseSettings | None = None,
+    optimizer_state: dict | None = None,
+    keep_optimizer_state: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``defense``'s hooks.
 
@@ -108,6 +111,13 @@ def train(
     a training phase other than the cell's own (a repair's fine-tuning: epochs, lr, batch size,
     warm-up, weight decay; default: those of ``cfg``); its shuffling and augmentation seeds come
     from a stream of its own, and its checkpoint records its name.
+
+    A ``TrainingTask`` may set the schedule (its ``lr_lambda``; default the trainer's) and start
+    the fresh AdamW its own way (its ``start_optimizer``, called once before the first step unless
+    the phase resumes from its checkpoint, with ``optimizer_state``: the ``state_dict()`` of the
+    AdamW that trained the starting model, e.g. the cached undefended model's, or None).
+    ``keep_optimizer_state``: return the AdamW's final ``state_dict()`` in
+    ``TrainResult.optimizer_state`` (the cache of the undefended model stores it).
 
     Each epoch shuffles with a generator seeded from (seed, epoch) and reseeds torch's global RNG
     (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
@@ -149,7 +159,8 @@ def train(
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total))
+    schedule = defense.lr_lambda(settings.warmup_steps, steps_per_epoch, settings.epochs) if task else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or lr_lambda(settings.warmup_steps, total))
     amp = device.type == "cuda"
 
     start_epoch, step, loss_value, loss_terms = 1, 0, float("nan"), {}
@@ -167,6 +178,8 @@ def train(
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             loss_value = float(state.get("loss", float("nan")))  # a run resumed after its last epoch reports it
             loss_terms = {k: float(v) for k, v in state.get("loss_terms", {}).items()}
+    if task and start_epoch == 1:  # a fresh optimizer: the task may start it its own way
+        defense.start_optimizer(optimizer, optimizer_state)
 
     def encode_captions(k: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
@@ -242,7 +255,7 @@ def train(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1, fetch["wait_s"], augment_s,
-                       loss_terms)
+                       loss_terms, optimizer.state_dict() if keep_optimizer_state else None)
 
 
 MAIN_PHASE = "train"  # the name of a cell's own training phase (RunConfig's settings) in checkpoints

@@ -4,7 +4,7 @@ from .base import (KINDS, UNDEFENDED, DataFilter, Defense, DefenseBase, PhaseSet
                    TrainingTask, TrainState)
 
 # Modules of this package that register the built-in defenses (imported by ``registry.Registry``).
-BUILTIN_MODULES = ("aug_only", "clip", "density_filter", "roclip")
+BUILTIN_MODULES = ("aug_only", "cleanclip", "clip", "density_filter", "roclip")
 
 __all__ = ["Defense", "DefenseBase", "TrainingTask", "TaskBatch", "DataFilter", "PostTrainingRepair",
            "PhaseSettings", "TrainState", "KINDS", "UNDEFENDED", "BUILTIN_MODULES"]

@@ -138,9 +138,10 @@ class TrainingTask(Defense):
     open_clip ``TrainingTask`` does, and returns named scalar loss terms, which the trainer sums
     (each must be finite: ``train.NonFiniteLossError`` names the term), logs and reports.
 
-    The trainer calls ``prepare`` once before training, ``start_epoch`` before each epoch (it may
-    embed the whole training set and route rows, SafeCLIP), and ``step`` for every batch inside
-    the trainer's autocast. ``loss`` and ``train_transform`` are not used. The task uses
+    The trainer calls ``prepare`` once before training, ``lr_lambda`` and ``start_optimizer``
+    when it builds the phase's scheduler and AdamW (defaults: the trainer's schedule, a fresh
+    AdamW), ``start_epoch`` before each epoch (it may embed the whole training set and route rows,
+    SafeCLIP), and ``step`` for every batch inside the trainer's autocast (bf16 on CUDA). ``loss`` and ``train_transform`` are not used. The task uses
     ``poisonbench.preprocess`` itself and, under DDP, ``poisonbench.distributed.gather_with_grad``
     (``model`` is then the DistributedDataParallel wrapper; every rank runs the same task).
     """
@@ -156,6 +157,22 @@ class TrainingTask(Defense):
         minimises their sum. ``model(images, tokens)`` returns (image_emb [B, D], text_emb [B, D],
         logit_scale) with L2-normalised embeddings (open_clip's CLIP forward)."""
         raise NotImplementedError(f"{type(self).__name__}: a TrainingTask must implement step()")
+
+    def lr_lambda(self, warmup_steps: int, steps_per_epoch: int, epochs: int) -> Optional[Callable[[int], float]]:
+        """The phase's learning-rate schedule: a function of the 0-indexed optimizer step of the
+        phase -> multiplier of the phase's peak lr (``torch.optim.lr_scheduler.LambdaLR``), given
+        its warm-up steps (>= 0), optimizer steps per epoch (>= 1) and epochs (>= 1); e.g. a
+        defense's own schedule as its official code runs it. Default None: the trainer's linear
+        warm-up then cosine decay (``train.lr_lambda``)."""
+        return None
+
+    def start_optimizer(self, optimizer: torch.optim.Optimizer, cached_state: Optional[dict]) -> None:
+        """Called once on the phase's fresh AdamW (built over ``train.param_groups`` of the model,
+        with the phase's lr and weight decay) before its first step, never when the phase resumes
+        from its own checkpoint. ``cached_state``: the ``state_dict()`` of the AdamW that trained
+        the model this phase starts from, when the caller has one (a repair starting from the
+        cached undefended model: its end-of-training state), else None. Default: nothing (a
+        fresh AdamW)."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """CleanCLIP's testable properties C1-C10 (defense-spec-cleanclip-safeclip.md §5) on
-defenses/cleanclip_core.py. C10 (the clean fine-tuning split) belongs to the engine's split."""
+defenses/cleanclip_core.py; the plugin (defenses/cleanclip.py) and the trainer's generic task hooks
+it uses; and tiny cells end to end (issue 14 item 6): the cell fine-tunes the cached undefended
+model from its AdamW state, trains the undefended model once, resumes after a kill with the same
+numbers, and its fine-tuning split holds no poisoned image (C10)."""
 import copy
 import datetime
 import os
@@ -13,7 +16,9 @@ import torch.nn.functional as F
 
 from poisonbench import distributed
 from poisonbench.defenses import cleanclip_core as cc
+from poisonbench.defenses.base import TrainingTask
 from poisonbench.losses import info_nce
+from poisonbench.preprocess import eval_geometry, normalize
 
 
 def param_groups(model, weight_decay):
@@ -65,7 +70,6 @@ def test_c1_the_joint_two_view_forward_gives_the_original_half_its_own_embedding
     """C1's proviso: with a LayerNorm model the original half of the 2B forward equals a forward
     of the original batch alone, so the clip term is the CLIP loss of (original image, caption)."""
     from poisonbench.models import create_model, image_size
-    from poisonbench.preprocess import eval_geometry, normalize
 
     torch.manual_seed(0)
     model, tokenizer = create_model("poisonbench-tiny")
@@ -229,8 +233,6 @@ def test_c7_the_autoaugment_view_is_fresh_per_load_and_per_image_and_follows_the
 
 
 def test_c7_the_original_view_is_the_deterministic_eval_geometry():
-    from poisonbench.preprocess import eval_geometry
-
     img = torch.randint(0, 256, (2, 3, 40, 36), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     torch.manual_seed(0)
     a = cc.original_view(img, 32)
@@ -360,9 +362,246 @@ def test_c9_a_state_of_another_model_is_refused_with_what_to_do():
         cc.phase_optimizer([{"params": [other.weight], "weight_decay": 0.1}], PHASE_LR, state)
 
 
-# --- C10: the clean split --------------------------------------------------------------------
+# --- the plugin's hooks and the trainer's generic task hooks --------------------------------
 
-@pytest.mark.skip(reason="C10 (the fine-tuning split holds no poisoned row) is a property of the engine's "
-                         "clean fine-tuning split (DatasetBundle.finetune), tested with the datasets")
-def test_c10_the_clean_finetuning_split_is_disjoint_from_the_poisoned_rows():
-    pass
+def cleanclip_params(**kw):
+    from poisonbench.defenses.cleanclip import CleanCLIPParams
+
+    return CleanCLIPParams(**kw)
+
+
+def test_the_task_restores_the_optimizer_state_only_when_asked_and_when_there_is_one():
+    from poisonbench.defenses.cleanclip import CleanCLIPTask
+
+    model0, state = pretrained()
+
+    def started(restore, cached):
+        task = CleanCLIPTask(cleanclip_params(restore_optimizer=restore), 0)
+        opt = torch.optim.AdamW(param_groups(copy.deepcopy(model0), 0.1), lr=PHASE_LR)
+        task.start_optimizer(opt, cached)
+        return task, opt
+
+    task, opt = started(True, state)
+    assert task.metrics() == {"restored_optimizer": 1} and len(opt.state) == len(state["state"])
+    assert all(int(s["step"]) == 20 for s in opt.state.values())
+    task, opt = started(False, state)
+    assert task.metrics() == {"restored_optimizer": 0} and len(opt.state) == 0  # a fresh AdamW
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        task, opt = started(True, None)  # a cache written before the optimizer state was stored
+    assert task.metrics() == {"restored_optimizer": 0} and len(opt.state) == 0
+    resumed = CleanCLIPTask(cleanclip_params(), 0)
+    resumed.load_state_dict(started(True, state)[0].state_dict())  # the checkpoint carries the flag
+    assert resumed.metrics() == {"restored_optimizer": 1}
+
+
+def test_the_task_gives_the_trainer_its_schedule_mode():
+    from poisonbench.defenses.cleanclip import CleanCLIPTask
+
+    for mode in ("intended", "as-run"):
+        f = CleanCLIPTask(cleanclip_params(schedule=mode), 0).lr_lambda(3, 5, 2)
+        assert [f(s) for s in range(10)] == [cc.lr_multiplier(s, 3, 5, 2, mode) for s in range(10)]
+
+
+def test_the_repair_refuses_bad_recipes_and_names_its_phase():
+    from poisonbench.config import resolve
+    from poisonbench.defenses.cleanclip import CleanCLIP
+
+    phase = CleanCLIP(cleanclip_params(), 0).phase(resolve("badnet", "cleanclip", "paper", 0,
+                                                           dataset_params={"train": "csv:x.csv"}))
+    assert (phase.epochs, phase.batch_size, phase.lr, phase.warmup_steps, phase.weight_decay) == (10, 64, 1e-5, 50, 0.1)
+    assert phase.name == "finetune"
+    with pytest.raises(ValueError, match="not both 0"):
+        CleanCLIP(cleanclip_params(clip_weight=0.0, inmodal_weight=0.0), 0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        CleanCLIP(cleanclip_params(lr=0.0), 0)
+
+
+class HookSpy(TrainingTask):
+    """A task (plain CLIP's loss) whose ``lr_lambda`` gives ``schedule`` and whose
+    ``start_optimizer`` records (the optimizer's number of parameter states, the state it got)."""
+
+    name = "hook-spy"
+
+    def __init__(self, schedule=None):
+        super().__init__(None, 0)
+        self.schedule, self.started = schedule, []
+
+    def step(self, model, batch, state):
+        x = normalize(eval_geometry(batch.images, batch.image_size).to(batch.device))
+        return {"clip": info_nce(*model(x, batch.tokens.to(batch.device)))}
+
+    def lr_lambda(self, warmup_steps, steps_per_epoch, epochs):
+        return self.schedule
+
+    def start_optimizer(self, optimizer, cached_state):
+        self.started.append((len(optimizer.state), cached_state))
+
+
+def test_the_trainer_takes_a_task_schedule_and_starts_its_fresh_optimizer_once(tmp_path):
+    """The generic hooks of ``TrainingTask``: ``lr_lambda`` replaces the trainer's schedule (a
+    schedule of 0 leaves every weight as it was), ``start_optimizer`` gets the fresh AdamW and
+    the given state once, and not when the phase resumes from its own checkpoint."""
+    from poisonbench.config import resolve
+    from poisonbench.datasets.base import CaptionDataset
+    from poisonbench.defenses.base import PhaseSettings
+    from poisonbench.models import create_model
+    from poisonbench.train import train
+
+    cfg = resolve("badnet", "clip", "tiny", 0)
+    g = torch.Generator().manual_seed(0)
+    data = CaptionDataset(torch.randint(0, 256, (32, 3, 28, 28), generator=g, dtype=torch.uint8),
+                          [f"a photo of a thing number {i}" for i in range(32)], torch.zeros(32, dtype=torch.long))
+    phase = PhaseSettings("finetune", epochs=1, lr=1e-2, batch_size=16, warmup_steps=0, weight_decay=0.1)
+    torch.manual_seed(0)
+    model, tokenizer = create_model(cfg.model)
+    before = copy.deepcopy(model.state_dict())
+    cached = {"marker": torch.ones(1)}
+    spy = HookSpy(lambda step: 0.0)
+    ckpt = tmp_path / "last.pt"
+    result = train(model, tokenizer, data, spy, cfg, torch.device("cpu"), ckpt, False, phase=phase,
+                   optimizer_state=cached, keep_optimizer_state=True)
+    assert result.steps == 2 and spy.started == [(0, cached)]  # once, on the fresh AdamW, with the given state
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # lr 0 at every step
+    assert {int(s["step"]) for s in result.optimizer_state["state"].values()} == {2}  # the final AdamW's state
+    spy.started.clear()
+    train(model, tokenizer, data, spy, cfg, torch.device("cpu"), ckpt, False, phase=phase, optimizer_state=cached)
+    assert spy.started == []  # resumed from the phase's checkpoint: its own optimizer state, no new start
+    default = HookSpy(None)  # no schedule of its own: the trainer's, and the weights move
+    train(model, tokenizer, data, default, cfg, torch.device("cpu"), None, False, phase=phase)
+    assert default.started == [(0, None)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- end to end on tiny: the cell through the runner ----------------------------------------
+
+E2E_ATTACK = {"n_poison": 20}
+E2E_EVAL = {"n_eval": 100, "n_probe": 100, "n_heldout": 50}  # the tiny profile's training data, a smaller evaluation
+E2E_METRICS = ["clean_top1", "clean_top5", "asr", "final_loss", "final_loss_clip", "final_loss_inmodal", "steps",
+               "linear_probe_top1", "i2t_r1", "t2i_r10", "d_restored_optimizer"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    """The clean tiny Fashion-MNIST bundle of seed 0 (E2E_EVAL), loaded once."""
+    from poisonbench.config import resolve
+    from poisonbench.registry import DATASETS
+
+    cfg = resolve("badnet", "clip", "tiny", 0, dataset_params=E2E_EVAL)
+    ds = DATASETS.get(cfg.dataset)
+    return ds(ds.Params(**cfg.dataset_params)).load(0)
+
+
+def e2e_cell(defense, bundle):
+    """A tiny badnet cell of ``defense`` (the undefended model trained 1 epoch; cleanclip's
+    fine-tuning as the tiny profile scales it: 2 epochs at batch 16)."""
+    from poisonbench import runner
+    from poisonbench.config import resolve
+
+    return runner.prepare(resolve("badnet", defense, "tiny", 0, E2E_ATTACK, dataset_params=E2E_EVAL, epochs=1), "cpu",
+                          data=bundle)
+
+
+class Trainings:
+    """Counts the runner's calls of ``train`` as (defense of the config, phase name or None);
+    with ``kill_after``, raises KeyboardInterrupt after that epoch of a phase (a kill)."""
+
+    def __init__(self, mp, kill_after=None):
+        from poisonbench import runner
+        from poisonbench.train import train
+
+        self.calls = []
+
+        def counted(model, tokenizer, data, defense, cfg, device, checkpoint=None, progress=True, on_epoch_end=None,
+                    phase=None, **kw):
+            self.calls.append((cfg.defense, phase.name if phase else None))
+
+            def hook(epoch, model):
+                if phase is not None and epoch == kill_after:
+                    raise KeyboardInterrupt("killed after the first fine-tuning epoch")
+
+            return train(model, tokenizer, data, defense, cfg, device, checkpoint, progress, hook, phase, **kw)
+
+        mp.setattr(runner, "train", counted)
+
+
+@pytest.fixture(scope="module")
+def after_clip(tiny_bundle, tmp_path_factory):
+    """One store: the clip cell, then the cleanclip cell of the same attack x seed (counted)."""
+    from poisonbench import runner
+
+    results = tmp_path_factory.mktemp("cleanclip_e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        clip = e2e_cell("clip", tiny_bundle)
+        count = Trainings(mp)
+        clip_row = runner.execute(clip, results, progress=False)
+        clip_calls = list(count.calls)
+        count.calls.clear()
+        cell = e2e_cell("cleanclip", tiny_bundle)
+        row = runner.execute(cell, results, progress=False)
+    return {"results": results, "clip": clip, "clip_row": clip_row, "clip_calls": clip_calls, "cell": cell, "row": row,
+            "calls": count.calls}
+
+
+def test_a_cleanclip_cell_fine_tunes_the_cached_undefended_model_with_its_terms(after_clip, tiny_bundle):
+    row, clip = after_clip["row"], after_clip["clip"]
+    assert row["status"] == "ok" and row["defense"] == "cleanclip"
+    assert row["start_model"] == clip.cfg.run_id
+    assert row["n_finetune"] == len(tiny_bundle.finetune) == 128
+    assert row["steps"] == 2 * (128 // 16)  # the tiny profile's fine-tuning: 2 epochs at batch 16
+    assert row["final_loss_clip"] > 0 and row["final_loss_inmodal"] > 0
+    assert row["final_loss"] == pytest.approx(row["final_loss_clip"] + row["final_loss_inmodal"], rel=1e-5)
+    assert row["d_restored_optimizer"] == 1  # started from the undefended model's AdamW state (C9)
+    assert row["p_defense_lr"] == 2e-4 and row["p_defense_batch_size"] == 16  # scaled by the profile
+
+
+def test_after_the_clip_cell_the_undefended_model_is_not_trained_again(after_clip):
+    assert after_clip["clip_calls"] == [("clip", None)]
+    assert after_clip["calls"] == [("cleanclip", "finetune")]  # the cached model, fine-tuned only
+    assert after_clip["row"]["start_model_train_s"] == 0.0
+
+
+def test_the_cached_optimizer_state_fits_the_fine_tuning_groups(after_clip):
+    """The cache's optimizer.pt is the AdamW of the clip cell's training at its end, over
+    ``train.param_groups`` of the same model: each restored moment has its parameter's shape."""
+    from poisonbench.models import create_model
+    from poisonbench.runner import cache_dir
+
+    folder = cache_dir(after_clip["results"], after_clip["clip"].cfg.run_id)
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    model, _ = create_model(after_clip["clip"].cfg.model)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    groups = param_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in state["param_groups"]]
+    params = [p for g in groups for p in g["params"]]
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    for p, i in zip(params, ids):
+        assert state["state"][i]["exp_avg"].shape == p.shape == state["state"][i]["exp_avg_sq"].shape
+        assert int(state["state"][i]["step"]) == after_clip["clip_row"]["steps"]
+    opt = cc.phase_optimizer(param_groups(model, 0.1), 1e-4, state)  # as start_optimizer restores it
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in params)
+
+
+def test_c10_no_fine_tuning_image_is_a_poisoned_image(after_clip):
+    cell = after_clip["cell"]
+    poisons = cell.plan.train.images[cell.plan.train.is_poison]
+    finetune = cell.data.finetune
+    assert len(poisons) == 20 and not finetune.is_poison.any()
+    assert not (finetune.images[:, None] == poisons[None]).flatten(2).all(2).any()
+
+
+def test_killed_mid_fine_tuning_the_cell_resumes_with_the_same_numbers(after_clip, tiny_bundle, tmp_path, monkeypatch):
+    """In a store of its own, the cell trains the undefended model itself, is killed after its
+    first fine-tuning epoch, and the rerun resumes the fine-tuning (not the undefended model's
+    training) and gives the numbers of the cell that started from the clip cell's cache."""
+    from poisonbench import runner
+
+    count = Trainings(monkeypatch, kill_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(e2e_cell("cleanclip", tiny_bundle), tmp_path, progress=False)
+    assert count.calls == [("clip", None), ("cleanclip", "finetune")]
+    count = Trainings(monkeypatch)
+    resumed = runner.execute(e2e_cell("cleanclip", tiny_bundle), tmp_path, progress=False)
+    assert count.calls == [("cleanclip", "finetune")]
+    assert resumed["status"] == "ok" and resumed["resumed_from_epoch"] == 1
+    for key in E2E_METRICS:
+        assert resumed[key] == after_clip["row"][key], key

@@ -172,14 +172,14 @@ class Trainings:
         real = train
 
         def counted(model, tokenizer, data, defense, cfg, device, checkpoint=None, progress=True, on_epoch_end=None,
-                    phase=None):
+                    phase=None, **kw):
             self.calls.append((cfg.defense, phase.name if phase else None))
 
             def hook(epoch, model):
                 if phase is not None and epoch == raise_in_phase_epoch:
                     raise KeyboardInterrupt("killed after the first fine-tuning epoch")
 
-            return real(model, tokenizer, data, defense, cfg, device, checkpoint, progress, hook, phase)
+            return real(model, tokenizer, data, defense, cfg, device, checkpoint, progress, hook, phase, **kw)
 
         monkeypatch.setattr(runner, "train", counted)
 
