@@ -60,7 +60,7 @@ def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
         (["-d", "roclip", "-D", "pool_size=100000"], {}, "exceeds the"),
         (["-d", "roclip"], {"POISONBENCH_WORDNET": "/nonexistent"}, "POISONBENCH_WORDNET=/nonexistent is not"),
         (["--device", "warp-drive"], {}, "valid devices: auto, cpu, cuda"),
-        (["-d", "roclipp"], {}, "unknown defense 'roclipp'; valid defenses: aug-only, cleanclip, clip, density-filter, roclip"),
+        (["-d", "roclipp"], {}, "unknown defense 'roclipp'; valid defenses: aug-only, cleanclip, clip, density-filter"),
         (["-A", "n_poison=-5"], {}, "badnet: n_poison must be >= 0, got -5"),
         (["-A", "n_poison=five"], {}, "bad value 'five' for n_poison (int)"),
         (["--data", "csv:/nope.csv"], {}, "no CSV file at /nope.csv"),

@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import plugins.demo_attack  # noqa: F401  (registers "demo-frame" before the lists below are built)
+import plugins.demo_defenses  # noqa: F401  (one defense of each kind, README "Adding a defense")
 from poisonbench.attacks.backdoor import BackdoorAttack
 from poisonbench.attacks.base import Attack
 from poisonbench.config import PROFILES, resolve

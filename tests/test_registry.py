@@ -18,7 +18,7 @@ def test_unknown_name_lists_valid_choices():
     with pytest.raises(RegistryError) as e:
         poisonbench.get_attack("badnett")
     assert "badnet" in str(e.value) and "none" in str(e.value)
-    with pytest.raises(RegistryError, match="valid defenses: aug-only, cleanclip, clip, density-filter, roclip"):
+    with pytest.raises(RegistryError, match="valid defenses: aug-only, cleanclip, clip, density-filter"):
         poisonbench.get_defense("nope")
 
 
