@@ -57,11 +57,7 @@ def tradeoff(board: pd.DataFrame, plt):
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(attacks):]:
-        ax.axis("off")
-    fig.suptitle("ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, axes, len(attacks), "ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
 
 
 def asr_bars(board: pd.DataFrame, plt):
@@ -158,9 +154,15 @@ def roc(board: pd.DataFrame, plt):
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(attacks):]:
+    return _finish(fig, axes, len(attacks), "Data filters: ROC of their scores per attack (mean over seeds; upper left is better)")
+
+
+def _finish(fig, axes, used: int, title: str):
+    """A figure of per-attack panels made ready: the panels after the first ``used`` hidden, the
+    title set, the layout tightened."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
-    fig.suptitle("Data filters: ROC of their scores per attack (mean over seeds; upper left is better)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
