@@ -256,7 +256,8 @@ class Files:
         rest = order[p.n_heldout :].sort().values
         if p.n_train:
             if p.n_train > len(rest):
-                raise ValueError(f"files: n_train={p.n_train} exceeds the {len(rest)} pairs left after n_heldout")
+                raise ValueError(f"files: n_train={p.n_train} exceeds the {len(rest)} pairs left after n_heldout; train on "
+                                 f"all of them with --dataset-param n_train=0, or lower n_heldout")
             rest = rest[torch.randperm(len(rest), generator=g)[: p.n_train]].sort().values
         heldout = None
         if p.n_heldout:  # decoded: the evaluation code takes in-memory images
