@@ -5,6 +5,8 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.poisonbench-installed
 RESULTS ?= results
+# make demo writes to a folder of its own, so the committed reference leaderboard and plots stay as they are
+DEMO_RESULTS ?= results/demo
 
 .PHONY: setup data demo leaderboard perf test test-fast clean
 
@@ -29,8 +31,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/bench run --attack badnet --defense clip,roclip --results $(RESULTS)
-	$(BIN)/bench report --results $(RESULTS)
+	$(BIN)/bench run --attack badnet --defense clip,roclip --results $(DEMO_RESULTS)
+	$(BIN)/bench report --results $(DEMO_RESULTS)
 
 # The reference leaderboard: every attack x clip, roclip, aug-only x seeds 0-2 on cpu-small.
 leaderboard: setup
