@@ -148,13 +148,16 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def git_rev() -> str:
-    """The source tree's git commit (with ``-dirty`` for local changes), or ``unknown``."""
+    """The source tree's git commit (with ``-dirty`` when the package's own files have local
+    changes: results, docs or a README edited beside a running grid do not count), or ``unknown``."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+        source = [":/benchmark", ":/attacks", ":/defenses", ":/datasets", ":/pyproject.toml"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *source], cwd=here, capture_output=True,
+                               text=True, timeout=5)
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -131,3 +131,20 @@ def test_a_row_of_schema_1_is_read_with_the_columns_of_schema_2_and_still_report
     assert df.loc[old_cfg.run_id, "p_dataset_n_train"] == 512  # from the row's config
     board = load_leaderboard(tmp_path)
     assert len(board) == 1 and board.loc[0, "seeds"] == 2 and board.loc[0, "asr"] == pytest.approx(0.6)
+
+
+def test_git_rev_is_not_dirty_for_files_outside_the_package():
+    """A results folder or a note beside the package (untracked or edited) is not a change of the code."""
+    from pathlib import Path
+
+    from poisonbench.runner import git_rev
+
+    before = git_rev()
+    if before.endswith("-dirty") or before == "unknown":
+        pytest.skip(f"the package itself has local changes or no git ({before}): nothing to compare")
+    probe = Path(__file__).resolve().parent.parent / "docs" / "_git_rev_probe.md"
+    try:
+        probe.write_text("not code\n")
+        assert git_rev() == before
+    finally:
+        probe.unlink(missing_ok=True)
