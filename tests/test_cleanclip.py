@@ -9,6 +9,7 @@ import os
 import socket
 
 import pytest
+from train_spy import Trainings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -499,29 +500,6 @@ def e2e_cell(defense, bundle):
 
     return runner.prepare(resolve("badnet", defense, "tiny", 0, E2E_ATTACK, dataset_params=E2E_EVAL, epochs=1), "cpu",
                           data=bundle)
-
-
-class Trainings:
-    """Counts the runner's calls of ``train`` as (defense of the config, phase name or None);
-    with ``kill_after``, raises KeyboardInterrupt after that epoch of a phase (a kill)."""
-
-    def __init__(self, mp, kill_after=None):
-        from poisonbench import runner
-        from poisonbench.train import train
-
-        self.calls = []
-
-        def counted(model, tokenizer, data, defense, cfg, device, checkpoint=None, progress=True, on_epoch_end=None,
-                    phase=None, **kw):
-            self.calls.append((cfg.defense, phase.name if phase else None))
-
-            def hook(epoch, model):
-                if phase is not None and epoch == kill_after:
-                    raise KeyboardInterrupt("killed after the first fine-tuning epoch")
-
-            return train(model, tokenizer, data, defense, cfg, device, checkpoint, progress, hook, phase, **kw)
-
-        mp.setattr(runner, "train", counted)
 
 
 @pytest.fixture(scope="module")

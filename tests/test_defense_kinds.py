@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import sys
-import types
 
 import pandas as pd
 import pytest
+from train_spy import Trainings
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -27,7 +26,7 @@ from poisonbench.losses import info_nce
 from poisonbench.preprocess import eval_geometry, normalize
 from poisonbench.registry import DATASETS, DEFENSES, param, register_defense
 from poisonbench.store import read_runs
-from poisonbench.train import NonFiniteLossError, task_loss, train
+from poisonbench.train import NonFiniteLossError, task_loss
 
 ATTACK = {"n_poison": 20}
 SMALL_EVAL = {"n_eval": 100, "n_probe": 100, "n_heldout": 50}  # the tiny profile's training data, a smaller evaluation
@@ -136,58 +135,15 @@ def bundle():
     return ds(ds.Params(**cfg.dataset_params)).load(0)
 
 
-@pytest.fixture(scope="module")
-def detection():
-    """``poisonbench.detection`` (issue 14 item 4, from another branch); until it is merged, a
-    minimal stand-in computing the AUROC alone, so that the runner's call site is exercised."""
-    try:
-        import poisonbench.detection  # noqa: F401
-        yield
-        return
-    except ModuleNotFoundError:
-        pass
-
-    def detection_metrics(scores, is_poison, kept):
-        pos, neg = scores[is_poison], scores[~is_poison]
-        auroc = ((pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()).mean()
-        return {"auroc": float(auroc)}
-
-    module = types.ModuleType("poisonbench.detection")
-    module.detection_metrics = detection_metrics
-    sys.modules["poisonbench.detection"] = module
-    yield
-    del sys.modules["poisonbench.detection"]
-
-
 def cell(defense: str, bundle, **kw):
     cfg = resolve("badnet", defense, "tiny", 0, ATTACK, dataset_params=SMALL_EVAL, epochs=1, **kw)
     return runner.prepare(cfg, "cpu", data=bundle)
 
 
-class Trainings:
-    """Counts the calls of ``runner.train``: (defense of the config, phase name or None)."""
-
-    def __init__(self, monkeypatch, raise_in_phase_epoch: int | None = None):
-        self.calls: list[tuple[str, str | None]] = []
-        real = train
-
-        def counted(model, tokenizer, data, defense, cfg, device, checkpoint=None, progress=True, on_epoch_end=None,
-                    phase=None, **kw):
-            self.calls.append((cfg.defense, phase.name if phase else None))
-
-            def hook(epoch, model):
-                if phase is not None and epoch == raise_in_phase_epoch:
-                    raise KeyboardInterrupt("killed after the first fine-tuning epoch")
-
-            return real(model, tokenizer, data, defense, cfg, device, checkpoint, progress, hook, phase, **kw)
-
-        monkeypatch.setattr(runner, "train", counted)
-
-
 # --- the cells ---------------------------------------------------------------------------------
 
 def test_cache_is_trained_once_and_the_undefended_cell_reuses_it_with_the_same_numbers(
-        bundle, detection, tmp_path, monkeypatch):
+        bundle, tmp_path, monkeypatch):
     # the undefended cell alone: trained, its model written to the cache
     alone = tmp_path / "alone"
     clip = cell(UNDEFENDED, bundle)
@@ -229,7 +185,7 @@ def test_cache_is_trained_once_and_the_undefended_cell_reuses_it_with_the_same_n
 
     # kill the repair after its first fine-tuning epoch, rerun: resumed, same numbers
     killed = tmp_path / "killed"
-    count = Trainings(monkeypatch, raise_in_phase_epoch=1)
+    count = Trainings(monkeypatch, kill_after=1)
     with pytest.raises(KeyboardInterrupt):
         runner.execute(cell("toy-two-term-repair", bundle), killed, progress=False)
     assert count.calls == [(UNDEFENDED, None), ("toy-two-term-repair", "finetune")]
