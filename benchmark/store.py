@@ -13,6 +13,8 @@ where an attack and a defense parameter shared a name), no dataset parameters; 2
 """
 from __future__ import annotations
 
+import typing
+
 import contextlib
 import fcntl
 import json
@@ -37,14 +39,76 @@ def runs_dir(results: str | Path) -> Path:
     return Path(results) / "runs"
 
 
+_TARGET = pa.struct([("eval_row", pa.int64()), ("true_class", pa.string()), ("adversarial_class", pa.string()),
+                     ("true_index", pa.int64()), ("adversarial_index", pa.int64()),
+                     ("predicted_class", pa.string()), ("predicted_index", pa.int64()), ("success", pa.bool_())])
+_S, _I, _F = pa.string(), pa.int64(), pa.float64()
+# Every column the engine writes, typed: each row file carries all of them (absent values as typed
+# nulls), so pandas.read_parquet(runs/) and DuckDB read a store whole whichever file comes first.
+ENGINE_COLUMNS = pa.schema(
+    [(c, _S) for c in ("run_id", "status", "attack", "defense", "dataset", "model", "profile")]
+    + [(c, _I) for c in ("seed", "epochs", "batch_size", "world_size", "n_train", "n_poison")]
+    + [("poison_rate", _F), ("asr", _F)]
+    + [(c, _S) for c in ("manifest_hash", "config", "config_hash", "git_rev", "version", "device", "torch", "python",
+                         "error", "traceback", "poison_files", "start_model")]
+    + [(c, _I) for c in ("n_skipped", "n_eval_skipped", "steps", "resumed_from_epoch", "n_eval", "asr_n", "n_kept",
+                         "n_filtered", "n_finetune", "det_poisons_removed", "det_clean_removed", "det_n_poison", "det_n")]
+    + [(c, _F) for c in ("train_s", "data_wait_s", "augment_s", "final_loss", "clean_top1", "clean_top5",
+                         "zero_shot_s", "asr_top5", "clean_top1_nontarget", "attack_eval_s", "linear_probe_top1",
+                         "linear_probe_c", "probe_s", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                         "retrieval_s", "eval_s", "start_model_train_s", "score_s", "det_auroc", "det_ap",
+                         "det_tpr_at_1fpr", "det_tpr_at_5fpr", "det_fpr_at_95tpr", "wall_s")]
+    + [("det_roc_fpr", pa.list_(_F)), ("det_roc_tpr", pa.list_(_F)), ("targets", pa.list_(_TARGET)),
+       ("finished_at", _S)]
+)
+
+
+def _arrow_type(tp: Any) -> pa.DataType:
+    """The column type of a plugin parameter annotated ``tp`` (int, float, bool, str, Literal, Optional)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return _arrow_type(type(args[0]))
+    if args and typing.get_origin(tp) is not typing.Literal:
+        return _arrow_type(args[0])
+    return {int: _I, float: _F, bool: pa.bool_()}.get(tp, _S)
+
+
+def row_schema(row: dict[str, Any]) -> pa.Schema:
+    """The schema a row file is written with: ENGINE_COLUMNS, the ``p_<kind>_<k>`` column of every
+    parameter of every registered plugin, then the row's own other columns (a defense's ``d_*``
+    numbers, a task's ``final_loss_<term>``), typed from their values."""
+    from .registry import ATTACKS, DATASETS, DEFENSES
+
+    fields = list(ENGINE_COLUMNS)
+    for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES), ("dataset", DATASETS)):
+        for name in registry.names():
+            hints = typing.get_type_hints(registry.get(name).Params)
+            fields += [pa.field(f"p_{kind}_{k}", _arrow_type(t)) for k, t in hints.items()]
+    seen: set[str] = set()
+    fields = [f for f in fields if not (f.name in seen or seen.add(f.name))]  # one per name, the first
+    extra = {k: v for k, v in row.items() if k not in seen}
+    return pa.schema(fields + list(pa.Table.from_pylist([extra]).schema) if extra else fields)
+
+
 def write_row(row: dict[str, Any], results: str | Path) -> Path:
     """Write ``row`` (must have ``run_id``) to ``<results>/runs/<run_id>.parquet`` atomically,
-    replacing an earlier row of the same cell. Returns the path."""
-    table = pa.Table.from_pylist([row])
+    replacing an earlier row of the same cell, with every column of ``row_schema`` (absent ones as
+    typed nulls). Returns the path."""
+    schema = row_schema(row)
+    table = pa.Table.from_pylist([{k: _plain(row.get(k)) for k in schema.names}], schema=schema)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: SCHEMA_VERSION.encode()})
     path = runs_dir(results) / f"{row['run_id']}.parquet"
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (as read back from Parquet) as Python values pyarrow converts by schema."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float) and value != value:
+        return None  # NaN of a missing metric: a typed null
+    return value
 
 
 class CellBusyError(RuntimeError):

@@ -148,3 +148,27 @@ def test_git_rev_is_not_dirty_for_files_outside_the_package():
         assert git_rev() == before
     finally:
         probe.unlink(missing_ok=True)
+
+
+def test_pandas_reads_a_mixed_store_whole_whichever_file_comes_first(tmp_path):
+    """Every row file carries the full column set: a targeted row (targets, asr_top5), a backdoor
+    row and a filter row (det_*) read together through pandas.read_parquet(runs/) lose nothing."""
+    base = {"status": "ok", "attack": "badnet", "defense": "clip", "seed": 0, "clean_top1": 0.5}
+    rows = [
+        {**base, "run_id": "a", "clean_top1_nontarget": 0.4, "p_attack_patch_size": 4},
+        {**base, "run_id": "b", "attack": "targeted", "asr_top5": 0.25,
+         "targets": [{"eval_row": 3, "true_class": "bag", "adversarial_class": "coat", "true_index": 8,
+                      "adversarial_index": 4, "predicted_class": "coat", "predicted_index": 4, "success": True}]},
+        {**base, "run_id": "c", "defense": "density-filter", "det_auroc": 0.9, "det_roc_fpr": [0.0, 1.0],
+         "d_custom": 3.5},
+    ]
+    for row in rows:
+        write_row(row, tmp_path)
+    whole = pd.read_parquet(tmp_path / "runs").set_index("run_id")
+    assert whole.loc["a", "clean_top1_nontarget"] == 0.4 and whole.loc["a", "p_attack_patch_size"] == 4
+    assert whole.loc["b", "asr_top5"] == 0.25 and whole.loc["b", "targets"][0]["adversarial_index"] == 4
+    assert whole.loc["c", "det_auroc"] == 0.9 and list(whole.loc["c", "det_roc_fpr"]) == [0.0, 1.0]
+    assert pd.isna(whole.loc["a", "det_auroc"]) and pd.isna(whole.loc["c", "asr_top5"])
+    files = sorted((tmp_path / "runs").glob("*.parquet"))
+    common = set(pq.read_schema(files[0]).names)
+    assert all(set(pq.read_schema(f).names) >= common - {"d_custom"} for f in files)
