@@ -111,6 +111,15 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with its sum over the ranks (same shape and dtype on every
+    rank) and return it; the identity in one process. E.g. each rank fills its share of a
+    zero-initialised tensor, and every rank ends with the whole."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def gather_with_grad(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The embeddings of the global batch, ranks in order, with gradients flowing back to every
     rank's own rows: float [B, D] per rank -> float [B * world, D] (the same values on every rank).

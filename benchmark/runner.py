@@ -88,6 +88,7 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         attack.check(data)
         plan = attack.poison(data)
         defense.check(len(plan.train))
+        defense.check_run(cfg)
         check_kind(cfg, defense, dataset, data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e

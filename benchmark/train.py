@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import distributed
 from .config import RunConfig
 from .datasets.base import CaptionDataset, is_lazy
-from .defenses.base import Defense, PhaseSettings, TaskBatch, TrainingTask, TrainState
+from .defenses.base import Defense, EpochContext, PhaseSettings, TaskBatch, TrainingPass, TrainingTask, TrainState
 from .evaluate import encode_tokens
 from .preprocess import eval_geometry, normalize
 from .models import image_size
@@ -187,7 +187,7 @@ def train(
         return distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
 
     fetch = {"wait_s": 0.0}
-    augment_s = 0.0
+    augment_s, rate = 0.0, 0.0
     t0 = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -207,43 +207,58 @@ def train(
         bar_task = bar.add_task(title, total=total, completed=step, loss=float("nan"), rate=0.0)
         for epoch in range(start_epoch, settings.epochs + 1):
             torch.manual_seed(augment_seed(cfg.seed, epoch, rank, world, tag))
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, *tag, "shuffle", epoch)))
+            shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, *tag, "shuffle", epoch))
+            passes = [(None, torch.randperm(n, generator=shuffle), None)]  # the default: one pass over every row
             defense.start_epoch(TrainState(epoch, step, encode_captions))
+            if task:
+                plan = defense.plan_epoch(epoch, EpochContext(model, data, settings.epochs, steps_per_epoch, step, size, device))
+                model.train()
+                if plan is not None:
+                    passes = [(p.group, shuffled(p, cfg.seed, tag, epoch), p.lr) for p in plan]
+                    planned = sum(len(rows) // global_bs for _, rows, _ in passes)
+                    bar.update(bar_task, total=step + planned + steps_per_epoch * (settings.epochs - epoch))
             bar.update(bar_task, description=f"{title}  epoch {epoch}/{settings.epochs}")
-            t_epoch = time.perf_counter()
-            batches = prefetched(data.images, batch_rows(order, steps_per_epoch, bs, rank, world), fetch,
-                                 background=device.type == "cuda" or is_lazy(data.images))
-            for b, (idx, images) in enumerate(batches):
-                if task:  # the task runs the forward pass and returns named loss terms
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        terms = defense.step(net, TaskBatch(idx, images, tokens[idx], size, device), TrainState(epoch, step))
-                    loss = task_loss(terms, step, epoch, defense.name)
-                    loss_terms = {k: v.item() for k, v in terms.items()}
-                else:
-                    if transform is not None:
-                        t_aug = time.perf_counter()
-                        images = transform(images.to(device).float() / 255.0)
-                        augment_s += time.perf_counter() - t_aug
+            t_epoch, done = time.perf_counter(), 0
+            for group, order, pass_lr in passes:
+                n_steps = len(order) // global_bs
+                batches = prefetched(data.images, batch_rows(order, n_steps, bs, rank, world), fetch,
+                                     background=device.type == "cuda" or is_lazy(data.images))
+                for b, (idx, images) in enumerate(batches):
+                    if task:  # the task runs the forward pass and returns named loss terms
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            terms = defense.step(net, TaskBatch(idx, images, tokens[idx], size, device),
+                                                 TrainState(epoch, step, group=group or ""))
+                        loss = task_loss(terms, step, epoch, defense.name)
+                        loss_terms.update({k: v.item() for k, v in terms.items()})
                     else:
-                        images = eval_geometry(images, size).to(device)
-                    x = normalize(images)
-                    t = tokens[idx].to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        img_emb, txt_emb, scale = net(x, t)
-                        img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
-                        loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(step, epoch, loss.item())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                step += 1
-                loss_value = loss.item()
-                rate = (b + 1) * global_bs / (time.perf_counter() - t_epoch)
-                bar.update(bar_task, advance=1, loss=loss_value, rate=rate)
+                        if transform is not None:
+                            t_aug = time.perf_counter()
+                            images = transform(images.to(device).float() / 255.0)
+                            augment_s += time.perf_counter() - t_aug
+                        else:
+                            images = eval_geometry(images, size).to(device)
+                        x = normalize(images)
+                        t = tokens[idx].to(device, non_blocking=True)
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            img_emb, txt_emb, scale = net(x, t)
+                            img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
+                            loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLossError(step, epoch, loss.item())
+                    if pass_lr is not None:  # the pass's own schedule sets this step's learning rate
+                        for g in optimizer.param_groups:
+                            g["lr"] = pass_lr(b, n_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    step += 1
+                    done += 1
+                    loss_value = loss.item()
+                    rate = done * global_bs / (time.perf_counter() - t_epoch)
+                    bar.update(bar_task, advance=1, loss=loss_value, rate=rate)
             if progress and main:  # one line per epoch: a log that survives when the bar is not a live terminal
                 parts = "".join(f", {k} {v:.3f}" for k, v in loss_terms.items())
                 bar.console.print(f"{'' if phase is None else settings.name + ' '}epoch {epoch}/{settings.epochs}: "
@@ -277,6 +292,14 @@ def task_loss(terms: dict[str, torch.Tensor], step: int, epoch: int, who: str = 
             raise NonFiniteLossError(step, epoch, value.item(), name)
         total = value if total is None else total + value
     return total.reshape(())
+
+
+def shuffled(p: TrainingPass, seed: int, tag: tuple, epoch: int) -> torch.Tensor:
+    """The rows of a planned pass in the order the trainer runs them: a permutation seeded by
+    (seed, phase, epoch, the pass's group), the same on every rank."""
+    rows = torch.as_tensor(p.rows, dtype=torch.int64)
+    g = torch.Generator().manual_seed(derive_seed(seed, *tag, "shuffle", epoch, p.group))
+    return rows[torch.randperm(len(rows), generator=g)]
 
 
 def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, world: int = 1):

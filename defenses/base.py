@@ -45,11 +45,14 @@ class TrainState:
         step: global optimizer step, 0-indexed.
         encode_captions: function n -> float [n, D] L2-normalised text embeddings (no gradient) of
             n training captions drawn at random, for defenses that need a warm caption pool.
+        group: the pass of the epoch the step belongs to, as a ``TrainingTask.plan_epoch`` named
+            it (e.g. SafeCLIP's "risky" and "safe"); "" in the default single pass.
     """
 
     epoch: int
     step: int
     encode_captions: Optional[Callable[[int], torch.Tensor]] = None
+    group: str = ""  # the pass of the epoch a task's step belongs to (``TrainingPass.group``); "" for the default pass
 
 
 class DefenseBase:
@@ -67,6 +70,11 @@ class DefenseBase:
     def check(self, train_size: int) -> None:
         """Raise ValueError naming the problem if the defense cannot run on ``train_size``
         training pairs, or a resource it needs (e.g. WordNet) is missing; called before training."""
+
+    def check_run(self, cfg) -> None:
+        """Raise ValueError naming the problem if the defense cannot run the settings of cell
+        ``cfg`` (a ``config.RunConfig``: epochs, batch size, profile), e.g. a schedule of phases
+        longer than the run; called before training, after ``check``. Default: nothing."""
 
     def metrics(self) -> dict[str, float | int | list]:
         """The defense's own numbers for the cell's row, called once after training and
@@ -133,6 +141,52 @@ class TaskBatch:
     device: torch.device
 
 
+@dataclass
+class TrainingPass:
+    """One pass of an epoch over a subset of the training rows, as ``TrainingTask.plan_epoch``
+    plans it (SafeCLIP: a unimodal pass over the risky pairs, then a CLIP pass over the safe ones).
+
+    Attributes:
+        group: the pass's name: the task's ``step`` sees it as ``state.group``, and the pass's
+            shuffle is seeded by it.
+        rows: int64 [M], training rows (indices into the ``CaptionDataset``), the same on every
+            rank. The trainer shuffles them (seeded by seed, epoch and group) and runs
+            floor(M / global batch) steps (the last partial batch is dropped, as the official
+            loaders do; a pass smaller than one global batch runs no step).
+        lr: function (0-indexed batch of the pass, batches in the pass) -> the absolute learning
+            rate of that step, for a task with schedules of its own per pass; None: the phase's
+            schedule (``lr_lambda``) continues.
+    """
+
+    group: str
+    rows: torch.Tensor
+    lr: Optional[Callable[[int, int], float]] = None
+
+
+@dataclass
+class EpochContext:
+    """What ``TrainingTask.plan_epoch`` is given at the start of an epoch.
+
+    Attributes:
+        model: the model being trained (not the DistributedDataParallel wrapper), in train mode;
+            a task that scores with it under ``torch.no_grad()`` may switch it to eval mode (the
+            trainer switches it back).
+        data: the training ``CaptionDataset`` (N pairs; its ``is_poison`` flags are for
+            diagnostics only: a defense must never act on them).
+        epochs: the phase's epochs (>= 1). steps_per_epoch: optimizer steps of one full pass over
+            the N rows, floor(N / global batch). step: optimizer steps taken so far in the phase.
+        image_size: S, the model's input side in pixels. device: where the model is.
+    """
+
+    model: torch.nn.Module
+    data: object
+    epochs: int
+    steps_per_epoch: int
+    step: int
+    image_size: int
+    device: torch.device
+
+
 class TrainingTask(Defense):
     """The in-training task kind (``kind = "task"``): owns the forward pass of a batch, as an
     open_clip ``TrainingTask`` does, and returns named scalar loss terms, which the trainer sums
@@ -140,8 +194,9 @@ class TrainingTask(Defense):
 
     The trainer calls ``prepare`` once before training, ``lr_lambda`` and ``start_optimizer``
     when it builds the phase's scheduler and AdamW (defaults: the trainer's schedule, a fresh
-    AdamW), ``start_epoch`` before each epoch (it may embed the whole training set and route rows,
-    SafeCLIP), and ``step`` for every batch inside the trainer's autocast (bf16 on CUDA). ``loss`` and ``train_transform`` are not used. The task uses
+    AdamW), ``start_epoch`` and then ``plan_epoch`` before each epoch (the latter may embed the
+    whole training set and route rows into passes with learning rates of their own, SafeCLIP), and
+    ``step`` for every batch inside the trainer's autocast (bf16 on CUDA). ``loss`` and ``train_transform`` are not used. The task uses
     ``poisonbench.preprocess`` itself and, under DDP, ``poisonbench.distributed.gather_with_grad``
     (``model`` is then the DistributedDataParallel wrapper; every rank runs the same task).
     """
@@ -151,6 +206,17 @@ class TrainingTask(Defense):
     def prepare(self, captions: list[str], tokenizer) -> None:
         """Called once before training with the N training captions and the model's tokenizer
         (list[str] -> int64 [N, L]), e.g. to compute text views. Default: nothing."""
+
+    def plan_epoch(self, epoch: int, ctx: EpochContext) -> Optional[list[TrainingPass]]:
+        """The passes of ``epoch`` (1-indexed), run in order, or None (the default) for the
+        trainer's one pass over every row. Called after ``start_epoch``, with torch's global RNG
+        already seeded for the epoch; a task that draws random numbers here (e.g. augmented views
+        to score) should draw them from a generator or ``torch.random.fork_rng`` of its own, so
+        that every rank plans the same passes. Under DDP every rank calls it and must return the
+        same rows (``poisonbench.distributed`` has the collectives). Whatever the plan depends on
+        besides the model and the epoch belongs in ``state_dict``, so that a resumed run plans
+        the same passes."""
+        return None
 
     def step(self, model: torch.nn.Module, batch: TaskBatch, state: TrainState) -> dict[str, torch.Tensor]:
         """Named scalar loss terms (float tensors with gradient) of ``batch``; the trainer

@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -302,8 +303,69 @@ def test_more_processes_than_gpus_is_refused_before_anything_runs(tmp_path, monk
     assert not (tmp_path / "runs").exists()
 
 
+# --- d. SafeCLIP: the split and the memory banks are the same on every rank -----------------
+
+SAFECLIP = {"inmodal_warmup": 1, "multimodal_warmup": 0, "bank_size": 16, "score_batch": 16, "warmup_steps": 1}
+
+
+def safeclip_task():
+    from poisonbench.defenses.safeclip import SafeCLIP, SafeCLIPParams
+
+    return SafeCLIP(SafeCLIPParams(**{**resolve("none", "safeclip", "tiny").defense_params, **SAFECLIP}), seed=0)
+
+
+def fixed_model_similarities(task, data):
+    """The task's scores of ``data`` at epoch 2 under a fresh seeded model (no training)."""
+    from poisonbench.defenses.base import EpochContext
+
+    torch.manual_seed(0)
+    model, tokenizer = create_model("poisonbench-tiny")
+    task.prepare(list(data.captions), tokenizer)
+    return task.similarities(EpochContext(model, data, 3, 5, 0, 28, torch.device("cpu")), 2)
+
+
+def safeclip_scenario(rank, out):
+    from poisonbench.train import train
+
+    cfg = resolve("none", "safeclip", "tiny", defense_params=SAFECLIP, epochs=3, batch_size=4)
+    task, plans, ptr = safeclip_task(), {}, {}
+    plan_epoch = task.plan_epoch
+
+    def recorded(epoch, ctx):
+        passes = plan_epoch(epoch, ctx)
+        plans[epoch] = [(p.group, p.rows.clone()) for p in passes]
+        return passes
+
+    task.plan_epoch = recorded
+    torch.manual_seed(0)
+    model, tokenizer = create_model("poisonbench-tiny")
+    data = tiny_data()
+    train(model, tokenizer, data, task, cfg, torch.device("cpu"), out / "last.pt", progress=False,
+          on_epoch_end=lambda epoch, _m: ptr.setdefault(epoch, [b.ptr for b in task.banks]))
+    return {"plans": plans, "banks": [b.state_dict() for b in task.banks], "ptr": ptr, "model": model.state_dict(),
+            "metrics": task.metrics(), "sim": torch.from_numpy(fixed_model_similarities(safeclip_task(), data))}
+
+
+def test_safeclip_split_and_banks_are_the_same_on_every_rank(scenarios):
+    a, b = (scenarios("safeclip", r) for r in range(WORLD))
+    assert sorted(a["plans"]) == [1, 2, 3] and [g for g, _ in a["plans"][3]] == ["risky", "safe"]
+    for epoch, passes in a["plans"].items():
+        for (ga, ra), (gb, rb) in zip(passes, b["plans"][epoch]):
+            assert ga == gb and torch.equal(ra, rb), epoch
+    assert a["metrics"] == b["metrics"] and a["metrics"]["filter_epoch"] == [2, 3]
+    for bank_a, bank_b in zip(a["banks"], b["banks"]):
+        assert torch.equal(bank_a["bank"], bank_b["bank"]) and bank_a["ptr"] == bank_b["ptr"]
+    # epoch 1: 5 steps, each enqueueing the global batch of 8 into 16 rows: 8, 0, 8, 0, 8 (4 per rank would end at 4)
+    assert a["ptr"][1] == b["ptr"][1] == [8, 8]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    # the scores do not depend on the number of processes: each chunk is seeded on its own
+    one_process = fixed_model_similarities(safeclip_task(), tiny_data())
+    assert torch.equal(a["sim"], b["sim"]) and np.allclose(a["sim"].numpy(), one_process, atol=1e-6)
+
+
 SCENARIOS = {"gradients": gradients_scenario, "pool": pool_scenario, "resume": resume_scenario,
-             "pool_without_gather": pool_without_gather_scenario, "cell": cell_scenario}
+             "pool_without_gather": pool_without_gather_scenario, "cell": cell_scenario, "safeclip": safeclip_scenario}
 
 
 @pytest.mark.slow
