@@ -34,12 +34,14 @@ demo: setup
 	$(BIN)/bench run --attack badnet --defense clip,roclip --results $(DEMO_RESULTS)
 	$(BIN)/bench report --results $(DEMO_RESULTS)
 
-# The reference leaderboard: every attack x clip, roclip, aug-only x seeds 0-2 on cpu-small.
-# Its rows and manifests are committed in results/reference (a session runs only the missing cells).
+# The reference leaderboard: every attack x every defense x seeds 0-2 on cpu-small. Its rows and
+# manifests are committed in results/reference (a session runs only the missing cells); the
+# leaderboard and its plots go to results/LEADERBOARD.md and results/plots/ (committed).
 REFERENCE ?= results/reference
+REFERENCE_DEFENSES ?= clip,roclip,aug-only,density-filter,cleanclip,safeclip
 leaderboard: setup
-	$(BIN)/bench run --attack all --defense clip,roclip,aug-only --seed 0-2 --jobs 2 --results $(REFERENCE)
-	$(BIN)/bench report --results $(REFERENCE) --format md --out results/LEADERBOARD.md
+	$(BIN)/bench run --attack all --defense $(REFERENCE_DEFENSES) --seed 0-2 --jobs 2 --results $(REFERENCE)
+	$(BIN)/bench report --results $(REFERENCE) --format md --out results/LEADERBOARD.md --plots-dir results/plots
 
 # Harness speed on this machine (README, "Performance"): keep the machine otherwise idle.
 perf: setup

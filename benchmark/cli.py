@@ -569,8 +569,11 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
               help="Write to this file instead of the terminal (with --format table: Markdown).")
 @click.option("--html", "html_page", is_flag=True, help="Also write RESULTS/report.html (tables and plots, self-contained).")
 @click.option("--plots/--no-plots", default=True, show_default=True,
-              help="Write the plots (PNG and SVG) to RESULTS/plots/ and put them in the HTML page.")
-def report(results, fmt, out, html_page, plots) -> None:
+              help="Write the plots (PNG and SVG) to RESULTS/plots/ (or --plots-dir) and put them in the HTML page.")
+@click.option("--plots-dir", type=click.Path(file_okay=False),
+              help="Folder for the plots instead of RESULTS/plots/ (e.g. results/plots for the committed "
+                   "reference leaderboard's).")
+def report(results, fmt, out, html_page, plots, plots_dir) -> None:
     """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
     accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
 
@@ -591,7 +594,7 @@ def report(results, fmt, out, html_page, plots) -> None:
         from .plots import save_plots
 
         try:
-            paths = save_plots(board, Path(results) / "plots")
+            paths = save_plots(board, Path(plots_dir) if plots_dir else Path(results) / "plots")
         except OSError as e:
             err_console.print(f"[yellow]plots not written ({escape(str(e))}); use --no-plots for a read-only results "
                               "folder[/yellow]")

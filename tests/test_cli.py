@@ -38,6 +38,10 @@ def test_tiny_run_then_report(tmp_path):
     out_file = tmp_path / "board.csv"
     assert bench("report", "--results", res, "--format", "csv", "--out", str(out_file)).exit_code == 0
     assert out_file.read_text().startswith("attack,defense,profile,setting,seeds,clean_top1")
+    plots = tmp_path / "committed plots"
+    assert bench("report", "--results", res, "--format", "md", "--out", str(tmp_path / "b.md"),
+                 "--plots-dir", str(plots)).exit_code == 0
+    assert (plots / "asr_vs_clean.png").is_file() and (plots / "asr_vs_clean.svg").is_file()
 
 
 def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):
