@@ -120,6 +120,12 @@ def grid_options(f):
         click.option("--epochs", type=int, help="Override the profile's epochs."),
         click.option("--batch-size", type=int, help="Override the profile's batch size."),
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
+        click.option("--model", help="open_clip architecture instead of the profile's (`python -c \"import open_clip; "
+                                     "print(open_clip.list_models())\"`, or poisonbench-tiny / poisonbench-cpu-small)."),
+        click.option("--init", default="scratch", show_default=True, metavar="scratch|checkpoint:PATH|pretrained:ARCH/TAG",
+                     help="Starting weights: random (seeded by the cell), an open_clip state dict or checkpoint "
+                          "file, or open_clip pretrained weights already on this machine (the Hugging Face cache; "
+                          "nothing is downloaded), e.g. pretrained:RN50/openai with --model RN50."),
         click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Processes that train each cell together (torch.distributed DDP, started with torchrun): "
                           "one per GPU on CUDA (process r uses cuda:r), gloo on the CPU, where each gets "
@@ -134,7 +140,7 @@ def grid_options(f):
 
 
 def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-              epochs, batch_size, lr, nproc, results, finetune_data=None):
+              epochs, batch_size, lr, nproc, results, finetune_data=None, model=None, init="scratch"):
     """The grid_options as one grid.GridSpec (``nproc``: the processes of each cell);
     click.UsageError naming the problem."""
     from .grid import GridSpec, parse_assignments
@@ -143,7 +149,8 @@ def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data,
         return GridSpec(
             attack, defense, profile, seed,
             parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
-            {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None},
+            {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "model": model,
+                               "init": None if init == "scratch" else init}.items() if v is not None},
             data, eval_set, nproc, str(results), finetune_data,
         )
     except ValueError as e:
@@ -218,7 +225,7 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
-        batch_size, lr, nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
+        batch_size, lr, model, init, nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
         cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -269,7 +276,7 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
                                    "drop --nproc and --jobs (torchrun's --nproc_per_node sets the processes)")
         nproc = distributed.launched_world_size()  # the cells are those of torchrun's processes
     spec = grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-                     epochs, batch_size, lr, nproc, results, finetune_data)
+                     epochs, batch_size, lr, nproc, results, finetune_data, model, init)
     cfgs = expand_grid(spec)
     if distributed.launched():
         run_here(cfgs, results, device, force, keep_checkpoint, quiet)
@@ -437,7 +444,7 @@ def check_writable(results) -> None:
 @main.command()
 @grid_options
 def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
-           batch_size, lr, nproc, results) -> None:
+           batch_size, lr, model, init, nproc, results) -> None:
     """List the cells of a grid (same options as `bench run`, --nproc included; for a grid run on
     SLURM with --gpus-per-node N > 1, --nproc N) as done, running, failed or pending."""
     from collections import Counter
@@ -445,7 +452,7 @@ def status(attack, defense, profile, seed, attack_param, defense_param, data, ev
     from .grid import state
 
     cfgs = expand_grid(grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set,
-                                 dataset_param, epochs, batch_size, lr, nproc, results, finetune_data))
+                                 dataset_param, epochs, batch_size, lr, nproc, results, finetune_data, model, init))
     console.print(grid_table(cfgs, results))
     counts = Counter(state(c, results) for c in cfgs)
     console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))

@@ -144,8 +144,10 @@ class RunConfig:
     # existed before them keeps its run id and its finished results (``identity``).
     # world_size: processes that train the cell together (--nproc, torchrun's WORLD_SIZE).
     world_size: int = field(default=1, metadata={"hash_default": False})
-    # The planned starting point (--init: scratch, checkpoint:PATH, pretrained:ARCH/TAG) belongs
-    # here the same way: init: str = field(default="scratch", metadata={"hash_default": False}).
+    # init: the cell's starting weights (--init; models.parse_init): scratch, checkpoint:PATH or
+    # pretrained:ARCH/TAG. The file's path (not its content) is part of the run id; the row
+    # records the file's SHA-256 (init_sha256).
+    init: str = field(default="scratch", metadata={"hash_default": False})
 
     def to_dict(self) -> dict[str, Any]:
         """The config as it is hashed into the run id and stored with the row (``identity``):
@@ -182,11 +184,11 @@ def resolve(
     set to the model's input size. ``world_size`` is the number of processes that will train the
     cell (``--nproc``, torchrun's WORLD_SIZE): the global batch is batch_size x world_size, so it is
     part of the cell. ``training`` may override epochs, batch_size, lr, warmup_steps, weight_decay
-    or model.
+    , model or init (the starting weights, ``models.parse_init``).
     Raises RegistryError (unknown name or parameter, listing valid ones) or ValueError.
     """
     prof = get_profile(profile)
-    allowed = {"epochs", "batch_size", "lr", "warmup_steps", "weight_decay", "model"}
+    allowed = {"epochs", "batch_size", "lr", "warmup_steps", "weight_decay", "model", "init"}
     unknown = set(training) - allowed
     if unknown:
         raise ValueError(f"unknown training settings {sorted(unknown)}; valid: {sorted(allowed)}")
@@ -197,6 +199,8 @@ def resolve(
     ds_fields = {f.name for f in dataclasses.fields(DATASETS.get(dataset).Params)}
     ds_over = {**{k: v for k, v in prof.dataset_params.items() if k in ds_fields}, **(dataset_params or {})}
     model = training.get("model", prof.model)
+    if "model" in training:
+        model_image_size(model)  # an unknown architecture is refused here, listing the valid ones
     ds_params = dataclasses.asdict(DATASETS.params(dataset, ds_over))
     if ds_params.get("image_size") == 0:
         ds_params["image_size"] = model_image_size(model)
@@ -216,7 +220,8 @@ def resolve(
         warmup_steps=int(training.get("warmup_steps", prof.warmup_steps)),
         weight_decay=float(training.get("weight_decay", prof.weight_decay)),
         world_size=int(world_size),
-    )
+        init=absolute_init(str(training.get("init", "scratch"))),
+    )  # a malformed spec is refused here; the file is checked before training (runner.prepare)
     for name in ("epochs", "batch_size", "world_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -229,6 +234,35 @@ def resolve(
     if not 0 <= cfg.seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {cfg.seed}")
     return cfg
+
+
+INIT_KINDS = ("scratch", "checkpoint:PATH", "pretrained:ARCH/TAG")
+
+
+def parse_init(spec: str) -> tuple[str, str]:
+    """(kind, argument) of an ``--init`` value: ``scratch`` (random weights seeded by the cell),
+    ``checkpoint:PATH`` (an open_clip state dict or training checkpoint file) or
+    ``pretrained:ARCH/TAG`` (an open_clip pretrained tag, from the local cache only).
+    Raises ValueError naming the valid forms."""
+    if spec == "scratch":
+        return "scratch", ""
+    kind, sep, arg = spec.partition(":")
+    if kind == "checkpoint" and arg:
+        return kind, arg
+    if kind == "pretrained" and arg.count("/") == 1 and all(arg.split("/")):
+        return kind, arg
+    raise ValueError(f"--init {spec!r} is not one of: {', '.join(INIT_KINDS)} (e.g. pretrained:RN50/openai)")
+
+
+def absolute_init(spec: str) -> str:
+    """``spec`` checked (``parse_init``), with a checkpoint's path made absolute, so that the
+    cell names the same file from any working directory."""
+    kind, arg = parse_init(spec)
+    if kind == "checkpoint":
+        from pathlib import Path
+
+        return f"checkpoint:{Path(arg).expanduser().resolve()}"
+    return spec
 
 
 def model_image_size(model: str) -> int:

@@ -92,7 +92,7 @@ def parse_assignments(items) -> dict[str, str]:
 
 
 # GridSpec.training keys -> the bench run / bench status option that sets them
-TRAINING_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr"}
+TRAINING_OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "model": "--model", "init": "--init"}
 
 
 @dataclass
@@ -107,7 +107,8 @@ class GridSpec:
         attack_params, defense_params, dataset_params: NAME -> comma list of values; each list is
             swept (the grid takes the product). An attack or defense sweep applies to the
             attacks/defenses that have the parameter.
-        training: epochs, batch_size, lr overrides (None keeps the profile's).
+        training: epochs, batch_size, lr, model overrides (None keeps the profile's) and init
+            (the starting weights; absent: scratch).
         data, eval: ``--data``/``--eval``: strings for the parameters of the one registered
             dataset that claims ``--data`` (``cli_options``, ``datasets.base.Dataset``), e.g.
             training pairs from files and their evaluation set; None keeps the profile's data.

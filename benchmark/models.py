@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import open_clip
 import torch
+
+from .config import parse_init
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -51,3 +54,78 @@ def image_size(model: torch.nn.Module) -> int:
     """Side length in pixels of the square images the model's vision tower expects."""
     size = model.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+# --- a cell's starting point (--init) ----------------------------------------------------------
+
+def pretrained_file(arch: str, tag: str) -> Path:
+    """The local file of open_clip's pretrained weights ``arch``/``tag``, looked up in the
+    Hugging Face cache (``HF_HUB_CACHE``, default ~/.cache/huggingface/hub) where
+    ``open_clip.create_model(arch, pretrained=tag)`` leaves it, or, for a weight that open_clip
+    downloads by URL, in ~/.cache/clip. Nothing is downloaded.
+
+    Raises ValueError (unknown tag, listing the model's tags) or FileNotFoundError saying where
+    to put the file."""
+    from open_clip import pretrained as pt
+
+    cfg = pt.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = pt.list_pretrained_tags_by_model(arch)
+        raise ValueError(f"open_clip has no pretrained weights {arch}/{tag}; its tags for {arch}: "
+                         f"{', '.join(tags) or 'none'}")
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" (open_clip's default file) or "org/name/file"
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str):
+                return Path(found)
+        where = (f"the Hugging Face cache as hf://{repo}/{names[0]} (on a machine with internet: python -c "
+                 f"\"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\", then copy "
+                 f"~/.cache/huggingface/hub/models--{repo.replace('/', '--')} here, or set HF_HUB_CACHE)")
+    else:
+        path = Path.home() / ".cache" / "clip" / os.path.basename(cfg["url"])
+        if path.is_file():
+            return path
+        where = f"{path} (downloaded from {cfg['url']})"
+    raise FileNotFoundError(f"--init pretrained:{arch}/{tag}: the weights are not on this machine and nothing is "
+                            f"downloaded; put them in {where}, or give --init checkpoint:PATH to a file you have")
+
+
+def init_file(spec: str, model_name: str) -> Path | None:
+    """The weights file a cell of architecture ``model_name`` starts from (None for scratch),
+    checked to exist. Raises ValueError (a bad spec; a pretrained architecture other than the
+    cell's) or FileNotFoundError (saying where the file should be)."""
+    kind, arg = parse_init(spec)
+    if kind == "scratch":
+        return None
+    if kind == "checkpoint":
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--init checkpoint:{arg}: no such file")
+        return path
+    arch, tag = arg.split("/")
+    if arch != model_name:
+        raise ValueError(f"--init pretrained:{arch}/{tag} is for model {arch}, but the cell's model is {model_name}; "
+                         f"add --model {arch}")
+    return pretrained_file(arch, tag)
+
+
+def load_init(model: torch.nn.Module, spec: str, model_name: str) -> Path | None:
+    """Load the starting weights ``spec`` (``parse_init``) into ``model`` in place, with
+    ``torch.load(weights_only=True)`` (open_clip's ``load_checkpoint``: a state dict, a training
+    checkpoint's ``state_dict``, ``module.`` prefixes stripped, safetensors), strictly: every
+    parameter must be in the file with its shape. Returns the file (None for scratch).
+    Raises ValueError when the file does not fit the architecture, FileNotFoundError as
+    ``init_file``."""
+    path = init_file(spec, model_name)
+    if path is None:
+        return None
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except (RuntimeError, KeyError, AssertionError) as e:  # open_clip asserts on some shape mismatches
+        first = str(e).strip().splitlines()[:3]
+        raise ValueError(f"--init {spec}: the weights do not fit model {model_name}: {' '.join(first)}") from None
+    return path

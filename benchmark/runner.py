@@ -32,7 +32,7 @@ from .defenses.base import KINDS, UNDEFENDED, DefenseBase
 from .detection import detection_metrics
 from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
 from .metrics import linear_probe, retrieval_recall
-from .models import create_model, image_size
+from .models import create_model, image_size, init_file, load_init
 from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .store import cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
@@ -89,6 +89,7 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         plan = attack.poison(data)
         defense.check(len(plan.train))
         defense.check_run(cfg)
+        init_file(cfg.init, cfg.model)  # the starting weights exist (FileNotFoundError says where they go)
         check_kind(cfg, defense, dataset, data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
@@ -252,11 +253,14 @@ def _train(cell: Cell, ckpt: Path, progress: bool, data: CaptionDataset | None =
 
 
 def fresh_model(cell: Cell):
-    """(model, tokenizer): the cell's architecture with the initial weights of its seed."""
+    """(model, tokenizer): the cell's architecture with its starting weights: those of ``--init``
+    (``models.load_init``), or for ``scratch`` the random initial weights of its seed."""
     if cell.device.type == "cpu":
         set_threads()
     torch.manual_seed(derive_seed(cell.cfg.seed, "model"))
-    return create_model(cell.cfg.model)
+    model, tokenizer = create_model(cell.cfg.model)
+    load_init(model, cell.cfg.init, cell.cfg.model)
+    return model, tokenizer
 
 
 # --- the cached undefended model -------------------------------------------------------------
