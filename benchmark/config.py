@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, unhashed_defaults
+from .init_spec import absolute_init, parse_init  # noqa: F401  (parse_init: part of the config's API)
 from .utils import hash_json
 
 
@@ -234,35 +235,6 @@ def resolve(
     if not 0 <= cfg.seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {cfg.seed}")
     return cfg
-
-
-INIT_KINDS = ("scratch", "checkpoint:PATH", "pretrained:ARCH/TAG")
-
-
-def parse_init(spec: str) -> tuple[str, str]:
-    """(kind, argument) of an ``--init`` value: ``scratch`` (random weights seeded by the cell),
-    ``checkpoint:PATH`` (an open_clip state dict or training checkpoint file) or
-    ``pretrained:ARCH/TAG`` (an open_clip pretrained tag, from the local cache only).
-    Raises ValueError naming the valid forms."""
-    if spec == "scratch":
-        return "scratch", ""
-    kind, sep, arg = spec.partition(":")
-    if kind == "checkpoint" and arg:
-        return kind, arg
-    if kind == "pretrained" and arg.count("/") == 1 and all(arg.split("/")):
-        return kind, arg
-    raise ValueError(f"--init {spec!r} is not one of: {', '.join(INIT_KINDS)} (e.g. pretrained:RN50/openai)")
-
-
-def absolute_init(spec: str) -> str:
-    """``spec`` checked (``parse_init``), with a checkpoint's path made absolute, so that the
-    cell names the same file from any working directory."""
-    kind, arg = parse_init(spec)
-    if kind == "checkpoint":
-        from pathlib import Path
-
-        return f"checkpoint:{Path(arg).expanduser().resolve()}"
-    return spec
 
 
 def model_image_size(model: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .config import parse_init
+from .init_spec import parse_init
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -72,7 +72,7 @@ def pretrained_file(arch: str, tag: str) -> Path:
     if not cfg:
         tags = pt.list_pretrained_tags_by_model(arch)
         raise ValueError(f"open_clip has no pretrained weights {arch}/{tag}; its tags for {arch}: "
-                         f"{', '.join(tags) or 'none'}")
+                         f"{', '.join(tags) or '(no tags)'}")
     if cfg.get("hf_hub"):
         from huggingface_hub import try_to_load_from_cache
 
@@ -86,7 +86,7 @@ def pretrained_file(arch: str, tag: str) -> Path:
                  f"\"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\", then copy "
                  f"~/.cache/huggingface/hub/models--{repo.replace('/', '--')} here, or set HF_HUB_CACHE)")
     else:
-        path = Path.home() / ".cache" / "clip" / os.path.basename(cfg["url"])
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
         if path.is_file():
             return path
         where = f"{path} (downloaded from {cfg['url']})"
