@@ -36,12 +36,12 @@ demo: setup
 
 # The reference leaderboard: every attack x every defense x seeds 0-2 on cpu-small. Its rows and
 # manifests are committed in results/reference (a session runs only the missing cells); the
-# leaderboard and its plots go to results/LEADERBOARD.md and results/plots/ (committed).
+# leaderboard goes to results/LEADERBOARD.md and its plots to results/reference/plots/ (committed).
 REFERENCE ?= results/reference
 REFERENCE_DEFENSES ?= clip,roclip,aug-only,density-filter,cleanclip,safeclip
 leaderboard: setup
 	$(BIN)/bench run --attack all --defense $(REFERENCE_DEFENSES) --seed 0-2 --jobs 2 --results $(REFERENCE)
-	$(BIN)/bench report --results $(REFERENCE) --format md --out results/LEADERBOARD.md --plots-dir results/plots
+	$(BIN)/bench report --results $(REFERENCE) --format md --out results/LEADERBOARD.md
 
 # Harness speed on this machine (README, "Performance"): keep the machine otherwise idle.
 perf: setup

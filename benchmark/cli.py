@@ -629,6 +629,31 @@ def report(results, fmt, out, html_page, plots, plots_dir) -> None:
 
 
 @main.command()
+@click.argument("run_id")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
+              help="Results folder the cell ran in.")
+def export(run_id, out_dir, results) -> None:
+    """Write cell RUN_ID's final (trained or repaired) model to OUT_DIR as an open_clip local-dir
+    folder (open_clip_config.json and the weights). Load it with
+
+    \b
+      model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUT_DIR")
+      tokenizer = open_clip.get_tokenizer("local-dir:OUT_DIR")
+
+    or evaluate it with CLIP_benchmark's --model local-dir:OUT_DIR. Run ids: `bench status` with
+    the options of the run.
+    """
+    from .export import export as export_model
+
+    try:
+        out = export_model(results, run_id, out_dir)
+    except (FileNotFoundError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    console.print(f"wrote {out} (load it as local-dir:{out})", markup=False)
+
+
+@main.command()
 @click.option("--profile", "-p", default="cpu-small", show_default=True,
               help="Profile whose model, data, batch size, optimizer and defense settings are measured.")
 @click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1),

@@ -32,6 +32,7 @@ from .defenses.base import KINDS, UNDEFENDED, DefenseBase
 from .detection import detection_metrics
 from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
 from .metrics import linear_probe, retrieval_recall
+from .export import model_dir, save_model
 from .models import create_model, image_size, init_file, load_init
 from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
@@ -478,6 +479,7 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
         if written is not None:
             row["poison_files"] = str(written)
         model, tokenizer, result = TRAIN_BY_KIND[cell.defense.kind](cell, results, ckpt, progress, row, cached)
+        save_model(model, cfg.model, model_dir(results, cfg.run_id))  # kept for `bench export`
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
                    steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)
         row.update({f"final_loss_{k}": v for k, v in result.loss_terms.items()})
