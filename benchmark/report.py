@@ -240,16 +240,45 @@ def has_detection(board: pd.DataFrame) -> bool:
     return "det_auroc" in board and bool(board[["det_auroc"] + REMOVED].notna().any(axis=None))
 
 
+def defense_metric(value, percent: bool) -> str:
+    """A ``leaderboard_metrics`` cell: the seeds' values (numbers, or per-epoch lists of which
+    the last counts), their mean, in percent or as a number; ``-`` when missing."""
+    if isinstance(value, list):
+        values = [v[-1] if isinstance(v, list) and v else v for v in value]
+        values = [float(v) for v in values if isinstance(v, (int, float))]
+        value = sum(values) / len(values) if values else math.nan
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "-"
+    return f"{100 * value:.1f}" if percent else fmt_count(value)
+
+
+def leaderboard_metric_labels(defenses) -> dict[str, str]:
+    """d_<key> column -> label, of the ``leaderboard_metrics`` of the registered ``defenses``."""
+    from .registry import DEFENSES, RegistryError
+
+    out: dict[str, str] = {}
+    for name in defenses:
+        try:
+            metrics = getattr(DEFENSES.get(name), "leaderboard_metrics", {})
+        except RegistryError:  # a row of a plugin that is not installed here
+            continue
+        out.update({f"d_{k}": label for k, label in metrics.items()})
+    return out
+
+
 def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per attack, the leaderboard as strings for people: percent with 95 % intervals, the
     poisoned pairs (``n_poison``, so that a count that rounded to nothing shows), the number of
     seeds, and ``setting`` only when some row has one. When a defense of that attack is a data
     filter with detection metrics, the table also shows its detection AUROC (percent, 95 %
-    interval) and the poisoned and clean pairs it removed (mean over seeds); ``-`` for the others."""
+    interval) and the poisoned and clean pairs it removed (mean over seeds); and the numbers
+    that its defenses declare in ``leaderboard_metrics`` (e.g. SafeCLIP's poisons in the safe
+    set); ``-`` for the others."""
     show_setting = board["setting"].astype(bool).any()
     out = {}
     for attack, part in board.groupby("attack", sort=True):
         detection = has_detection(part)
+        own = {c: label for c, label in leaderboard_metric_labels(part["defense"].unique()).items() if c in part}
         rows = []
         for _, r in part.iterrows():
             shown = {"defense": r["defense"], "profile": r["profile"]}
@@ -261,6 +290,8 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 shown[f"{LABELS['det_auroc']} (%)"] = fmt_value(r, "det_auroc")
                 shown["poisons removed"] = fmt_count(r["det_poisons_removed"])
                 shown["clean removed"] = fmt_count(r["det_clean_removed"])
+            for c, label in own.items():
+                shown[label] = defense_metric(r[c], label.endswith("(%)"))
             shown["seeds"] = str(r["seeds"])
             rows.append(shown)
         out[attack] = pd.DataFrame(rows)

@@ -62,6 +62,10 @@ class DefenseBase:
     Params: type
     name: str
     kind: str = ""
+    # metrics() keys the leaderboard shows for this defense: key -> column label. A list-valued
+    # metric (one value per epoch) shows its last value; the mean over seeds; a label ending in
+    # "(%)" shows a fraction in percent, any other a number.
+    leaderboard_metrics: dict[str, str] = {}
 
     def __init__(self, params, seed: int):
         self.params = params

@@ -89,6 +89,8 @@ class SafeCLIP(TrainingTask):
     loss) and risky pairs (unimodal loss); Yang et al., ICML 2024 (spec §3)."""
 
     Params = SafeCLIPParams
+    leaderboard_metrics = {"poison_in_safe": "poisons in safe set, last epoch (%)",
+                           "safe_fraction": "safe set, last epoch (%)"}
 
     def __init__(self, params: SafeCLIPParams, seed: int):
         super().__init__(params, seed)

@@ -152,3 +152,19 @@ def test_cells_of_another_dataset_at_its_defaults_are_another_setting():
     rows = [cell_row(cfg), {**cell_row(cfg), "run_id": "mine", "seed": 1, "config": json.dumps(mine)}]
     board = leaderboard(pd.DataFrame(rows))
     assert list(board["seeds"]) == [1, 1] and sorted(board["setting"]) == ["", "dataset=my-data"]
+
+
+def test_a_defenses_declared_metrics_show_their_last_epoch_mean_over_seeds():
+    from poisonbench.report import display
+
+    rows = [run(0), run(1)]
+    for seed, last in ((0, 0.02), (1, 0.04)):
+        r = run(seed, "safeclip", asr=0.01)
+        r.update(d_poison_in_safe=[0.5, 0.1, last], d_safe_fraction=[0.2, 0.3, 0.4])
+        rows.append(r)
+    shown = display(leaderboard(pd.DataFrame(rows)))["badnet"].set_index("defense")
+    assert shown.loc["safeclip", "poisons in safe set, last epoch (%)"] == "3.0"
+    assert shown.loc["safeclip", "safe set, last epoch (%)"] == "40.0"
+    assert shown.loc["clip", "poisons in safe set, last epoch (%)"] == "-"
+    only_clip = display(leaderboard(pd.DataFrame([run(0), run(1)])))["badnet"]
+    assert not any("safe set" in c for c in only_clip.columns)
