@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .display import cell_line, console, grid_table, show_row
+from .display import cell_line, console, grid_table, show_row, width
 from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, param_fields
 
-err_console = Console(stderr=True, emoji=False)  # user strings are escaped and never turned into emoji (display.py)
+err_console = Console(stderr=True, emoji=False, width=width(sys.stderr))  # user strings are escaped and never turned into emoji (display.py)
 
 DEFAULT_RESULTS = "results"
 

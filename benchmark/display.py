@@ -6,6 +6,8 @@ put into markup or a table cell, and the consoles never replace ``:name:`` codes
 (``emoji=False``): a results folder ``runs:cat:[b]`` prints as typed."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from rich import box
@@ -13,7 +15,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(emoji=False)  # ":cat:" in a path stays ":cat:"
+WIDE = 250  # columns of a table written anywhere but a terminal
+
+
+def width(stream) -> int | None:
+    """The console width for ``stream``: None (the terminal's own) on a terminal; elsewhere (a log,
+    ``tee``, a SLURM .out file, where rich would assume 80 columns and cut tables) $COLUMNS or WIDE."""
+    if getattr(stream, "isatty", lambda: False)():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else WIDE
+
+
+console = Console(emoji=False, width=width(sys.stdout))  # ":cat:" in a path stays ":cat:"
 
 
 def pct(x) -> str:

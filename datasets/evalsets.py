@@ -33,11 +33,14 @@ def shipped_lines(name: str) -> list[str]:
 
 
 def imagenet_classnames() -> list[str]:
-    """The 1000 ImageNet class names of OpenAI's CLIP, in the order of the sorted WordNet ids.
+    """The 1000 ImageNet class names of OpenAI's CLIP, in the order of the sorted WordNet ids
+    (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``).
 
     Not unique: "missile" is class 657 (n03773504) and 744 (n04008634), "sunglasses" 836
     (n04355933) and 837 (n04356056); ``imagenet_wnids`` tells them apart."""
-    return shipped_lines("imagenet_classnames.txt")
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
 
 
 def imagenet_wnids() -> list[str]:
@@ -50,8 +53,11 @@ def imagenet_wnids() -> list[str]:
 
 
 def openai_templates() -> list[str]:
-    """OpenAI's 80 ImageNet prompt templates, each with one ``{}`` for the class name."""
-    return shipped_lines("openai_imagenet_templates.txt")
+    """OpenAI's 80 ImageNet prompt templates, each with one ``{}`` for the class name
+    (``open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES``, as format strings)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
 
 
 @dataclass

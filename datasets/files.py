@@ -50,7 +50,8 @@ def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: s
     """Pairs listed in a CSV/TSV file; image paths are relative to the file's folder.
 
     Args:
-        delimiter: ``auto`` (tab for ``.tsv``, comma otherwise) or one character.
+        delimiter: ``auto`` (``sniff_delimiter``: tab for a ``.tsv`` or a tab-separated header,
+            comma otherwise) or tab, comma, semicolon, pipe.
     Raises:
         FileNotFoundError: no such file. ValueError: a named column is missing (the message lists
         the file's columns).
@@ -69,14 +70,38 @@ def read_csv_pairs(path: str | Path, image_key: str = "filepath", caption_key: s
     return Pairs(_stack(images, size), captions, skipped)
 
 
+DELIMITERS = {"tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
+def sniff_delimiter(path: Path, image_key: str) -> str:
+    """The separator of a CSV/TSV file from its header line: a tab when the header split at tabs
+    has the column ``image_key`` (open_clip's trainer writes a tab-separated ``train.csv`` with
+    columns filepath and title) or the file is a ``.tsv``, else a comma."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline().rstrip("\r\n")
+    if path.suffix.lower() == ".tsv" or ("\t" in header and image_key in header.split("\t")):
+        return "\t"
+    return ","
+
+
+def check_delimiter(delimiter: str) -> None:
+    """ValueError unless ``delimiter`` is ``auto`` or a name of DELIMITERS."""
+    if delimiter != "auto" and delimiter not in DELIMITERS:
+        raise ValueError(f"files: delimiter {delimiter!r} is not one of auto, {', '.join(DELIMITERS)} "
+                         "(names, since a tab or a comma cannot be written on the command line)")
+
+
 def read_csv_table(path: Path, image_key: str, caption_key: str, delimiter: str = "auto"):
     """The CSV/TSV as a pandas DataFrame of strings (a caption "NA" or "" stays a string).
-    Raises FileNotFoundError or ValueError (a named column is missing; the message lists the columns)."""
+    ``delimiter``: ``auto`` (``sniff_delimiter``) or a name of DELIMITERS.
+    Raises FileNotFoundError or ValueError (an unknown delimiter; a named column is missing: the
+    message lists the columns)."""
     import pandas as pd
 
     if not path.is_file():
         raise FileNotFoundError(f"no CSV file at {path}")
-    sep = ("\t" if path.suffix.lower() == ".tsv" else ",") if delimiter == "auto" else delimiter
+    check_delimiter(delimiter)
+    sep = sniff_delimiter(path, image_key) if delimiter == "auto" else DELIMITERS[delimiter]
     table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
     missing = [k for k in (image_key, caption_key) if k not in table.columns]
     if missing:
@@ -190,7 +215,8 @@ class FilesParams:
     eval: str = param("fashion-mnist", "evaluation set: fashion-mnist, imagenet:ROOT, cifar10:ROOT, cifar100:ROOT or imagefolder:ROOT")
     image_key: str = param("filepath", "CSV column of image paths")
     caption_key: str = param("title", "CSV column of captions")
-    delimiter: str = param("auto", "CSV delimiter: auto (tab for .tsv, comma otherwise) or one character")
+    delimiter: str = param("auto", "CSV delimiter: auto (tab for a .tsv or a tab-separated header, as open_clip's "
+                                   "train.csv; comma otherwise), tab, comma, semicolon or pipe")
     image_size: int = param(0, "side, in pixels, images are decoded to (shorter side resized, centre crop); 0 = the model's input size")
     max_skip_rate: float = param(0.01, "fail when more than this fraction of the training images (or of the "
                                        "evaluation, linear-probe or fine-tuning images) cannot be read")
@@ -228,6 +254,10 @@ class Files:
         for name in ("n_train", "n_eval", "n_probe", "n_heldout"):
             if getattr(params, name) < 0:
                 raise ValueError(f"files: {name} must be >= 0, got {getattr(params, name)}")
+        check_delimiter(params.delimiter)
+        if params.train.startswith("wds:") and (params.image_key, params.caption_key) != ("filepath", "title"):
+            raise ValueError("files: image_key and caption_key name CSV columns; WebDataset samples are read as their "
+                             "image member and .txt caption, so drop them for wds: data")
         if params.image_size != 0 and params.image_size < 8:
             raise ValueError(f"files: image_size must be >= 8 pixels (or 0 = the model's), got {params.image_size}")
         self.params = params

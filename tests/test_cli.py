@@ -217,3 +217,18 @@ def test_paths_and_commands_print_as_typed(tmp_path, monkeypatch, command):
 def test_an_empty_parameter_value_names_the_option_and_parameter(tmp_path, value, message):
     out = CliRunner().invoke(main, ["status", "-p", "tiny", "-A", f"target={value}", "-r", str(tmp_path)])
     assert out.exit_code == 2 and message in " ".join(out.output.split()), out.output
+
+
+def test_tables_are_not_cut_at_80_columns_off_a_terminal(monkeypatch):
+    import io
+
+    from poisonbench.display import WIDE, width
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert width(Tty()) is None and width(io.StringIO()) == WIDE >= 200
+    monkeypatch.setenv("COLUMNS", "132")
+    assert width(io.StringIO()) == 132

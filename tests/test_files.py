@@ -91,6 +91,30 @@ def test_tsv_and_named_columns(tmp_path):
         read_csv_pairs(tmp_path / "p.tsv", size=4)
 
 
+def test_open_clips_tab_separated_train_csv_is_read_as_it_is(tmp_path):
+    """open_clip's trainer reads a tab-separated train.csv with columns filepath and title."""
+    (tmp_path / "x.png").write_bytes(png())
+    (tmp_path / "train.csv").write_text("filepath\ttitle\nx.png\ta shirt, folded\n", encoding="utf-8")
+    assert read_csv_pairs(tmp_path / "train.csv", size=4).captions == ["a shirt, folded"]
+    (tmp_path / "comma.csv").write_text('filepath,title\nx.png,"a shirt\tfolded"\n', encoding="utf-8")
+    assert read_csv_pairs(tmp_path / "comma.csv", size=4).captions == ["a shirt\tfolded"]
+
+
+@pytest.mark.parametrize("name, sep", [("tab", "\t"), ("comma", ","), ("semicolon", ";"), ("pipe", "|")])
+def test_delimiters_are_given_by_name(tmp_path, name, sep):
+    (tmp_path / "x.png").write_bytes(png())
+    (tmp_path / "p.txt").write_text(f"filepath{sep}title\nx.png{sep}hello\n", encoding="utf-8")
+    assert read_csv_pairs(tmp_path / "p.txt", delimiter=name, size=4).captions == ["hello"]
+
+
+def test_a_delimiter_that_is_not_a_name_and_keys_on_shards_are_refused():
+    for bad in (";", "\t", "t", "TAB"):
+        with pytest.raises(ValueError, match="auto, tab, comma, semicolon, pipe"):
+            DATASETS.get("files")(DATASETS.params("files", {"train": "csv:x.csv", "delimiter": bad}))
+    with pytest.raises(ValueError, match="drop them for wds"):
+        DATASETS.get("files")(DATASETS.params("files", {"train": "wds:a.tar", "caption_key": "json.caption"}))
+
+
 def write_shard(path, samples):
     with tarfile.open(path, "w") as tar:
         for key, members in samples:

@@ -155,6 +155,11 @@ def test_imagenet_labels_csv_layout(tmp_path):
     names = imagenet_classnames()
     assert len(names) == 1000 and names[0] == "tench" and len(openai_templates()) == 80
     assert ev.labels.tolist() == [0, 999, 1, 5] and ev.classnames == names and probe is None
+    # the evaluation's names and prompts are open_clip's own, not a copy
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    assert ev.classnames == list(IMAGENET_CLASSNAMES)
+    assert [t.format(names[3]) for t in ev.templates] == [f(names[3]) for f in OPENAI_IMAGENET_TEMPLATES]
 
 
 def test_cifar10_from_a_local_root(tmp_path, monkeypatch):
