@@ -41,7 +41,8 @@ def eda(caption: str, rng: random.Random, alpha: float = 0.1) -> str:
     (``poisonbench.wordnet``). The caption is cleaned first as EDA does (digits and punctuation
     become spaces). A caption with no a-z word left after cleaning (empty, digits only,
     non-Latin script) is returned unchanged: EDA has nothing to work on and an empty caption
-    would silently replace it.
+    would silently replace it. ``alpha`` 0 returns every caption unchanged (EDA switched off),
+    drawing nothing from ``rng``.
 
     Args:
         caption: any string.
@@ -52,6 +53,8 @@ def eda(caption: str, rng: random.Random, alpha: float = 0.1) -> str:
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"EDA alpha must be in [0, 1], got {alpha}")
+    if alpha == 0:
+        return caption
     words = clean_caption(caption).split()
     if not words:
         return caption

@@ -16,6 +16,10 @@ from .base import Defense
 class AugOnlyParams:
     eda_alpha: float = param(0.1, "EDA strength: alpha_sr = alpha_ri = alpha_rs = p_rd (Wei & Zou 2019), in [0, 1]")
     min_crop: float = param(0.08, "smallest RandomResizedCrop area, as a fraction of the image, in (0, 1]")
+    # Added after release (hash_default=False: existing cells keep their run ids). With eda_alpha=0
+    # (captions unchanged) the two halves of the augmentation can be measured apart.
+    image_augment: bool = param(True, "augment the images (False: EDA only; eda_alpha=0 gives images only)",
+                                hash_default=False)
 
 
 @register_defense("aug-only")
@@ -34,7 +38,7 @@ class AugOnly(Defense):
             raise ValueError(f"{self.name}: min_crop must be in (0, 1], got {params.min_crop}")
 
     def check(self, train_size: int) -> None:
-        if self.augment:
+        if self.augment and self.params.eda_alpha > 0:
             wordnet.wordnet()  # load it now: a missing WordNet must stop the run before training
 
     def text_transform(self, captions: list[str]) -> list[str]:
@@ -43,4 +47,6 @@ class AugOnly(Defense):
         return eda_captions(captions, derive_seed("eda", self.seed), self.params.eda_alpha)
 
     def train_transform(self, image_size: int):
-        return image_augmentation(image_size, self.params.min_crop) if self.augment else None
+        if not (self.augment and self.params.image_augment):
+            return None
+        return image_augmentation(image_size, self.params.min_crop)

@@ -52,3 +52,23 @@ def test_image_augmentation_shapes_range_and_per_image_draws():
     assert len({round(float(v), 4) for v in y.flatten(1).sum(1)}) > 8
     torch.manual_seed(0)
     assert torch.equal(image_augmentation(28)(x), y)  # reproducible from the seed
+
+
+def test_eda_alpha_zero_is_the_identity_and_aug_only_can_be_split_in_halves():
+    import dataclasses
+
+    from poisonbench.augment import eda_captions
+    from poisonbench.config import resolve
+    from poisonbench.defenses.aug_only import AugOnly, AugOnlyParams
+
+    captions = ["A photo of a Shirt, folded!", "a bag", "", "42", "ankle boot on a table"]
+    assert eda_captions(captions, seed=3, alpha=0.0) == captions
+    assert eda_captions(captions, seed=3, alpha=0.1) != captions  # on: it rewrites
+    images_only = AugOnly(dataclasses.replace(AugOnlyParams(), eda_alpha=0.0), seed=0)
+    assert images_only.text_transform(captions) == captions and images_only.train_transform(28) is not None
+    eda_only = AugOnly(dataclasses.replace(AugOnlyParams(), image_augment=False), seed=0)
+    assert eda_only.train_transform(28) is None and eda_only.text_transform(captions) != captions
+    # the new switch keeps the run ids of every existing aug-only and roclip cell
+    for d in ("aug-only", "roclip"):
+        assert "image_augment" not in resolve("badnet", d).to_dict()["defense_params"]
+        assert resolve("badnet", d, defense_params={"image_augment": False}).run_id != resolve("badnet", d).run_id
