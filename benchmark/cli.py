@@ -628,6 +628,20 @@ def report(results, fmt, out, html_page, plots, plots_dir) -> None:
         console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)", markup=False)
 
 
+@main.command(name="rewrite-rows")
+@click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
+              help="Results folder whose rows are rewritten.")
+def rewrite_rows_command(results) -> None:
+    """Rewrite every row of RESULTS with the current column set, values unchanged (a parameter
+    column added since a row was written gets the value of the row's config). After an upgrade of
+    poisonbench or of a plugin that added columns, `pandas.read_parquet("RESULTS/runs")` and
+    DuckDB's `'RESULTS/runs/*.parquet'` read the store whole again. Running cells are skipped."""
+    from .store import rewrite_rows
+
+    n = rewrite_rows(results)
+    console.print(f"rewrote {n} row(s) in {results}", markup=False)
+
+
 @main.command()
 @click.argument("run_id")
 @click.argument("out_dir", type=click.Path(file_okay=False))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import typing
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -178,6 +179,37 @@ def has_finished_row(results: str | Path, run_id: str) -> bool:
 def read_row(results: str | Path, run_id: str) -> dict[str, Any]:
     """The stored row of cell ``run_id`` as a dict (FileNotFoundError when there is none)."""
     return pq.read_table(runs_dir(results) / f"{run_id}.parquet").to_pylist()[0]
+
+
+def rewrite_rows(results: str | Path) -> int:
+    """Rewrite every row file of ``results`` with the current column set (``write_row``: the
+    engine's columns and every registered plugin's ``p_<kind>_<k>``), values unchanged; a
+    parameter column a row lacks (added since it was written) gets the value its config resolves
+    to. After poisonbench or a plugin gains a column, this makes ``pandas.read_parquet(runs/)``
+    and DuckDB's glob read the store whole again. Holds each cell's lock; skips (with a warning)
+    files that are not readable rows and cells that are running. Returns the rows rewritten."""
+    from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError
+
+    done = 0
+    for path in sorted(runs_dir(results).glob("*.parquet")):
+        run_id = path.stem
+        try:
+            with cell_lock(results, run_id):
+                row = read_row(results, run_id)
+                config = json.loads(row.get("config") or "{}")
+                for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES), ("dataset", DATASETS)):
+                    try:
+                        params = dataclasses.asdict(registry.params(config[kind], config.get(f"{kind}_params", {})))
+                    except (KeyError, RegistryError, TypeError, ValueError):
+                        continue  # a plugin not installed here: its row keeps what it has
+                    for k, v in params.items():
+                        if row.get(f"p_{kind}_{k}") is None:
+                            row[f"p_{kind}_{k}"] = v
+                write_row(row, results)
+                done += 1
+        except (CellBusyError, pa.ArrowException, OSError, KeyError, IndexError, ValueError) as e:
+            warnings.warn(f"not rewritten: {path} ({type(e).__name__}: {e})")
+    return done
 
 
 def read_runs(results: str | Path) -> pd.DataFrame:

@@ -2,6 +2,7 @@ import json
 import math
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -172,3 +173,31 @@ def test_pandas_reads_a_mixed_store_whole_whichever_file_comes_first(tmp_path):
     files = sorted((tmp_path / "runs").glob("*.parquet"))
     common = set(pq.read_schema(files[0]).names)
     assert all(set(pq.read_schema(f).names) >= common - {"d_custom"} for f in files)
+
+
+def test_rewrite_rows_gives_old_rows_the_columns_added_since(tmp_path, monkeypatch):
+    """A row written before a plugin gained a parameter lacks its column, so pandas, reading the
+    schema of the first file, would drop it for every row; rewrite_rows restores a store that
+    reads whole, filling the parameter from the row's config and keeping every value."""
+    import json as _json
+
+    import poisonbench.store as store
+    from poisonbench.config import resolve
+
+    cfg = resolve("badnet", "aug-only", "tiny")
+    base = {"status": "ok", "attack": "badnet", "defense": "aug-only", "seed": 0, "clean_top1": 0.5,
+            "config": _json.dumps(cfg.to_dict()), "d_custom": [1.0, 2.0]}
+    real_schema = store.row_schema
+    monkeypatch.setattr(store, "row_schema", lambda row: pa.schema(  # as written before image_augment existed
+        [f for f in real_schema(row) if f.name != "p_defense_image_augment"]))
+    store.write_row({**base, "run_id": "a_old"}, tmp_path)
+    monkeypatch.setattr(store, "row_schema", real_schema)
+    store.write_row({**base, "run_id": "b_new", "p_defense_image_augment": False}, tmp_path)
+    assert "p_defense_image_augment" not in pd.read_parquet(tmp_path / "runs").columns  # the first file's schema
+    before = store.read_row(tmp_path, "a_old")
+    assert store.rewrite_rows(tmp_path) == 2
+    whole = pd.read_parquet(tmp_path / "runs").set_index("run_id")
+    assert whole.loc["a_old", "p_defense_image_augment"] == True and whole.loc["b_new", "p_defense_image_augment"] == False  # noqa: E712
+    after = store.read_row(tmp_path, "a_old")
+    assert all(after[k] == v for k, v in before.items() if v is not None)  # no value changed
+    assert after["p_defense_min_crop"] == 0.08 and after["p_dataset_n_train"] == 512  # filled from the config
