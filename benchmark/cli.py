@@ -441,21 +441,70 @@ def check_writable(results) -> None:
                                "choose another with --results") from None
 
 
+GRID_SELECTORS = ("attack", "defense", "profile", "seed", "attack_param", "defense_param", "data", "eval_set",
+                  "finetune_data", "dataset_param", "epochs", "batch_size", "lr", "model", "init", "nproc")
+
+
 @main.command()
 @grid_options
-def status(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
-           batch_size, lr, model, init, nproc, results) -> None:
+@click.option("--store", "list_store", is_flag=True,
+              help="List the cells the store holds, with --attack/--defense/--profile/--seed as filters "
+                   "(the default when no grid option is given).")
+@click.pass_context
+def status(ctx, attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param,
+           epochs, batch_size, lr, model, init, nproc, results, list_store) -> None:
     """List the cells of a grid (same options as `bench run`, --nproc included; for a grid run on
-    SLURM with --gpus-per-node N > 1, --nproc N) as done, running, failed or pending."""
+    SLURM with --gpus-per-node N > 1, --nproc N) as done, running, failed or pending.
+
+    With no grid option (or with --store), list every cell the store holds instead: done, failed,
+    running, and resumable (a checkpoint without a row), with its attack, defense, setting and
+    seed; --attack, --defense, --profile and --seed then filter it, as in `bench report`.
+    """
     from collections import Counter
 
     from .grid import state
 
+    given = [n for n in GRID_SELECTORS if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+    if list_store or not given:
+        show_store(results, *(ctx.params[n] if n in given else None for n in ("attack", "defense", "profile", "seed")))
+        return
     cfgs = expand_grid(grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set,
                                  dataset_param, epochs, batch_size, lr, nproc, results, finetune_data, model, init))
     console.print(grid_table(cfgs, results))
     counts = Counter(state(c, results) for c in cfgs)
     console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed", "pending")))
+
+
+def show_store(results, attack=None, defense=None, profile=None, seed=None) -> None:
+    """``bench status`` without a grid: the store's cells (``store.select``'s filters), then the
+    ones with no row yet (``store.unrecorded_cells``)."""
+    import json
+
+    from collections import Counter
+
+    from .config import RunConfig
+    from .grid import state
+    from .store import read_runs, select, unrecorded_cells
+
+    df = read_runs(results)
+    try:
+        df = select(df, attack, defense, profile, seed) if not df.empty else df
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    cfgs = []
+    for text in df.get("config", []):
+        try:
+            cfgs.append(RunConfig(**json.loads(text)))
+        except (TypeError, ValueError):
+            continue  # a row without a readable config (older or foreign): not listed
+    cfgs.sort(key=lambda c: (c.profile, c.attack, c.defense, c.seed, c.run_id))
+    console.print(grid_table(cfgs, results))
+    counts = Counter(state(c, results) for c in cfgs)
+    extra = unrecorded_cells(results) if not any((attack, defense, profile, seed)) else []
+    for run_id, what in extra:
+        console.print(f"{run_id}: {what}", markup=False)
+    console.print(", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed"))
+                  + (f"; {len(extra)} without a row (running or resumable)" if extra else ""))
 
 
 @main.command(hidden=True)
@@ -578,9 +627,12 @@ def preview(attack, attack_param, profile, seed, count, out) -> None:
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Write the plots (PNG and SVG) to RESULTS/plots/ (or --plots-dir) and put them in the HTML page.")
 @click.option("--plots-dir", type=click.Path(file_okay=False),
-              help="Folder for the plots instead of RESULTS/plots/ (e.g. results/plots for the committed "
-                   "reference leaderboard's).")
-def report(results, fmt, out, html_page, plots, plots_dir) -> None:
+              help="Folder for the plots instead of RESULTS/plots/.")
+@click.option("--attack", "-a", help="Only these attacks (a comma list).")
+@click.option("--defense", "-d", help="Only these defenses (a comma list).")
+@click.option("--profile", "-p", help="Only these profiles (a comma list).")
+@click.option("--seed", "-s", help="Only these seeds: 0,1,2 or 0-2.")
+def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, profile, seed) -> None:
     """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
     accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
 
@@ -593,9 +645,11 @@ def report(results, fmt, out, html_page, plots, plots_dir) -> None:
     from .utils import atomic_write
 
     try:
-        board = load_leaderboard(results)
+        board = load_leaderboard(results, attack=attack, defense=defense, profile=profile, seed=seed)
     except EmptyStoreError as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:  # a malformed --seed
+        raise click.UsageError(str(e)) from None
     paths = []
     if plots:
         from .plots import save_plots

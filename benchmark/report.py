@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import setting_id, settings
-from .store import read_runs
+from .store import read_runs, select
 
 GROUP = ["attack", "defense", "profile"]
 ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
@@ -204,9 +204,16 @@ def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     return pd.Series(settings(configs), index=ok.index), pd.Series([setting_id(c) for c in configs], index=ok.index)
 
 
-def load_leaderboard(results: str | Path) -> pd.DataFrame:
-    """The leaderboard of the store under ``results``; EmptyStoreError saying what to run first."""
+def load_leaderboard(results: str | Path, **filters: str | None) -> pd.DataFrame:
+    """The leaderboard of the store under ``results``, of the rows that ``filters`` (attack,
+    defense, profile, seed: ``store.select``) keep; EmptyStoreError saying what to run first."""
     df = read_runs(results)
+    chosen = {k: v for k, v in filters.items() if v}
+    if chosen and not df.empty:
+        df = select(df, **chosen)
+        if df.empty:
+            raise EmptyStoreError(f"no run in {Path(results) / 'runs'} matches "
+                                  + " ".join(f"--{k} {v}" for k, v in chosen.items()))
     board = leaderboard(df)
     if board.empty:
         failed = int((df["status"] == "failed").sum()) if "status" in df else 0

@@ -246,6 +246,39 @@ def read_runs(results: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
+def select(df: pd.DataFrame, attack: str | None = None, defense: str | None = None, profile: str | None = None,
+           seed: str | None = None) -> pd.DataFrame:
+    """The rows of ``df`` (``read_runs``) whose attack, defense and profile are in the given comma
+    lists and whose seed is in ``seed`` (``0,1,2`` or ``0-2``); None or ``all`` keeps every value.
+    Raises ValueError for a malformed seed list."""
+    from .grid import parse_seeds, split_list
+
+    keep = pd.Series(True, index=df.index)
+    for column, wanted in (("attack", attack), ("defense", defense), ("profile", profile)):
+        if wanted and wanted != "all":
+            keep &= df[column].isin(split_list(wanted)) if column in df else False
+    if seed and seed != "all":
+        keep &= df["seed"].isin(parse_seeds(seed)) if "seed" in df else False
+    return df[keep]
+
+
+def unrecorded_cells(results: str | Path) -> list[tuple[str, str]]:
+    """(run id, what) of the cells with no row in ``results`` that are running (their lock is held)
+    or resumable (an end-of-epoch checkpoint and no row): a kill -9 leaves a cell so."""
+    rows = {p.stem for p in runs_dir(results).glob("*.parquet")} if runs_dir(results).is_dir() else set()
+    out = {}
+    ckpts = Path(results) / "checkpoints"
+    for path in sorted(ckpts.glob("*/last.pt")) if ckpts.is_dir() else []:
+        if path.parent.name not in rows:
+            out[path.parent.name] = "resumable (checkpoint, no row yet)"
+    locks = Path(results) / "locks"
+    for path in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+        run_id = path.stem
+        if not run_id.startswith("cache-") and run_id not in rows and is_running(results, run_id):
+            out[run_id] = "running"
+    return sorted(out.items())
+
+
 def _upgrade_v1(frame: pd.DataFrame) -> pd.DataFrame:
     """A row of schema 1 with the parameter columns of schema 2: ``p_<name>`` becomes
     ``p_<kind>_<name>`` by the kind whose parameters hold that name in the row's config, and the

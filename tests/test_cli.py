@@ -232,3 +232,33 @@ def test_tables_are_not_cut_at_80_columns_off_a_terminal(monkeypatch):
     assert width(Tty()) is None and width(io.StringIO()) == WIDE >= 200
     monkeypatch.setenv("COLUMNS", "132")
     assert width(io.StringIO()) == 132
+
+
+def test_status_without_options_lists_the_store_and_report_filters_it(tmp_path):
+    import json as _json
+
+    from poisonbench.config import resolve
+
+    res = tmp_path / "store"
+    cells = {}
+    for attack, defense, seed, status in (("badnet", "clip", 0, "ok"), ("badnet", "roclip", 1, "ok"),
+                                          ("blended", "clip", 2, "failed")):
+        cfg = resolve(attack, defense, "tiny", seed=seed)
+        cells[(attack, defense, seed)] = cfg.run_id
+        write_row({"run_id": cfg.run_id, "status": status, "attack": attack, "defense": defense, "profile": "tiny",
+                   "seed": seed, "config": _json.dumps(cfg.to_dict()), "clean_top1": 0.5, "clean_top5": 0.9,
+                   "linear_probe_top1": 0.6, "asr": 0.25, "asr_n": 100, "n_poison": 20, "error": "boom"}, res)
+    killed = res / "checkpoints" / "0123456789abcdef"
+    killed.mkdir(parents=True)
+    (killed / "last.pt").write_bytes(b"x")
+    out = CliRunner().invoke(main, ["status", "-r", str(res)])
+    assert out.exit_code == 0, out.output
+    assert all(run_id in out.output for run_id in cells.values())
+    assert "2 done, 0 running, 1 failed; 1 without a row" in out.output and "0123456789abcdef: resumable" in out.output
+    out = CliRunner().invoke(main, ["status", "--store", "-a", "badnet", "-s", "1", "-r", str(res)])
+    assert cells[("badnet", "roclip", 1)] in out.output and cells[("badnet", "clip", 0)] not in out.output
+    assert "1 done, 0 running, 0 failed" in out.output
+    rep = CliRunner().invoke(main, ["report", "-r", str(res), "--no-plots", "--format", "md", "-d", "roclip"])
+    assert rep.exit_code == 0 and "| roclip" in rep.output and "| clip " not in rep.output
+    rep = CliRunner().invoke(main, ["report", "-r", str(res), "--no-plots", "-a", "wanet"])
+    assert rep.exit_code == 1 and "no run in" in rep.output and "--attack wanet" in rep.output

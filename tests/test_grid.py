@@ -180,7 +180,7 @@ def spec_of(args):
     from poisonbench import cli
 
     ctx = cli.status.make_context("status", list(args))
-    return cli.grid_spec(**ctx.params)
+    return cli.grid_spec(**{k: v for k, v in ctx.params.items() if k != "list_store"})
 
 
 def test_the_status_command_of_a_grid_parses_back_to_the_same_cells(tmp_path):
