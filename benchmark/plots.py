@@ -56,7 +56,7 @@ def tradeoff(board: pd.DataFrame, plt):
         ax.set_ylabel("attack success rate (%)")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax, fontsize=7, loc="best")
     return _finish(fig, axes, len(attacks), "ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
 
 
@@ -80,7 +80,7 @@ def asr_bars(board: pd.DataFrame, plt):
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 112)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(title="defense", fontsize=8)
+    _legend(ax, title="defense", fontsize=8)
     ax.set_title("ASR by attack and defense at the profile's default parameters\n"
                  "(pooled over seeds, Wilson 95 % intervals; lower is better)", fontsize=10)
     fig.tight_layout()
@@ -114,7 +114,7 @@ def asr_vs_poison(board: pd.DataFrame, plt):
         ax.set_ylabel("attack success rate (%)")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     fig.suptitle("ASR vs number of poisoned pairs (mean over seeds, Wilson 95 % intervals)")
     fig.tight_layout()
     return fig
@@ -153,8 +153,14 @@ def roc(board: pd.DataFrame, plt):
         ax.set_ylim(-2, 102)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        _legend(ax, fontsize=7, loc="lower right")
     return _finish(fig, axes, len(attacks), "Data filters: ROC of their scores per attack (mean over seeds; upper left is better)")
+
+
+def _legend(ax, **kw) -> None:
+    """The panel's legend, when something in it has a label (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
 
 
 def _finish(fig, axes, used: int, title: str):
