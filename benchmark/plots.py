@@ -192,7 +192,10 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
     for name, fig in figures.items():
         for ext in ("png", "svg"):
             path = folder / f"{name}.{ext}"
-            atomic_write(path, lambda tmp, fig=fig, ext=ext: fig.savefig(tmp, format=ext, dpi=150))
+            # no date and fixed SVG ids: the same store gives the same files (the committed figures)
+            metadata = {"Date": None} if ext == "svg" else {}
+            with plt.rc_context({"svg.hashsalt": "poisonbench"}):
+                atomic_write(path, lambda tmp, fig=fig, ext=ext, m=metadata: fig.savefig(tmp, format=ext, dpi=150, metadata=m))
             paths.append(path)
         plt.close(fig)
     return paths
