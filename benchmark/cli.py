@@ -484,7 +484,8 @@ def show_store(results, attack=None, defense=None, profile=None, seed=None) -> N
 
     from .config import RunConfig
     from .grid import state
-    from .store import read_runs, select, unrecorded_cells
+    from .report import select
+    from .store import read_runs, unrecorded_cells
 
     df = read_runs(results)
     try:

@@ -20,7 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import setting_id, settings
-from .store import read_runs, select
+from .grid import parse_seeds, split_list
+from .store import read_runs
 
 GROUP = ["attack", "defense", "profile"]
 ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
@@ -202,6 +203,20 @@ def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         if "world_size" not in c and pd.notna(r.get("world_size")):
             c["world_size"] = int(r["world_size"])
     return pd.Series(settings(configs), index=ok.index), pd.Series([setting_id(c) for c in configs], index=ok.index)
+
+
+def select(df: pd.DataFrame, attack: str | None = None, defense: str | None = None, profile: str | None = None,
+           seed: str | None = None) -> pd.DataFrame:
+    """The rows of ``df`` (``read_runs``) whose attack, defense and profile are in the given comma
+    lists and whose seed is in ``seed`` (``0,1,2`` or ``0-2``); None or ``all`` keeps every value.
+    Raises ValueError for a malformed seed list."""
+    keep = pd.Series(True, index=df.index)
+    for column, wanted in (("attack", attack), ("defense", defense), ("profile", profile)):
+        if wanted and wanted != "all":
+            keep &= df[column].isin(split_list(wanted)) if column in df else False
+    if seed and seed != "all":
+        keep &= df["seed"].isin(parse_seeds(seed)) if "seed" in df else False
+    return df[keep]
 
 
 def load_leaderboard(results: str | Path, **filters: str | None) -> pd.DataFrame:

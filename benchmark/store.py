@@ -246,22 +246,6 @@ def read_runs(results: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
-def select(df: pd.DataFrame, attack: str | None = None, defense: str | None = None, profile: str | None = None,
-           seed: str | None = None) -> pd.DataFrame:
-    """The rows of ``df`` (``read_runs``) whose attack, defense and profile are in the given comma
-    lists and whose seed is in ``seed`` (``0,1,2`` or ``0-2``); None or ``all`` keeps every value.
-    Raises ValueError for a malformed seed list."""
-    from .grid import parse_seeds, split_list
-
-    keep = pd.Series(True, index=df.index)
-    for column, wanted in (("attack", attack), ("defense", defense), ("profile", profile)):
-        if wanted and wanted != "all":
-            keep &= df[column].isin(split_list(wanted)) if column in df else False
-    if seed and seed != "all":
-        keep &= df["seed"].isin(parse_seeds(seed)) if "seed" in df else False
-    return df[keep]
-
-
 def unrecorded_cells(results: str | Path) -> list[tuple[str, str]]:
     """(run id, what) of the cells with no row in ``results`` that are running (their lock is held)
     or resumable (an end-of-epoch checkpoint and no row): a kill -9 leaves a cell so."""

@@ -252,4 +252,5 @@ def test_the_printed_status_command_names_the_cells_that_were_submitted(tmp_path
 def cli_spec(args):
     from poisonbench import cli
 
-    return cli.grid_spec(**cli.status.make_context("status", list(args)).params)
+    params = cli.status.make_context("status", list(args)).params
+    return cli.grid_spec(**{k: v for k, v in params.items() if k != "list_store"})
