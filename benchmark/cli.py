@@ -311,6 +311,10 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
             return
     else:
         outcomes = run_cells(pending, results, jobs, device, force, keep_checkpoint, quiet, on_done=announce)
+    if outcomes:  # new rows may bring columns (a defense's d_*) the others lack: one column set for all
+        from .store import rewrite_rows
+
+        rewrite_rows(results, only_if_needed=True)
     if len(cfgs) > 1:
         console.print(grid_table(cfgs, results))
     busy = [o for o in outcomes if o.code == EXIT_BUSY]

@@ -91,11 +91,13 @@ def row_schema(row: dict[str, Any]) -> pa.Schema:
     return pa.schema(fields + list(pa.Table.from_pylist([extra]).schema) if extra else fields)
 
 
-def write_row(row: dict[str, Any], results: str | Path) -> Path:
+def write_row(row: dict[str, Any], results: str | Path, also: pa.Schema | None = None) -> Path:
     """Write ``row`` (must have ``run_id``) to ``<results>/runs/<run_id>.parquet`` atomically,
-    replacing an earlier row of the same cell, with every column of ``row_schema`` (absent ones as
-    typed nulls). Returns the path."""
+    replacing an earlier row of the same cell, with every column of ``row_schema`` and of ``also``
+    (other rows' columns, e.g. their defenses' ``d_*``; absent ones as typed nulls). Returns the path."""
     schema = row_schema(row)
+    if also is not None:
+        schema = pa.schema(list(schema) + [f for f in also if f.name not in schema.names])
     table = pa.Table.from_pylist([{k: _plain(row.get(k)) for k in schema.names}], schema=schema)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: SCHEMA_VERSION.encode()})
     path = runs_dir(results) / f"{row['run_id']}.parquet"
@@ -181,18 +183,42 @@ def read_row(results: str | Path, run_id: str) -> dict[str, Any]:
     return pq.read_table(runs_dir(results) / f"{run_id}.parquet").to_pylist()[0]
 
 
-def rewrite_rows(results: str | Path) -> int:
-    """Rewrite every row file of ``results`` with the current column set (``write_row``: the
-    engine's columns and every registered plugin's ``p_<kind>_<k>``), values unchanged; a
-    parameter column a row lacks (added since it was written) gets the value its config resolves
-    to. After poisonbench or a plugin gains a column, this makes ``pandas.read_parquet(runs/)``
-    and DuckDB's glob read the store whole again. Holds each cell's lock; skips (with a warning)
-    files that are not readable rows and cells that are running. Returns the rows rewritten."""
+def store_schema(results: str | Path) -> pa.Schema:
+    """The union of the columns of every row file of ``results`` (from the file footers only;
+    a column's first type wins, unreadable files are left out)."""
+    fields: dict[str, pa.Field] = {}
+    for path in sorted(runs_dir(results).glob("*.parquet")) if runs_dir(results).is_dir() else []:
+        try:
+            for f in pq.read_schema(path):
+                fields.setdefault(f.name, f)
+        except (pa.ArrowException, OSError):
+            continue
+    return pa.schema(list(fields.values()))
+
+
+def rewrite_rows(results: str | Path, only_if_needed: bool = False) -> int:
+    """Rewrite the row files of ``results`` so that every one has the same, full column set: the
+    current ``write_row`` columns (the engine's and every registered plugin's ``p_<kind>_<k>``)
+    and every column any other row has (a defense's ``d_*``, a task's ``final_loss_<term>``), as
+    typed nulls where a row has no value; values unchanged, and a parameter column a row lacks
+    (added since it was written) gets the value its config resolves to. Then
+    ``pandas.read_parquet(runs/)`` and DuckDB's glob read the store whole. ``only_if_needed``:
+    only the files that lack a column (what ``bench run`` does after a grid). Holds each cell's
+    lock; skips (with a warning) files that are not readable rows and cells that are running.
+    Returns the rows rewritten."""
     from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError
 
+    union = store_schema(results)
     done = 0
     for path in sorted(runs_dir(results).glob("*.parquet")):
         run_id = path.stem
+        if only_if_needed:
+            try:
+                current = set(row_schema({}).names) | set(union.names)
+                if current <= set(pq.read_schema(path).names):
+                    continue
+            except (pa.ArrowException, OSError):
+                continue
         try:
             with cell_lock(results, run_id):
                 row = read_row(results, run_id)
@@ -205,7 +231,7 @@ def rewrite_rows(results: str | Path) -> int:
                     for k, v in params.items():
                         if row.get(f"p_{kind}_{k}") is None:
                             row[f"p_{kind}_{k}"] = v
-                write_row(row, results)
+                write_row(row, results, also=union)
                 done += 1
         except (CellBusyError, pa.ArrowException, OSError, KeyError, IndexError, ValueError) as e:
             warnings.warn(f"not rewritten: {path} ({type(e).__name__}: {e})")

@@ -201,3 +201,24 @@ def test_rewrite_rows_gives_old_rows_the_columns_added_since(tmp_path, monkeypat
     after = store.read_row(tmp_path, "a_old")
     assert all(after[k] == v for k, v in before.items() if v is not None)  # no value changed
     assert after["p_defense_min_crop"] == 0.08 and after["p_dataset_n_train"] == 512  # filled from the config
+
+
+def test_after_rewrite_every_row_file_has_every_column_of_the_store(tmp_path):
+    """Rows of different defenses carry different d_* / final_loss_* columns; rewrite_rows gives
+    each file the union, so pandas.read_parquet(runs/) returns every column for every row,
+    whichever file comes first; only_if_needed leaves complete files alone."""
+    import poisonbench.store as store
+
+    base = {"status": "ok", "attack": "badnet", "seed": 0, "clean_top1": 0.5}
+    store.write_row({**base, "run_id": "a", "defense": "clip"}, tmp_path)
+    store.write_row({**base, "run_id": "b", "defense": "safeclip", "d_safe_fraction": [0.1, 0.2],
+                     "final_loss_unimodal": 2.5}, tmp_path)
+    store.write_row({**base, "run_id": "c", "defense": "cleanclip", "d_restored_optimizer": 1}, tmp_path)
+    assert "d_safe_fraction" not in pd.read_parquet(tmp_path / "runs").columns  # file "a" first: dropped
+    assert store.rewrite_rows(tmp_path, only_if_needed=True) == 3
+    whole = pd.read_parquet(tmp_path / "runs").set_index("run_id")
+    assert list(whole.loc["b", "d_safe_fraction"]) == [0.1, 0.2] and whole.loc["b", "final_loss_unimodal"] == 2.5
+    assert whole.loc["c", "d_restored_optimizer"] == 1 and pd.isna(whole.loc["a", "d_restored_optimizer"])
+    names = [set(pq.read_schema(f).names) for f in sorted((tmp_path / "runs").glob("*.parquet"))]
+    assert names[0] == names[1] == names[2]
+    assert store.rewrite_rows(tmp_path, only_if_needed=True) == 0
