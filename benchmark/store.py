@@ -209,13 +209,13 @@ def rewrite_rows(results: str | Path, only_if_needed: bool = False) -> int:
     from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError
 
     union = store_schema(results)
+    wanted = set(row_schema({}).names) | set(union.names)
     done = 0
     for path in sorted(runs_dir(results).glob("*.parquet")):
         run_id = path.stem
         if only_if_needed:
             try:
-                current = set(row_schema({}).names) | set(union.names)
-                if current <= set(pq.read_schema(path).names):
+                if wanted <= set(pq.read_schema(path).names):
                     continue
             except (pa.ArrowException, OSError):
                 continue

@@ -150,7 +150,7 @@ class SafeCLIP(TrainingTask):
         first, filtering = iw + mw + 1, ctx.epochs - iw - mw
         similarity = self.similarities(ctx, epoch)
         safe, risky, ratio = core.split(similarity, None if epoch == first else self.ratio, p.threshold)
-        safe, risky = self._same_on_every_rank(safe, len(similarity))
+        safe, risky = self._same_on_every_rank(safe, len(similarity), ctx.device)
         if epoch == first:
             self.total = core.filtering_total(nb, ratio, filtering, p.safe_step)
             self.train_num_batches = math.floor(self.total / filtering)
@@ -186,13 +186,14 @@ class SafeCLIP(TrainingTask):
         return distributed.all_reduce_sum_(out).cpu().numpy().astype(np.float32)
 
     @staticmethod
-    def _same_on_every_rank(safe: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _same_on_every_rank(safe: np.ndarray, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank 0's split on every rank (the scores are the same everywhere; this makes sure), as
-        sorted safe and risky rows int64 (the trainer shuffles each pass)."""
+        sorted safe and risky rows int64 (the trainer shuffles each pass). ``device``: the model's,
+        where a collective's tensor must be (CUDA under nccl)."""
         mask = torch.zeros(n, dtype=torch.uint8)
         mask[torch.as_tensor(safe, dtype=torch.int64)] = 1
         if distributed.world_size() > 1:
-            mask = distributed.broadcast_(mask.to(_collective_device())).cpu()
+            mask = distributed.broadcast_(mask.to(device)).cpu()
         return torch.nonzero(mask.bool()).flatten(), torch.nonzero(~mask.bool()).flatten()
 
     def record(self, epoch: int, ratio: float, safe: torch.Tensor, similarity: np.ndarray, is_poison: torch.Tensor) -> None:
@@ -256,10 +257,3 @@ class SafeCLIP(TrainingTask):
         self.history = {k: list(v) for k, v in state.get("history", {}).items()}
         for bank, saved in zip(self.banks or [], state.get("banks", [])):
             bank.load_state_dict(saved)
-
-
-def _collective_device() -> torch.device:
-    """Where a tensor must be for a collective: the process's CUDA device under nccl, else the CPU."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
