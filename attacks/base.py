@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle, with_article
 from poisonbench.preprocess import eval_geometry
 from poisonbench.utils import derive_seed, hash_json
+
+
+#: the clean baseline: the attack that poisons nothing (``Attack.poisons`` False); a cell's clean
+#: model (``--init clean``) is trained under it
+CLEAN = "none"
 
 
 @dataclass
@@ -53,17 +58,48 @@ class ZeroShotModel:
             the evaluation geometry), computed once by the evaluator, or None. Predictions do not
             depend on which other images share a batch, so attacks may index it instead of
             predicting clean evaluation images again.
+        encode_images: function uint8 images [N, 3, S, S] -> float32 L2-normalised embeddings
+            [N, D], or None.
+        encode_texts: function list of N strings -> float32 L2-normalised embeddings [N, D]
+            (for text-side attacks), or None.
+        classifier: float32 [D, C], the zero-shot classifier (normalised mean prompt embedding
+            of each evaluation class), or None.
     """
 
     predict: Any
     image_size: int
     clean_top5: Any = None
+    encode_images: Any = None
+    encode_texts: Any = None
+    classifier: Any = None
 
     def predict_eval(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Top-5 of the evaluation images ``rows`` (int64 [K] or bool [M]), given as ``images``
         (uint8 [K, 3, S, S], at the evaluation geometry): ``clean_top5[rows]`` when the
         evaluator has it, else ``predict(images)``."""
         return self.clean_top5[rows] if self.clean_top5 is not None else self.predict(images)
+
+
+@dataclass
+class AttackContext:
+    """What ``Attack.poison`` receives beyond the data when the attack needs a model
+    (``Attack.model_init`` is not None), e.g. BadCLIP's trigger optimised against a surrogate CLIP.
+
+    Attributes:
+        device: where to run the model (the cell's device).
+        surrogate: function () -> (model, tokenizer): a new open_clip model of the cell's
+            architecture with the weights ``model_init`` names, in eval mode on ``device``, its
+            parameters not requiring gradients; the tokenizer maps B strings to int64 [B, L].
+        cached: function (name, compute) -> dict of tensors: ``compute()`` (a dict of CPU tensors)
+            run once per (dataset and its parameters, attack and its parameters, seed, surrogate
+            weights, ``name``) and kept on disk under ``RESULTS/cache/attack-<key>/``, so every
+            defense's cell and every process of a DDP cell gets the same tensors from one
+            computation (rank 0 computes, the other ranks wait and load).
+    """
+
+    device: torch.device
+    surrogate: Callable[[], tuple[Any, Any]]
+    cached: Callable[[str, Callable[[], dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
 
 
 def to_stored_geometry(images: torch.Tensor, data: DatasetBundle) -> torch.Tensor:
@@ -118,8 +154,18 @@ class Attack:
     def check(self, data: DatasetBundle) -> None:
         """Raise ValueError naming the problem if the parameters cannot work on ``data``."""
 
-    def poison(self, data: DatasetBundle) -> PoisonPlan:
-        """Return the poisoned training set and its manifest."""
+    def model_init(self) -> str | None:
+        """The ``--init`` spec (``init_spec.parse_init``; ``clean``: the cell's clean model) of the
+        model ``poison`` uses, or None (the default): ``poison`` then gets no context."""
+        return None
+
+    def poison(self, data: DatasetBundle, context: AttackContext | None = None) -> PoisonPlan:
+        """Return the poisoned training set and its manifest.
+
+        An attack that needs a model (``model_init``) is called twice: without a context before
+        any training, when every cell is checked (the plan must then have the training set's
+        final size and poison count; what needs the model may be a placeholder), and with one
+        (``AttackContext``) when its cell runs; only the second plan trains and is evaluated."""
         raise NotImplementedError
 
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from poisonbench.registry import register_attack
 
-from .base import Attack, PoisonPlan
+from .base import CLEAN, Attack, PoisonPlan
 
 
 @dataclass
@@ -13,7 +13,7 @@ class NoParams:
     pass
 
 
-@register_attack("none")
+@register_attack(CLEAN)
 class NoAttack(Attack):
     """Trains on the clean data; reports clean accuracy only."""
 

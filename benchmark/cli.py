@@ -77,13 +77,15 @@ def list_cmd(kind: str | None) -> None:
     if kind in (None, "profiles"):
         table = Table(title="profiles")
         table.add_column("name", no_wrap=True)
-        for col in ("description", "model", "data", "epochs", "batch", "lr", "parameters it sets"):
+        for col in ("description", "model", "starts from", "data", "epochs", "batch", "lr", "parameters it sets"):
             table.add_column(col)
         for p in PROFILES.values():
             data = p.dataset + "".join(f" {k}={v}" for k, v in p.dataset_params.items())
             sets = {**p.attack_params, **p.defense_params}
             overrides = "\n".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for d, kv in sets.items())
-            table.add_row(p.name, p.description, p.model, data, str(p.epochs), str(p.batch_size), f"{p.lr:g}", overrides or "-")
+            init = p.init + (f" ({p.pretrain or p.name}'s clean model)" if p.init == "clean" else "")
+            table.add_row(p.name, p.description, p.model, init, data, str(p.epochs), str(p.batch_size), f"{p.lr:g}",
+                          overrides or "-")
         console.print(table)
 
 
@@ -122,10 +124,13 @@ def grid_options(f):
         click.option("--lr", type=float, help="Override the profile's peak learning rate."),
         click.option("--model", help="open_clip architecture instead of the profile's (`python -c \"import open_clip; "
                                      "print(open_clip.list_models())\"`, or poisonbench-tiny / poisonbench-cpu-small)."),
-        click.option("--init", default="scratch", show_default=True, metavar="scratch|checkpoint:PATH|pretrained:ARCH/TAG",
-                     help="Starting weights: random (seeded by the cell), an open_clip state dict or checkpoint "
-                          "file, or open_clip pretrained weights already on this machine (the Hugging Face cache; "
-                          "nothing is downloaded), e.g. pretrained:RN50/openai with --model RN50."),
+        click.option("--init", metavar="scratch|clean|checkpoint:PATH|pretrained:ARCH/TAG",
+                     help="Starting weights instead of the profile's (`bench list profiles`, column \"starts "
+                          "from\"): random (seeded by the cell); the clean model of the profile's pre-training "
+                          "profile (trained once on the clean data, cached in RESULTS/cache, reused by every cell "
+                          "that starts from it); an open_clip state dict or checkpoint file; or open_clip "
+                          "pretrained weights already on this machine (the Hugging Face cache; nothing is "
+                          "downloaded), e.g. pretrained:RN50/openai with --model RN50."),
         click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Processes that train each cell together (torch.distributed DDP, started with torchrun): "
                           "one per GPU on CUDA (process r uses cuda:r), gloo on the CPU, where each gets "
@@ -140,7 +145,7 @@ def grid_options(f):
 
 
 def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, dataset_param,
-              epochs, batch_size, lr, nproc, results, finetune_data=None, model=None, init="scratch"):
+              epochs, batch_size, lr, nproc, results, finetune_data=None, model=None, init=None):
     """The grid_options as one grid.GridSpec (``nproc``: the processes of each cell);
     click.UsageError naming the problem."""
     from .grid import GridSpec, parse_assignments
@@ -150,7 +155,7 @@ def grid_spec(attack, defense, profile, seed, attack_param, defense_param, data,
             attack, defense, profile, seed,
             parse_assignments(attack_param), parse_assignments(defense_param), parse_assignments(dataset_param),
             {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "model": model,
-                               "init": None if init == "scratch" else init}.items() if v is not None},
+                               "init": init}.items() if v is not None},
             data, eval_set, nproc, str(results), finetune_data,
         )
     except ValueError as e:
@@ -600,18 +605,27 @@ def _ignore(signum, frame) -> None:
 @click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed (the trigger and rows follow it).")
 @click.option("-n", "count", default=6, show_default=True, type=click.IntRange(1, 50), help="Pairs to show.")
 @click.option("--out", "-o", default="preview.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write.")
-def preview(attack, attack_param, profile, seed, count, out) -> None:
+@click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
+              help="Results folder whose cache holds (or receives) what an attack that needs a model makes.")
+def preview(attack, attack_param, profile, seed, count, out, results) -> None:
     """Show clean training images beside their poisoned versions, with captions, as a PNG,
-    so you can see a trigger before spending compute. No training happens."""
+    so you can see a trigger before spending compute. No training happens, except for an attack
+    that needs a model (badclip's trigger is optimised against the profile's clean model): that
+    model and what the attack makes with it are taken from RESULTS/cache, or made and cached there
+    once, exactly as `bench run` would."""
     from .config import resolve
     from .grid import parse_assignments, parse_name
     from .preview import save_preview
-    from .runner import ConfigError, prepare
+    from .runner import ConfigError, prepare, start
 
     try:
         name, params = parse_name(attack)
         params.update(parse_assignments(attack_param))
         cell = prepare(resolve(name, "clip", profile, seed, params), "cpu")
+        if cell.attack.model_init() is not None:
+            console.print(f"{name} poisons with a model ({cell.attack.model_init()}): made once, cached in {results}/cache",
+                          markup=False)
+            start(cell, Path(results), progress=True)
         pairs = cell.attack.preview_pairs(cell.data, cell.plan, count)
         path = save_preview(pairs, f"{name} (seed {seed}): clean vs poisoned training pairs", out)
     except (ConfigError, RegistryError, ValueError) as e:

@@ -23,6 +23,10 @@ class Profile:
         weight_decay: AdamW decoupled weight decay (not on norms, biases, logit scale).
         attack_params / defense_params: per-attack and per-defense parameter defaults for this
             scale, e.g. the RoCLIP pool size; explicit parameters override them.
+        init: the cells' starting weights unless ``--init`` is given (``init_spec.parse_init``):
+            ``scratch`` for pre-training, ``clean`` or ``pretrained:ARCH/TAG`` for fine-tuning.
+        pretrain: the profile whose clean model ``--init clean`` starts from (its cell of attack
+            ``none`` and the undefended defense, ``runner.clean_config``); None: this profile.
     """
 
     name: str
@@ -37,7 +41,14 @@ class Profile:
     weight_decay: float
     defense_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    init: str = "scratch"
+    pretrain: str | None = None
 
+
+# cpu-small-ft's fine-tuning: CHOSEN FROM THE SWEEP (docs/measurements/ft_sweep_*)
+FT_EPOCHS, FT_LR = 3, 1e-4
+# BadCLIP's optimisation in the cpu-small profiles (attack_params): 10 of its 50 epochs over the
+# ~9,000 non-target training images (1,400 steps of the paper's 7,800); everything else as the paper
 
 PROFILES: dict[str, Profile] = {
     p.name: p
@@ -53,7 +64,9 @@ PROFILES: dict[str, Profile] = {
                             "safeclip": {"inmodal_warmup": 1, "multimodal_warmup": 0, "in_lr": 2e-3, "cross_lr": 2e-3,
                                          "filter_lr": 2e-5, "warmup_steps": 2, "bank_size": 64, "min_crop": 0.5}},
             # 512 pairs hold ~50 bags: badnet-lc needs fewer than its default 100 target-class images
-            attack_params={"targeted": {"pairs_per_target": 10}, "badnet-lc": {"n_poison": 20}},
+            attack_params={"targeted": {"pairs_per_target": 10}, "badnet-lc": {"n_poison": 20},
+                           # ~50 bags: batches of 16; one epoch over 128 images (8 steps)
+                           "badclip": {"opt_images": 128, "opt_epochs": 1, "opt_batch_size": 16}},
         ),
         Profile(
             "cpu-small", "the embedded default: 10k Fashion-MNIST pairs, minutes on 2 CPU cores",
@@ -85,7 +98,26 @@ PROFILES: dict[str, Profile] = {
             },
             # The authors' 100 pairs per target are 0.01 % of their 1M pairs; at 10k pairs, 10 per
             # target (1.6 % for all 16) already reach 15/16 against CLIP.
-            attack_params={"targeted": {"pairs_per_target": 10}},
+            attack_params={"targeted": {"pairs_per_target": 10}, "badclip": {"opt_epochs": 10}},
+        ),
+        Profile(
+            "cpu-small-ft", "the fine-tuning setting in miniature: cpu-small's clean model (--init clean) fine-tuned "
+            "on the poisoned 10k pairs at a low lr for a few epochs, minutes on 2 CPU cores",
+            "poisonbench-cpu-small", "fashion-mnist", {"n_train": 10000, "n_eval": 0}, epochs=FT_EPOCHS,
+            batch_size=128, lr=FT_LR, warmup_steps=10, weight_decay=0.1, init="clean", pretrain="cpu-small",
+            defense_params={
+                # roclip: every 2nd epoch a matching epoch (the official default K), fed every step as
+                # in cpu-small; crops and cleanclip's repair as cpu-small's
+                "roclip": {"match_every": 2, "pool_update": "always", "min_crop": 0.5},
+                "aug-only": {"min_crop": 0.5},
+                "cleanclip": {"lr": 1e-3, "warmup_steps": 1},
+                # safeclip in a fine-tuning run: one unimodal warm-up epoch, no CLIP warm-up epoch (the
+                # model is already aligned), the rest filtering epochs; cpu-small's lrs, banks, crops
+                "safeclip": {"inmodal_warmup": 1, "multimodal_warmup": 0, "in_lr": FT_LR, "cross_lr": FT_LR,
+                             "filter_lr": FT_LR / 100, "warmup_steps": 10, "bank_size": 256, "safe_step": 0.04,
+                             "min_crop": 0.5},
+            },
+            attack_params={"targeted": {"pairs_per_target": 10}, "badclip": {"opt_epochs": 10}},
         ),
         Profile(
             "paper", "RoCLIP's setting (docs/roclip-spec.md §2): open_clip RN50 from scratch on your "
@@ -102,6 +134,28 @@ PROFILES: dict[str, Profile] = {
                 **{a: {"n_poison": 300, "target": "mushroom"} for a in ("blended", "sig", "wanet")},
                 **{a: {"n_poison": 300, "target": "mushroom", "patch_size": 16, "location": "random"}
                    for a in ("badnet", "badnet-lc")},
+            },
+        ),
+        Profile(
+            "paper-ft", "the CleanCLIP/BadCLIP setting: OpenAI's pretrained RN50 (--init pretrained:RN50/openai, from the "
+            "local cache) fine-tuned on your CC3M-style --data (their 500K pairs), ImageNet zero-shot; for GPUs",
+            "RN50", "files", {"eval": "imagenet", "n_heldout": 1000, "n_probe": 10000},
+            # BadCLIP's README recipe (spec Part A §A.9): batch 128 on one GPU, 10 epochs, AdamW lr 1e-6, wd 0.1,
+            # 10,000 warm-up steps. At 1e-6, users of the same code base report a weak BadNet (CleanCLIP
+            # issue #3: ASR 5.7 %; 97.7 % at 1e-5), and BadCLIP's own baselines were trained at 1e-5 (§A.9, Q8).
+            epochs=10, batch_size=128, lr=1e-6, warmup_steps=10000, weight_decay=0.1, init="pretrained:RN50/openai",
+            # safeclip fine-tunes as on cpu-small-ft: one unimodal warm-up epoch, no CLIP warm-up, the
+            # profile's lr where its pre-training runs have 5e-4 (filter lr 1/100 of it)
+            defense_params={"roclip": {"pool_size": 21845, "match_every": 2},
+                            "safeclip": {"inmodal_warmup": 1, "multimodal_warmup": 0, "in_lr": 1e-6, "cross_lr": 1e-6,
+                                         "filter_lr": 1e-8}},
+            # 1,500 poisoned pairs, target "banana" (§A.8); BadCLIP's 16 px trigger against the same RN50, and
+            # CleanCLIP's 16 px BadNet patch at a random position (roclip-spec §3.2)
+            attack_params={
+                **{a: {"n_poison": 1500, "target": "banana"} for a in ("blended", "sig", "wanet")},
+                **{a: {"n_poison": 1500, "target": "banana", "patch_size": 16, "location": "random"}
+                   for a in ("badnet", "badnet-lc")},
+                "badclip": {"n_poison": 1500, "target": "banana", "patch_size": 16, "surrogate": "pretrained:RN50/openai"},
             },
         ),
     ]
@@ -145,8 +199,8 @@ class RunConfig:
     # existed before them keeps its run id and its finished results (``identity``).
     # world_size: processes that train the cell together (--nproc, torchrun's WORLD_SIZE).
     world_size: int = field(default=1, metadata={"hash_default": False})
-    # init: the cell's starting weights (--init; models.parse_init): scratch, checkpoint:PATH or
-    # pretrained:ARCH/TAG. The file's path (not its content) is part of the run id; the row
+    # init: the cell's starting weights (--init, else the profile's; init_spec.parse_init): scratch,
+    # clean, checkpoint:PATH or pretrained:ARCH/TAG. The file's path (not its content) is part of the run id; the row
     # records the file's SHA-256 (init_sha256).
     init: str = field(default="scratch", metadata={"hash_default": False})
 
@@ -221,7 +275,7 @@ def resolve(
         warmup_steps=int(training.get("warmup_steps", prof.warmup_steps)),
         weight_decay=float(training.get("weight_decay", prof.weight_decay)),
         world_size=int(world_size),
-        init=absolute_init(str(training.get("init", "scratch"))),
+        init=absolute_init(str(training.get("init", prof.init))),
     )  # a malformed spec is refused here; the file is checked before training (runner.prepare)
     for name in ("epochs", "batch_size", "world_size"):
         if getattr(cfg, name) < 1:

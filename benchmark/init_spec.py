@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INIT_KINDS = ("scratch", "checkpoint:PATH", "pretrained:ARCH/TAG")
+INIT_KINDS = ("scratch", "clean", "checkpoint:PATH", "pretrained:ARCH/TAG")
 
 
 def parse_init(spec: str) -> tuple[str, str]:
     """(kind, argument) of an ``--init`` value: ``scratch`` (random weights seeded by the cell),
-    ``checkpoint:PATH`` (an open_clip state dict or training checkpoint file) or
+    ``clean`` (the clean model of the cell's pre-training profile, trained once and cached;
+    ``runner.clean_config``), ``checkpoint:PATH`` (an open_clip state dict or training checkpoint file) or
     ``pretrained:ARCH/TAG`` (an open_clip pretrained tag, from the local cache only).
     Raises ValueError naming the valid forms."""
-    if spec == "scratch":
-        return "scratch", ""
+    if spec in ("scratch", "clean"):
+        return spec, ""
     kind, sep, arg = spec.partition(":")
     if kind == "checkpoint" and arg:
         return kind, arg

@@ -95,11 +95,11 @@ def pretrained_file(arch: str, tag: str) -> Path:
 
 
 def init_file(spec: str, model_name: str) -> Path | None:
-    """The weights file a cell of architecture ``model_name`` starts from (None for scratch),
-    checked to exist. Raises ValueError (a bad spec; a pretrained architecture other than the
+    """The weights file a cell of architecture ``model_name`` starts from (None for scratch and
+    for clean, whose file the runner makes: ``runner.clean_model``), checked to exist. Raises ValueError (a bad spec; a pretrained architecture other than the
     cell's) or FileNotFoundError (saying where the file should be)."""
     kind, arg = parse_init(spec)
-    if kind == "scratch":
+    if kind in ("scratch", "clean"):
         return None
     if kind == "checkpoint":
         path = Path(arg).expanduser()
@@ -113,14 +113,19 @@ def init_file(spec: str, model_name: str) -> Path | None:
     return pretrained_file(arch, tag)
 
 
-def load_init(model: torch.nn.Module, spec: str, model_name: str) -> Path | None:
+def load_init(model: torch.nn.Module, spec: str, model_name: str, clean: Path | None = None) -> Path | None:
     """Load the starting weights ``spec`` (``parse_init``) into ``model`` in place, with
     ``torch.load(weights_only=True)`` (open_clip's ``load_checkpoint``: a state dict, a training
     checkpoint's ``state_dict``, ``module.`` prefixes stripped, safetensors), strictly: every
     parameter must be in the file with its shape. Returns the file (None for scratch).
     Raises ValueError when the file does not fit the architecture, FileNotFoundError as
-    ``init_file``."""
+    ``init_file``. ``clean``: the file of the clean model, for ``spec`` ``clean`` (ValueError
+    without it)."""
     path = init_file(spec, model_name)
+    if spec == "clean":
+        if clean is None:
+            raise ValueError("--init clean: the clean model's file was not given (runner.clean_model makes it)")
+        path = clean
     if path is None:
         return None
     try:

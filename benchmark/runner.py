@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from . import __version__, distributed
-from .attacks.base import Attack, PoisonPlan, ZeroShotModel
-from .config import RunConfig, get_profile
+from .attacks.base import CLEAN, Attack, AttackContext, PoisonPlan, ZeroShotModel
+from .config import RunConfig, get_profile, resolve
 from .datasets.base import CaptionDataset, DatasetBundle
 from .defenses.base import KINDS, UNDEFENDED, DefenseBase
 from .detection import detection_metrics
@@ -36,9 +36,9 @@ from .export import model_dir, save_model
 from .models import create_model, image_size, init_file, load_init
 from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
-from .store import cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
+from .store import CellBusyError, cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
 from .train import TrainResult, set_threads, train
-from .utils import atomic_write, derive_seed, remove_temp_files
+from .utils import atomic_write, derive_seed, hash_json, remove_temp_files
 
 
 class ConfigError(ValueError):
@@ -47,8 +47,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class Cell:
-    """A prepared cell: its config, data, attack, poisoned training set, defense and device, and
-    the dataset object (for its optional hooks, ``datasets.base.Dataset``; None: no hooks)."""
+    """A prepared cell: its config, data, attack, poisoned training set, defense and device, the
+    dataset object (for its optional hooks, ``datasets.base.Dataset``; None: no hooks) and, once
+    ``execute`` has made it, the file of its clean model (``clean_model``; for ``--init clean``
+    and attacks whose surrogate it is)."""
 
     cfg: RunConfig
     data: DatasetBundle
@@ -57,6 +59,7 @@ class Cell:
     defense: DefenseBase
     device: torch.device
     dataset: Any = None
+    clean_model: Path | None = None
 
 
 def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None,
@@ -90,7 +93,9 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         plan = attack.poison(data)
         defense.check(len(plan.train))
         defense.check_run(cfg)
-        init_file(cfg.init, cfg.model)  # the starting weights exist (FileNotFoundError says where they go)
+        for spec in (cfg.init, attack.model_init()):  # the starting and surrogate weights exist (the error says
+            if spec is not None:                       # where they go)
+                init_file(spec, cfg.model)
         check_kind(cfg, defense, dataset, data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
@@ -193,6 +198,8 @@ def execute(cell: Cell, results: Path, progress: bool = True, keep_checkpoint: b
     """
     results = Path(results)
     ckpt = results / "checkpoints" / cell.cfg.run_id / "last.pt"
+    if not distributed.broadcast_object(not force and has_finished_row(results, cell.cfg.run_id)):
+        start(cell, results, progress)
     if not distributed.is_main():
         if distributed.broadcast_object(None) == "train":  # "cached": rank 0 evaluates the cached model alone
             _train(cell, ckpt, progress=False)
@@ -260,8 +267,94 @@ def fresh_model(cell: Cell):
         set_threads()
     torch.manual_seed(derive_seed(cell.cfg.seed, "model"))
     model, tokenizer = create_model(cell.cfg.model)
-    load_init(model, cell.cfg.init, cell.cfg.model)
+    load_init(model, cell.cfg.init, cell.cfg.model, cell.clean_model)
     return model, tokenizer
+
+
+# --- a cell's clean model and its attack's model ----------------------------------------------
+
+def clean_config(cfg: RunConfig) -> RunConfig:
+    """The config of ``cfg``'s clean model (``--init clean``; the default surrogate of an attack
+    that needs a model): the undefended cell of attack ``none``, from scratch, in the pre-training
+    profile of ``cfg``'s profile (``Profile.pretrain``, else the profile itself), with ``cfg``'s
+    seed, world size and model, and ``cfg``'s data when it is not that profile's dataset. It is a
+    cell like any other (``bench run -a none -d clip -p cpu-small`` is the clean model of
+    cpu-small-ft), so its row gives the clean model's accuracy."""
+    prof = get_profile(cfg.profile)
+    base = get_profile(prof.pretrain or prof.name)
+    own_data = cfg.dataset != base.dataset
+    return resolve(CLEAN, UNDEFENDED, base.name, cfg.seed, dataset=cfg.dataset if own_data else None,
+                   dataset_params=cfg.dataset_params if own_data else None, world_size=cfg.world_size,
+                   model=None if cfg.model == base.model else cfg.model, init="scratch")
+
+
+def clean_model(cell: Cell, results: Path, progress: bool) -> Path:
+    """The file of ``cell``'s clean model (``clean_config``), ``RESULTS/cache/<its run id>/model.pt``:
+    that cell is run first (by every rank of a process group together; waiting while another
+    process runs it) unless its row and model are already there. Raises what running it raises."""
+    ccfg = clean_config(cell.cfg)
+    path = cache_dir(results, ccfg.run_id) / "model.pt"
+    while True:
+        busy = False
+        try:
+            # a row without its model (the cache was removed): train the model again
+            execute(prepare(ccfg, str(cell.device)), results, progress,
+                    force=not path.is_file() and has_finished_row(results, ccfg.run_id))
+        except CellBusyError:
+            busy = True
+        if not distributed.broadcast_object(busy):
+            break
+        time.sleep(5)
+    if not path.is_file():
+        raise RuntimeError(f"the clean model {path} was not written; run `bench run -a none -d {ccfg.defense} "
+                           f"-p {ccfg.profile} -s {ccfg.seed}` and look at its error")
+    return path
+
+
+def attack_context(cell: Cell, results: Path) -> AttackContext:
+    """The ``AttackContext`` of ``cell``'s attack: its surrogate is the cell's architecture with the
+    weights ``attack.model_init()`` names (``clean``: ``cell.clean_model``); its cache is keyed by
+    the data, the attack, the seed and those weights (not the defense: one computation serves
+    every defense's cell)."""
+    cfg, spec = cell.cfg, cell.attack.model_init()
+
+    def surrogate():
+        model, tokenizer = create_model(cfg.model)
+        load_init(model, spec, cfg.model, cell.clean_model)
+        return model.to(cell.device).eval().requires_grad_(False), tokenizer
+
+    what = {"dataset": cfg.dataset, "dataset_params": cfg.dataset_params, "attack": cfg.attack,
+            "attack_params": cfg.attack_params, "seed": cfg.seed, "model": cfg.model,
+            "surrogate": clean_config(cfg).run_id if spec == "clean" else spec}
+    key = f"attack-{hash_json(what)[:16]}"
+    folder = Path(results) / "cache" / key
+
+    def cached(name: str, compute):
+        path = folder / f"{name}.pt"
+        if distributed.is_main():
+            with cache_lock(results, key):
+                remove_temp_files(path)
+                if not path.is_file():
+                    out = compute()
+                    if not (isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values())):
+                        raise TypeError(f"attack {cfg.attack}: what it caches as {name!r} must be a dict of tensors")
+                    atomic_write(path, lambda tmp: torch.save(to_cpu(out), tmp))
+                    atomic_write(folder / "what.json", lambda tmp: Path(tmp).write_text(json.dumps(what, indent=1)))
+        distributed.barrier()  # the other ranks load what rank 0 wrote
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    return AttackContext(cell.device, surrogate, cached)
+
+
+def start(cell: Cell, results: Path, progress: bool) -> None:
+    """What a cell needs before it trains, on every rank: its clean model when it starts from it
+    or its attack uses it, then, for an attack that needs a model, the poisoned data made with it
+    (``Attack.poison`` with an ``AttackContext``; ``prepare`` made the plan without one)."""
+    spec = cell.attack.model_init()
+    if "clean" in (cell.cfg.init, spec):
+        cell.clean_model = clean_model(cell, results, progress)
+    if spec is not None:
+        cell.plan = cell.attack.poison(cell.data, attack_context(cell, results))
 
 
 # --- the cached undefended model -------------------------------------------------------------
@@ -530,7 +623,10 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     }
     lap = Laps(metrics, t0)
     lap("zero_shot_s")
-    metrics.update(cell.attack.evaluate(ZeroShotModel(top5, size, clean_top5=topk), cell.data, cell.plan))
+    zs = ZeroShotModel(top5, size, clean_top5=topk, classifier=classifier,
+                       encode_images=lambda images: encode_images(model, images, device=device),
+                       encode_texts=lambda texts: encode_texts(model, tokenizer, texts, device=device))
+    metrics.update(cell.attack.evaluate(zs, cell.data, cell.plan))
     lap("attack_eval_s")
     probe = cell.data.probe_train
     if probe is not None:

@@ -134,6 +134,8 @@ def test_display_names_disambiguate_shared_names_only():
 # --- backdoors -------------------------------------------------------------------------------
 
 BACKDOORS = sorted(n for n in ATTACKS.names() if issubclass(ATTACKS.get(n), BackdoorAttack))
+# what an attack needs beyond n_poison to fit the small bundle (badclip: a batch of target captions)
+FITS = {"badclip": {"opt_batch_size": 4}}
 
 
 @pytest.mark.parametrize("name", BACKDOORS)
@@ -142,14 +144,14 @@ def test_a_target_whose_name_another_class_has_is_refused(name):
     cls = ATTACKS.get(name)
     for target in ("3", "n004"):
         with pytest.raises(ValueError, match=r"shares its name with #2 sunglasses \(n003\).*tie-breaking"):
-            cls(build_params(cls.Params, {"target": target, "n_poison": 5}, name), 0).check(bundle())
+            cls(build_params(cls.Params, {"target": target, "n_poison": 5, **FITS.get(name, {})}, name), 0).check(bundle())
     for data in (bundle(), bundle(evalset(ids=["n001", "n002", "3", "4", "n005"], id_kind="folder name"))):
         with pytest.raises(ValueError) as e:
-            cls(build_params(cls.Params, {"target": "sunglasses", "n_poison": 5}, name), 0).check(data)
+            cls(build_params(cls.Params, {"target": "sunglasses", "n_poison": 5, **FITS.get(name, {})}, name), 0).check(data)
         msg = str(e.value)  # at once that neither can be a target, not how to pick one of them
         assert "names 2 evaluation classes" in msg and "none of them can be a backdoor target" in msg
         assert "pick one" not in msg and "tie-breaking" in msg
-    cls(build_params(cls.Params, {"target": "bag", "n_poison": 5}, name), 0).check(bundle())  # a unique name is fine
+    cls(build_params(cls.Params, {"target": "bag", "n_poison": 5, **FITS.get(name, {})}, name), 0).check(bundle())  # a unique name is fine
 
 
 def test_backdoor_manifest_keeps_the_index_and_a_readable_name():

@@ -278,6 +278,33 @@ def test_a_two_process_cell_writes_exactly_one_row_from_rank_0(scenarios):
     assert not (results / "checkpoints" / r["run_id"]).exists()
 
 
+def badclip_scenario(rank, results):
+    """A two-process badclip cell that starts from the clean model: the clean model is trained by
+    both processes, the trigger optimised once, on rank 0, and every rank poisons with it."""
+    from poisonbench import runner
+    from poisonbench.attacks.badclip import BadCLIP
+
+    calls, optimise = [], BadCLIP.optimise
+    BadCLIP.optimise = lambda self, data, context: calls.append(rank) or optimise(self, data, context)
+    try:
+        cfg = resolve("badclip", "clip", "tiny", attack_params={"n_poison": 20}, epochs=1, world_size=WORLD,
+                      init="clean", dataset_params={"n_train": 256, "n_eval": 100, "n_probe": 100, "n_heldout": 50})
+        cell = runner.prepare(cfg, "cpu")
+        runner.execute(cell, results, progress=False)
+    finally:
+        BadCLIP.optimise = optimise
+    return {"calls": calls, "trigger": cell.plan.manifest["trigger"], "train": cell.plan.train.images.sum().item()}
+
+
+def test_a_two_process_cell_shares_the_clean_model_and_the_attacks_one_computation(scenarios):
+    zero, one = scenarios("badclip", 0), scenarios("badclip", 1)
+    assert zero["calls"] == [0] and one["calls"] == []
+    assert zero["trigger"]["optimised"] and zero["trigger"] == one["trigger"] and zero["train"] == one["train"]
+    df = read_runs(scenarios.folder("badclip"))
+    assert sorted(df["attack"]) == ["badclip", "none"] and set(df["world_size"]) == {WORLD}
+    assert set(df["status"]) == {"ok"}
+
+
 # --- the command line --------------------------------------------------------------------
 
 
@@ -365,7 +392,8 @@ def test_safeclip_split_and_banks_are_the_same_on_every_rank(scenarios):
 
 
 SCENARIOS = {"gradients": gradients_scenario, "pool": pool_scenario, "resume": resume_scenario,
-             "pool_without_gather": pool_without_gather_scenario, "cell": cell_scenario, "safeclip": safeclip_scenario}
+             "pool_without_gather": pool_without_gather_scenario, "cell": cell_scenario, "safeclip": safeclip_scenario,
+             "badclip": badclip_scenario}
 
 
 @pytest.mark.slow

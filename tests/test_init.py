@@ -33,7 +33,7 @@ def test_scratch_keeps_the_run_id_and_malformed_specs_are_refused():
     plain = resolve("badnet", "clip", "tiny")
     assert resolve("badnet", "clip", "tiny", init="scratch").run_id == plain.run_id and "init" not in plain.to_dict()
     for bad in ("checkpoint:", "pretrained:RN50", "pretrained:/openai", "imagenet", "clean:x"):
-        with pytest.raises(ValueError, match="scratch, checkpoint:PATH, pretrained:ARCH/TAG"):
+        with pytest.raises(ValueError, match="scratch, clean, checkpoint:PATH, pretrained:ARCH/TAG"):
             parse_init(bad)
 
 
@@ -109,3 +109,25 @@ def test_the_cli_takes_init_and_model_and_refuses_an_unknown_model(tmp_path):
     assert cfg.init == f"checkpoint:{path.resolve()}"
     out = CliRunner().invoke(main, ["status", "-p", "tiny", "--model", "RN5O", "-r", str(tmp_path / "r")])
     assert out.exit_code == 2 and "unknown model 'RN5O'" in out.output
+
+
+def test_clean_starts_from_the_clean_cell_which_is_trained_once(tmp_path, monkeypatch):
+    trained = []
+    real_train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *a, **k: trained.append(a[4].attack) or real_train(*a, **k))
+    first, second = cell("clean"), runner.prepare(resolve("blended", "clip", "tiny", attack_params={"n_poison": 20},
+                                                          dataset_params=SMALL, init="clean"))
+    ccfg = runner.clean_config(first.cfg)
+    # the clean model is a cell of its own: what `bench run -a none -d clip -p tiny` runs
+    assert ccfg.run_id == resolve("none", "clip", "tiny").run_id and ccfg.init == "scratch"
+    assert runner.clean_config(resolve("badnet", "clip", "cpu-small-ft")).run_id == resolve("none", "clip", "cpu-small").run_id
+    runner.start(first, tmp_path, progress=False)
+    assert trained == ["none"] and runner.read_row(tmp_path, ccfg.run_id)["status"] == "ok"
+    state = torch.load(first.clean_model, weights_only=True)
+    assert_loaded(runner.fresh_model(first)[0], state)
+    stamp = first.clean_model.stat().st_mtime_ns
+    runner.start(second, tmp_path, progress=False)  # another cell that starts from it: loaded, not trained
+    assert trained == ["none"] and second.clean_model == first.clean_model
+    assert first.clean_model.stat().st_mtime_ns == stamp
+    assert_loaded(runner.fresh_model(second)[0], state)
+    assert cell("clean").cfg.run_id != cell("scratch").cfg.run_id

@@ -166,6 +166,7 @@ def test_a_done_cell_is_not_trained_again_unless_forced(tmp_path, monkeypatch):
     cfg = resolve("badnet", "clip", "tiny")
     write_row({"run_id": cfg.run_id, "status": "ok", "clean_top1": 0.25}, tmp_path)
     monkeypatch.setattr(runner, "_execute", trains)
+    monkeypatch.setattr(runner, "start", lambda *a: None)  # a cell of nothing but its config: nothing to start
     cell = runner.Cell(cfg, None, None, None, None, torch.device("cpu"))  # nothing but the config is needed
     assert runner.execute(cell, tmp_path, progress=False)["clean_top1"] == 0.25
     with pytest.raises(Trained):
