@@ -45,8 +45,13 @@ class Profile:
     pretrain: str | None = None
 
 
-# cpu-small-ft's fine-tuning: CHOSEN FROM THE SWEEP (docs/measurements/ft_sweep_*)
-FT_EPOCHS, FT_LR = 3, 1e-4
+# cpu-small-ft's fine-tuning (docs/measurements/ft_sweep_cpu-small-ft_badnet_seed0_2026-12-01.csv):
+# clip under badnet (100 poisoned pairs) from cpu-small's clean model, lr 3e-5..1e-3 x 2 or 5 epochs.
+# Below 3e-4 nothing implants (ASR <= 7 %), as CleanCLIP's issue #3 at lr 1e-6; 5e-4 x 5 epochs is
+# the lowest lr to pass ASR 0.8 (85 %, clean top-1 83.4 % from the clean model's 84.2 %). Its summed
+# step sizes (5e-4 x 390 steps) equal those of the literature's poisoned fine-tuning that does
+# implant (1e-5 x 5 epochs x 3,906 steps of 500K pairs at batch 128).
+FT_EPOCHS, FT_LR = 5, 5e-4
 # BadCLIP's optimisation in the cpu-small profiles (attack_params): 10 of its 50 epochs over the
 # ~9,000 non-target training images (1,400 steps of the paper's 7,800); everything else as the paper
 
