@@ -1,7 +1,9 @@
-"""Regenerate README.md's reference table from the committed store (results/reference): per attack
-and defense, the mean over seeds of ASR / clean zero-shot top-1 / linear probe, as `bench report`
-computes them. The table sits between the markers below; tests/test_readme_table.py checks that
-README.md holds exactly what this script writes, so no number in it is typed by hand.
+"""Regenerate README.md's reference tables from the committed store (results/reference): per profile,
+attack and defense, the mean over seeds of ASR / clean zero-shot top-1 / linear probe, as `bench
+report` computes them. Each profile's table sits between its markers (``markers``);
+tests/test_readme_table.py checks that README.md holds exactly what this script writes, so no number
+in it is typed by hand. The clean baseline (attack ``none``, the fine-tuning profiles' clean models)
+has no ASR and is left out.
 
     python scripts/readme_table.py            # rewrite README.md in place
     python scripts/readme_table.py --check    # exit 1 if README.md's table is out of date
@@ -16,7 +18,14 @@ import pandas as pd
 from poisonbench.report import load_leaderboard
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- reference-table: scripts/readme_table.py -->", "<!-- /reference-table -->"
+PROFILES = ["cpu-small", "cpu-small-ft"]
+
+
+def markers(profile: str) -> tuple[str, str]:
+    """The README markers around ``profile``'s table (cpu-small keeps the first table's markers)."""
+    name = "" if profile == "cpu-small" else f" {profile}"
+    return f"<!-- reference-table{name}: scripts/readme_table.py -->", f"<!-- /reference-table{name} -->"
+
 DEFENSE_ORDER = ["clip", "roclip", "aug-only", "density-filter", "cleanclip", "safeclip"]
 ATTACK_ORDER = ["targeted", "badnet", "blended", "sig", "wanet", "badnet-lc"]
 
@@ -29,11 +38,13 @@ def cell_text(row: pd.Series) -> str:
     return f"{asr} / {100 * row['clean_top1']:.1f} % / {100 * row['linear_probe_top1']:.1f} %"
 
 
-def table(results: str | Path = ROOT / "results" / "reference") -> str:
-    """The Markdown table of the store's default settings (cells without swept parameters), with
-    the number of seeds of each entry when it is not 3."""
+def table(results: str | Path = ROOT / "results" / "reference", profile: str = "cpu-small") -> str:
+    """The Markdown table of the store's default settings of ``profile`` (cells without swept
+    parameters), with the number of seeds of each entry when it is not 3."""
     board = load_leaderboard(results)
-    board = board[board["setting"].fillna("") == ""]
+    board = board[(board["setting"].fillna("") == "") & (board["profile"] == profile) & board["asr"].notna()]
+    if board.empty:
+        return f"(no {profile} cells in the store yet)"
     defenses = [d for d in DEFENSE_ORDER if d in set(board["defense"])] + sorted(set(board["defense"]) - set(DEFENSE_ORDER))
     attacks = [a for a in ATTACK_ORDER if a in set(board["attack"])] + sorted(set(board["attack"]) - set(ATTACK_ORDER))
     lines = ["| attack | " + " | ".join(f"`{d}`" for d in defenses) + " |", "|---" * (len(defenses) + 1) + "|"]
@@ -51,26 +62,34 @@ def table(results: str | Path = ROOT / "results" / "reference") -> str:
     return "\n".join(lines)
 
 
-def rewrite(readme: str, new_table: str) -> str:
-    """``readme`` with the text between the markers replaced by ``new_table``."""
-    head, sep, rest = readme.partition(START)
-    _, sep2, tail = rest.partition(END)
+def rewrite(readme: str, new_table: str, profile: str = "cpu-small") -> str:
+    """``readme`` with the text between ``profile``'s markers replaced by ``new_table``."""
+    start, end = markers(profile)
+    head, sep, rest = readme.partition(start)
+    _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    return f"{head}{START}\n{new_table}\n{END}{tail}"
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    return f"{head}{start}\n{new_table}\n{end}{tail}"
+
+
+def rewrite_all(readme: str, results: str | Path = ROOT / "results" / "reference") -> str:
+    """``readme`` with every profile's table rewritten."""
+    for profile in PROFILES:
+        readme = rewrite(readme, table(results, profile), profile)
+    return readme
 
 
 def main(argv: list[str]) -> int:
     path = ROOT / "README.md"
     text = path.read_text(encoding="utf-8")
-    new = rewrite(text, table())
+    new = rewrite_all(text)
     if "--check" in argv:
         if new != text:
-            print("README.md's reference table is out of date: run python scripts/readme_table.py")
+            print("README.md's reference tables are out of date: run python scripts/readme_table.py")
             return 1
         return 0
     path.write_text(new, encoding="utf-8")
-    print(f"rewrote the reference table in {path}")
+    print(f"rewrote the reference tables in {path}")
     return 0
 
 
