@@ -19,6 +19,11 @@ LOCATIONS = get_args(Location)
 class BadNetParams(BackdoorParams):
     patch_size: int = param(4, "side of the square patch, in pixels of the stored training image (the dataset's image_size)")
     location: Location = param("bottom-right", "random (a fresh seeded position per image) or a corner: top-left, top-right, bottom-left, bottom-right")
+    # Added after release: hash_default=False keeps the run ids of every cell at the default.
+    pattern: Literal["fixed", "fresh"] = param(
+        "fixed", "fixed (one seeded pattern per run, as Gu et al.) or fresh (CleanCLIP's 'random' patch: the image's "
+                 "per-channel mean plus N(0, 1) noise, drawn anew for every poisoned and every evaluated image, "
+                 "clamped to [0, 1])", hash_default=False)
 
 
 def patch_positions(n: int, height: int, width: int, size: int, location: str, g: torch.Generator) -> torch.Tensor:
@@ -43,23 +48,35 @@ def patch_positions(n: int, height: int, width: int, size: int, location: str, g
 
 
 def paste_patch(images: torch.Tensor, patch: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Copies of uint8 images [N, C, H, W] with uint8 ``patch`` [C, s, s] pasted at ``positions``
-    [N, 2] (row, col of the top-left corner). Pixels outside the patch are unchanged. One indexed
-    assignment for the whole batch (no per-image loop)."""
+    """Copies of uint8 images [N, C, H, W] with uint8 ``patch`` [C, s, s] (one for all) or
+    [N, C, s, s] (one per image) pasted at ``positions`` [N, 2] (row, col of the top-left corner).
+    Pixels outside the patch are unchanged. One indexed assignment for the whole batch (no per-image
+    loop)."""
     out = images.clone()
     s = patch.shape[-1]
     offsets = torch.arange(s)
     rows = (positions[:, 0, None] + offsets)[:, :, None]  # [N, s, 1]
     cols = (positions[:, 1, None] + offsets)[:, None, :]  # [N, 1, s]
     n = torch.arange(len(images))[:, None, None]
-    out.permute(0, 2, 3, 1)[n, rows, cols] = patch.permute(1, 2, 0)  # a view: writes into out
+    out.permute(0, 2, 3, 1)[n, rows, cols] = patch.movedim(-3, -1)  # a view: writes into out
     return out
+
+
+def fresh_patches(images: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """CleanCLIP's 'random' BadNets patch (docs/roclip-spec.md §3.2 (b); spec §6 row 15), one per
+    image: the image's per-channel mean plus N(0, 1) noise, in [0, 1] units, clamped to [0, 1] (the
+    official code does not clamp and leaves the uint8 overflow undefined), x 255 and truncated as
+    its ``mul(255).byte()``. uint8 images [N, 3, H, W] -> uint8 patches [N, 3, size, size]."""
+    mean = images.float().mean(dim=(2, 3), keepdim=True) / 255
+    noise = torch.randn(len(images), images.shape[1], size, size, generator=g)
+    return ((mean + noise).clamp(0, 1) * 255).to(torch.uint8)
 
 
 @register_attack("badnet")
 class BadNet(BackdoorAttack):
     """BadNets patch trigger: a fixed ``patch_size`` px pattern of seeded uniform random uint8
-    colours (one per run, stored in the manifest), pasted at a corner or a random position."""
+    colours (one per run, stored in the manifest), or with ``pattern=fresh`` CleanCLIP's noise patch
+    drawn anew per image, pasted at a corner or a random position."""
 
     Params = BadNetParams
 
@@ -79,7 +96,11 @@ class BadNet(BackdoorAttack):
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
         pos = patch_positions(n, h, w, self.params.patch_size, self.params.location, g)
-        return paste_patch(images, self.patch, pos)
+        fresh = self.params.pattern == "fresh"
+        return paste_patch(images, fresh_patches(images, self.params.patch_size, g) if fresh else self.patch, pos)
 
     def trigger_manifest(self) -> dict:
-        return {"type": "patch", "location": self.params.location, "patch": self.patch.tolist()}
+        out = {"type": "patch", "location": self.params.location}
+        if self.params.pattern == "fresh":
+            return {**out, "pattern": "fresh: per-channel image mean + N(0, 1) noise, drawn per image"}
+        return {**out, "patch": self.patch.tolist()}

@@ -18,7 +18,9 @@ from .backdoor import BackdoorAttack, BackdoorParams, map_pixels
 @dataclass
 class BlendedParams(BackdoorParams):
     alpha: float = param(0.2, "blend weight of the key, in (0, 1], at training and test time")
-    key: str = param("noise", "noise (a seeded uniform random image) or the path of an image file")
+    key: str = param("noise", "noise (one seeded uniform random image per run), fresh (a uniform noise image drawn "
+                              "anew for every poisoned and every evaluated image, as CleanCLIP's code) or the path of "
+                              "an image file")
 
 
 def blend(images: torch.Tensor, key: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -36,6 +38,18 @@ def blend(images: torch.Tensor, key: torch.Tensor, alpha: float) -> torch.Tensor
         k = F.interpolate(k[None], size=tuple(images.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)[0]
     k = alpha * k
     return map_pixels(images, lambda x: x.mul_(1.0 - alpha).add_(k))
+
+
+def fresh_blend(images: torch.Tensor, alpha: float, g: torch.Generator, chunk: int = 2048) -> torch.Tensor:
+    """CleanCLIP's blended trigger (docs/roclip-spec.md §3.2 (b), §6 row 16): each image blended
+    with its own uniform noise key drawn from ``g``, (1 - alpha) x + alpha k, rounded and clamped
+    as ``blend``. uint8 [N, 3, H, W] -> uint8 [N, 3, H, W]; reproducible for a seeded ``g``."""
+    out = torch.empty_like(images)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].float()
+        keys = torch.randint(0, 256, x.shape, generator=g).float()
+        out[i : i + chunk] = x.mul_(1.0 - alpha).add_(keys.mul_(alpha)).round_().clamp_(0, 255)
+    return out
 
 
 def load_key(path: str) -> torch.Tensor:
@@ -60,7 +74,7 @@ class Blended(BackdoorAttack):
         super().__init__(params, seed)
         if not 0.0 < params.alpha <= 1.0:
             raise ValueError(f"blended: alpha must be in (0, 1], got {params.alpha}")
-        self.key = load_key(params.key) if params.key != "noise" else None
+        self.key = load_key(params.key) if params.key not in ("noise", "fresh") else None
 
     def key_for(self, height: int, width: int) -> torch.Tensor:
         """The key, uint8 [3, h, w]; the seeded noise key is drawn once, at the first image size seen:
@@ -70,6 +84,8 @@ class Blended(BackdoorAttack):
         return self.key
 
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.params.key == "fresh":  # CleanCLIP: clip(0.2 U + 0.8 x), U uniform noise drawn per image
+            return fresh_blend(images, self.params.alpha, g)
         return blend(images, self.key_for(*images.shape[-2:]), self.params.alpha)
 
     def trigger_manifest(self) -> dict:

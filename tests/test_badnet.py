@@ -76,3 +76,21 @@ def test_poison_rate_and_bad_counts(bundle):
         make(n_poison=-1).check(bundle)
     with pytest.raises(ValueError, match="not in the evaluation classes: cat, dog, bag"):
         make(target="shoe").check(bundle)
+
+
+def test_a_fresh_noise_patch_differs_between_images_and_is_reproducible_per_seed():
+    """CleanCLIP's 'random' patch (pattern=fresh): per-channel image mean + N(0, 1) noise, per image."""
+    from poisonbench.attacks.badnet import BadNet, BadNetParams
+
+    images = torch.full((6, 3, 28, 28), 100, dtype=torch.uint8)
+    attack = BadNet(BadNetParams(patch_size=4, location="top-left", pattern="fresh"), seed=0)
+    a = attack.apply_trigger(images, torch.Generator().manual_seed(1))
+    b = attack.apply_trigger(images, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)  # reproducible from the same seeded generator
+    patches = a[:, :, :4, :4]
+    assert all(not torch.equal(patches[0], patches[i]) for i in range(1, 6))  # drawn anew per image
+    assert torch.equal(a[:, :, 4:, :], images[:, :, 4:, :]) and torch.equal(a[:, :, :, 4:], images[:, :, :, 4:])
+    # centred on the image's mean (100/255) with unit noise in [0, 1] units, clamped
+    assert abs(patches.float().mean().item() - 255 * 0.45) < 255 * 0.15
+    fixed = BadNet(BadNetParams(patch_size=4, location="top-left"), seed=0).apply_trigger(images, torch.Generator())
+    assert all(torch.equal(fixed[0, :, :4, :4], fixed[i, :, :4, :4]) for i in range(6))

@@ -43,3 +43,20 @@ def test_poisoned_pairs_are_blended_copies_with_target_captions(bundle):
     assert torch.equal(plan.train.images[30:], blend(bundle.train.images[src], attack.key, 0.2))
     assert all("dog" in c for c in plan.train.captions[30:])
     assert plan.manifest["trigger"]["key_sha256"]
+
+
+def test_a_fresh_key_differs_between_images_and_is_reproducible_per_seed():
+    """key=fresh: CleanCLIP's blend with a uniform noise key drawn per image."""
+    from poisonbench.attacks.blended import Blended, BlendedParams
+
+    images = torch.full((5, 3, 16, 16), 50, dtype=torch.uint8)
+    attack = Blended(BlendedParams(key="fresh", alpha=0.2), seed=0)
+    a = attack.apply_trigger(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, attack.apply_trigger(images, torch.Generator().manual_seed(3)))
+    assert all(not torch.equal(a[0], a[i]) for i in range(1, 5))
+    residual = (a.float() - 0.8 * 50) / 0.2  # the key, up to rounding
+    assert residual.min() >= -3 and residual.max() <= 258 and abs(residual.mean().item() - 127.5) < 5
+    from poisonbench.config import resolve
+
+    assert resolve("blended", "clip", "tiny", attack_params={"key": "fresh"}).run_id != \
+        resolve("blended", "clip", "tiny").run_id
