@@ -31,7 +31,7 @@ from .datasets.base import CaptionDataset, DatasetBundle
 from .defenses.base import KINDS, UNDEFENDED, DefenseBase
 from .detection import detection_metrics
 from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
-from .metrics import linear_probe, retrieval_recall
+from .metrics import linear_probe, linear_probe_paper, retrieval_recall
 from .export import model_dir, save_model
 from .models import create_model, image_size, init_file, load_init
 from .preprocess import eval_geometry
@@ -633,6 +633,10 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
         probe_feats = encode_images(model, eval_geometry(probe.images, size), device=device, unit=False)
         metrics["linear_probe_top1"], metrics["linear_probe_c"] = linear_probe(
             probe_feats, probe.labels, eval_feats, ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe"))
+        # the RoCLIP authors' probe beside it (their batch: the run's); docs/roclip-spec.md §2
+        metrics["linear_probe_paper_top1"] = linear_probe_paper(
+            probe_feats, probe.labels, eval_feats, ev.labels, seed=derive_seed(cell.cfg.seed, "linear-probe-paper"),
+            batch_size=cell.cfg.batch_size)
         lap("probe_s")
     held = cell.data.heldout
     if held is not None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poisonbench.metrics import linear_probe, retrieval_recall
+from poisonbench.metrics import linear_probe, linear_probe_paper, retrieval_recall
 
 
 def test_linear_probe_separable_features_and_random_labels():
@@ -16,6 +16,20 @@ def test_linear_probe_separable_features_and_random_labels():
     shuffled = torch.randint(0, 4, (200,), generator=g)  # labels unrelated to the features
     acc_random, _ = linear_probe(x_train, y_train, x_test, shuffled)
     assert abs(acc_random - 0.25) < 0.1  # chance for 4 classes
+
+
+def test_the_papers_probe_agrees_with_the_logistic_regression_on_separable_features():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y_train, y_test = torch.randint(0, 5, (1000,), generator=g), torch.randint(0, 5, (300,), generator=g)
+    x_train = centers[y_train] + torch.randn(1000, 32, generator=g)
+    x_test = centers[y_test] + torch.randn(300, 32, generator=g)
+    paper = linear_probe_paper(x_train, y_train, x_test, y_test, seed=0, epochs=8, batch_size=64)
+    sklearn, _ = linear_probe(x_train, y_train, x_test, y_test)
+    assert paper >= 0.9 and abs(paper - sklearn) <= 0.03
+    assert paper == linear_probe_paper(x_train, y_train, x_test, y_test, seed=0, epochs=8, batch_size=64)  # seeded
+    shuffled = torch.randint(0, 5, (300,), generator=g)
+    assert abs(linear_probe_paper(x_train, y_train, x_test, shuffled, epochs=4) - 0.2) < 0.1  # chance
 
 
 def brute_force_recall(sim, k):
