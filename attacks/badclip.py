@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.init_spec import parse_init
 from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
@@ -41,8 +43,9 @@ class BadCLIPParams(BackdoorParams):
     poison_rate: Optional[float] = param(None, "poisoned rows / all training rows, in (0, 1); overrides n_poison")
     patch_size: int = param(0, "side of the square trigger in pixels of the stored image; 0 = the paper's 16 px "
                                "at 224 scaled to the image (2 px at 28), at least 1")
-    surrogate: str = param("clean", "the model the trigger is optimised against, as an --init spec: clean (the "
-                                    "profile's clean model), pretrained:RN50/openai (the paper's), checkpoint:PATH")
+    surrogate: str = param("clean", "the model the trigger is optimised against, of the cell's architecture (--model), "
+                                    "as an --init spec: clean (the profile's clean model), pretrained:RN50/openai (the "
+                                    "paper's, with --model RN50) or checkpoint:/absolute/path")
     opt_images: int = param(10000, "patch-training images: non-target training rows, each paired with a target "
                                    "caption (the paper: 10,000)")
     opt_epochs: int = param(50, "optimisation epochs over the patch-training images (the paper: 50)")
@@ -68,7 +71,7 @@ class BadCLIP(BackdoorAttack):
     captions) for the checks made before training."""
 
     Params = BadCLIPParams
-    eligible_what = "in the training set"
+    eligible_what = "(of any class) for the target"
 
     def __init__(self, params: BadCLIPParams, seed: int):
         super().__init__(params, seed)
@@ -79,6 +82,13 @@ class BadCLIP(BackdoorAttack):
         if p.patch_size < 0 or not p.opt_lr > 0 or not 0 <= p.aug_prob <= 1 or p.triplet_weight < 0 or p.margin < 0:
             raise ValueError("badclip: patch_size >= 0, opt_lr > 0, aug_prob in [0, 1], triplet_weight >= 0 and "
                              "margin >= 0 are required")
+        kind, arg = parse_init(p.surrogate)  # ValueError naming the valid forms
+        if kind == "scratch":
+            raise ValueError("badclip: surrogate=scratch is an untrained model; give clean (the profile's clean model), "
+                             "pretrained:ARCH/TAG or checkpoint:PATH")
+        if kind == "checkpoint" and not Path(arg).is_absolute():
+            raise ValueError(f"badclip: surrogate=checkpoint:{arg}: give the file's absolute path (a relative one "
+                             "would name another file, and another cached trigger, from another folder)")
         self.trigger = None  # uint8 [3, s, s] once poison() has made or placed it
 
     def model_init(self) -> str:
@@ -104,12 +114,25 @@ class BadCLIP(BackdoorAttack):
         h = int(data.train.images.shape[-1])
         if self.side(data) > h:
             raise ValueError(f"badclip: patch_size {self.side(data)} does not fit in {h} px training images")
+        n_images = min(self.params.opt_images, len(data.train) - len(class_caption_rows(data, target)))
+        if n_images < self.params.opt_batch_size:
+            raise ValueError(f"badclip: {n_images} patch-training images (opt_images, non-target rows) are fewer than "
+                             f"one optimisation batch ({self.params.opt_batch_size}); raise opt_images or lower "
+                             "opt_batch_size")
         if len(class_caption_rows(data, target)) < self.params.opt_batch_size:
             raise ValueError(f"badclip: {len(class_caption_rows(data, target))} training captions name the target "
                              f"{data.eval.display_name(target)!r}; the optimisation's positives and captions need at "
                              f"least one batch ({self.params.opt_batch_size}); lower opt_batch_size")
 
     # --- the trigger -----------------------------------------------------------------------
+    def optimisation_params(self, data: DatasetBundle) -> dict:
+        """The parameters the optimised patch depends on (its cache key): not the poison count,
+        the caption pool or how the patch is deployed."""
+        p = self.params
+        keys = ("target", "surrogate", "opt_images", "opt_epochs", "opt_batch_size", "opt_lr", "triplet_weight",
+                "margin", "negatives", "aug_prob")
+        return {"side": self.side(data), **{k: getattr(p, k) for k in keys}}
+
     def optimise(self, data: DatasetBundle, context: AttackContext) -> dict[str, torch.Tensor]:
         """The optimised patch against ``context``'s surrogate (``badclip_trigger.optimise_trigger``):
         {"patch": float [3, s, s] in [0, 1], "losses": float [2, 3] (first, last step: img_text,
@@ -146,7 +169,7 @@ class BadCLIP(BackdoorAttack):
         if context is None:
             found, self.trigger = None, torch.full((3, s, s), 128, dtype=torch.uint8)
         else:
-            found = context.cached("trigger", lambda: self.optimise(data, context))
+            found = context.cached("trigger", lambda: self.optimise(data, context), self.optimisation_params(data))
             self.trigger = deploy(found["patch"], p.deploy)
         n = self.n_poison(len(data.train))
         src = torch.randperm(len(data.train), generator=self.generator(1))[:n].sort().values

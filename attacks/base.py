@@ -90,16 +90,18 @@ class AttackContext:
         surrogate: function () -> (model, tokenizer): a new open_clip model of the cell's
             architecture with the weights ``model_init`` names, in eval mode on ``device``, its
             parameters not requiring gradients; the tokenizer maps B strings to int64 [B, L].
-        cached: function (name, compute) -> dict of tensors: ``compute()`` (a dict of CPU tensors)
-            run once per (dataset and its parameters, attack and its parameters, seed, surrogate
-            weights, ``name``) and kept on disk under ``RESULTS/cache/attack-<key>/``, so every
-            defense's cell and every process of a DDP cell gets the same tensors from one
+        cached: function (name, compute, depends_on=None) -> dict of tensors: ``compute()`` (a dict
+            of CPU tensors) run once per (dataset and its parameters, seed, surrogate weights,
+            attack, ``depends_on``: the attack parameters the computation depends on, a JSON-ready
+            dict, by default all of them, ``name``) and kept on disk under
+            ``RESULTS/cache/attack-<key>/``, so every defense's cell, every value of a parameter it
+            does not depend on and every process of a DDP cell get the same tensors from one
             computation (rank 0 computes, the other ranks wait and load).
     """
 
     device: torch.device
     surrogate: Callable[[], tuple[Any, Any]]
-    cached: Callable[[str, Callable[[], dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+    cached: Callable[..., dict[str, torch.Tensor]]
 
 
 def to_stored_geometry(images: torch.Tensor, data: DatasetBundle) -> torch.Tensor:

@@ -545,7 +545,7 @@ def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
     from . import distributed
     from .grid import EXIT_BUSY, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
     from .runner import ConfigError, execute, prepare
-    from .store import CellBusyError, runs_dir
+    from .store import CellBusyError, has_finished_row, runs_dir
 
     try:
         prepared = prepare(cfg, device)
@@ -573,7 +573,8 @@ def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
             err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {escape(str(e))}[/red]")
             return EXIT_FAILED
         recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
-        where = "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded"
+        where = ("the cell's finished row from an earlier run is kept" if has_finished_row(results, cfg.run_id)
+                 else "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded")
         err_console.print(f"[red]run failed: {type(e).__name__}: {escape(str(e))}[/red] ({where})")
         return EXIT_FAILED
     finally:

@@ -205,8 +205,8 @@ class RunConfig:
     # world_size: processes that train the cell together (--nproc, torchrun's WORLD_SIZE).
     world_size: int = field(default=1, metadata={"hash_default": False})
     # init: the cell's starting weights (--init, else the profile's; init_spec.parse_init): scratch,
-    # clean, checkpoint:PATH or pretrained:ARCH/TAG. The file's path (not its content) is part of the run id; the row
-    # records the file's SHA-256 (init_sha256).
+    # clean, checkpoint:PATH or pretrained:ARCH/TAG. The file's path (not its content) is part of the run id;
+    # a row that started from the clean model names its cell (clean_model).
     init: str = field(default="scratch", metadata={"hash_default": False})
 
     def to_dict(self) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def cell_line(outcome, results) -> str:
     if code == EXIT_CONFIG:
         return f"[red]not started[/red] {name}: bad configuration{log}"
     if has_finished_row(results, outcome.cfg.run_id):  # killed after its row was written: the result stands
-        return f"[yellow]done[/yellow] {name}: its row was written, then the process ended with exit {code}{log}"
+        return (f"[yellow]done[/yellow] {name}: the store holds its finished row (written by this run, or kept from an "
+                f"earlier one), but the process ended with exit {code}{log}")
     recorded = (runs_dir(results) / f"{outcome.cfg.run_id}.parquet").is_file()
     what = "recorded with status=failed" if recorded else "nothing recorded"
     return f"[red]failed[/red] {name} (exit {code}); {what}, retried next time{log}"

@@ -131,6 +131,12 @@ def load_init(model: torch.nn.Module, spec: str, model_name: str, clean: Path | 
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except (RuntimeError, KeyError, AssertionError) as e:  # open_clip asserts on some shape mismatches
-        first = str(e).strip().splitlines()[:3]
-        raise ValueError(f"--init {spec}: the weights do not fit model {model_name}: {' '.join(first)}") from None
+        first = " ".join(str(e).strip().splitlines()[:3])
+        if "PytorchStreamReader" in first or "zip archive" in first:
+            raise ValueError(f"--init {spec}: {path} cannot be read (cut short, or not a torch file): {first[:300]}; "
+                             "replace or delete it") from None
+        raise ValueError(f"--init {spec}: the weights in {path} do not fit model {model_name}: {first[:500]}") from None
+    except Exception as e:  # noqa: BLE001 - a file that is no checkpoint at all (text, an optimizer state)
+        raise ValueError(f"--init {spec}: {path} is not an open_clip state dict or checkpoint "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     return path

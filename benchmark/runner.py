@@ -93,9 +93,12 @@ def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = N
         plan = attack.poison(data)
         defense.check(len(plan.train))
         defense.check_run(cfg)
-        for spec in (cfg.init, attack.model_init()):  # the starting and surrogate weights exist (the error says
-            if spec is not None:                       # where they go)
-                init_file(spec, cfg.model)
+        init_file(cfg.init, cfg.model)  # the starting weights exist (FileNotFoundError says where they go)
+        if attack.model_init() is not None:
+            try:
+                init_file(attack.model_init(), cfg.model)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"attack {cfg.attack}, its model ({attack.model_init()}): {e}") from None
         check_kind(cfg, defense, dataset, data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
@@ -276,70 +279,85 @@ def fresh_model(cell: Cell):
 def clean_config(cfg: RunConfig) -> RunConfig:
     """The config of ``cfg``'s clean model (``--init clean``; the default surrogate of an attack
     that needs a model): the undefended cell of attack ``none``, from scratch, in the pre-training
-    profile of ``cfg``'s profile (``Profile.pretrain``, else the profile itself), with ``cfg``'s
-    seed, world size and model, and ``cfg``'s data when it is not that profile's dataset. It is a
-    cell like any other (``bench run -a none -d clip -p cpu-small`` is the clean model of
-    cpu-small-ft), so its row gives the clean model's accuracy."""
-    prof = get_profile(cfg.profile)
-    base = get_profile(prof.pretrain or prof.name)
-    own_data = cfg.dataset != base.dataset
-    return resolve(CLEAN, UNDEFENDED, base.name, cfg.seed, dataset=cfg.dataset if own_data else None,
-                   dataset_params=cfg.dataset_params if own_data else None, world_size=cfg.world_size,
-                   model=None if cfg.model == base.model else cfg.model, init="scratch")
+    profile of ``cfg``'s profile (``Profile.pretrain``, else the profile itself; its training
+    settings, not ``cfg``'s), with ``cfg``'s data (dataset and parameters: ``--data``,
+    ``--dataset-param``), seed, world size and model. It is a cell like any other (``bench run -a
+    none -d clip -p cpu-small`` is the clean model of cpu-small-ft), so its row gives the clean
+    model's accuracy."""
+    base = get_profile(get_profile(cfg.profile).pretrain or cfg.profile)
+    return resolve(CLEAN, UNDEFENDED, base.name, cfg.seed, dataset=cfg.dataset, dataset_params=cfg.dataset_params,
+                   world_size=cfg.world_size, model=None if cfg.model == base.model else cfg.model, init="scratch")
+
+
+def readable(path: Path) -> bool:
+    """True when ``path`` loads with ``torch.load(weights_only=True)`` (a file cut short by a full
+    disk or a copy does not)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means: make it again
+        return False
 
 
 def clean_model(cell: Cell, results: Path, progress: bool) -> Path:
     """The file of ``cell``'s clean model (``clean_config``), ``RESULTS/cache/<its run id>/model.pt``:
     that cell is run first (by every rank of a process group together; waiting while another
-    process runs it) unless its row and model are already there. Raises what running it raises."""
+    process runs it) unless its row and a readable model are already there; a row whose model is
+    missing or unreadable is trained again. Raises what running it raises."""
     ccfg = clean_config(cell.cfg)
     path = cache_dir(results, ccfg.run_id) / "model.pt"
     while True:
         busy = False
+        redo = distributed.broadcast_object(has_finished_row(results, ccfg.run_id)
+                                            and not (path.is_file() and readable(path)))
+        if redo:
+            warnings.warn(f"the clean model {path} is missing or unreadable: training it again")
         try:
-            # a row without its model (the cache was removed): train the model again
-            execute(prepare(ccfg, str(cell.device)), results, progress,
-                    force=not path.is_file() and has_finished_row(results, ccfg.run_id))
+            execute(prepare(ccfg, str(cell.device)), results, progress, force=redo)
         except CellBusyError:
             busy = True
         if not distributed.broadcast_object(busy):
             break
         time.sleep(5)
     if not path.is_file():
-        raise RuntimeError(f"the clean model {path} was not written; run `bench run -a none -d {ccfg.defense} "
+        raise RuntimeError(f"the clean model {path} was not written; run `bench run -a {CLEAN} -d {ccfg.defense} "
                            f"-p {ccfg.profile} -s {ccfg.seed}` and look at its error")
     return path
 
 
 def attack_context(cell: Cell, results: Path) -> AttackContext:
     """The ``AttackContext`` of ``cell``'s attack: its surrogate is the cell's architecture with the
-    weights ``attack.model_init()`` names (``clean``: ``cell.clean_model``); its cache is keyed by
-    the data, the attack, the seed and those weights (not the defense: one computation serves
-    every defense's cell)."""
+    weights ``attack.model_init()`` names (``clean``: ``cell.clean_model``); a cached computation is
+    keyed by the data, the seed, those weights, the attack and the parameters it says the
+    computation depends on (all of them by default; not the defense: one computation serves every
+    defense's cell). A cached file that cannot be read is computed again."""
     cfg, spec = cell.cfg, cell.attack.model_init()
+    ident = cfg.to_dict()  # parameters at their defaults spelled as in every other cell (config.identity)
 
     def surrogate():
         model, tokenizer = create_model(cfg.model)
         load_init(model, spec, cfg.model, cell.clean_model)
         return model.to(cell.device).eval().requires_grad_(False), tokenizer
 
-    what = {"dataset": cfg.dataset, "dataset_params": cfg.dataset_params, "attack": cfg.attack,
-            "attack_params": cfg.attack_params, "seed": cfg.seed, "model": cfg.model,
-            "surrogate": clean_config(cfg).run_id if spec == "clean" else spec}
-    key = f"attack-{hash_json(what)[:16]}"
-    folder = Path(results) / "cache" / key
-
-    def cached(name: str, compute):
-        path = folder / f"{name}.pt"
+    def cached(name: str, compute, depends_on: dict | None = None):
+        what = {"dataset": cfg.dataset, "dataset_params": ident["dataset_params"], "seed": cfg.seed,
+                "model": cfg.model, "surrogate": clean_config(cfg).run_id if spec == "clean" else spec,
+                "attack": cfg.attack, "attack_params": ident["attack_params"] if depends_on is None else depends_on,
+                "name": name}
+        key = f"attack-{hash_json(what)[:16]}"
+        path = Path(results) / "cache" / key / f"{name}.pt"
         if distributed.is_main():
             with cache_lock(results, key):
                 remove_temp_files(path)
+                if path.is_file() and not readable(path):
+                    warnings.warn(f"{path} cannot be read: computing it again")
+                    path.unlink()
                 if not path.is_file():
                     out = compute()
                     if not (isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values())):
                         raise TypeError(f"attack {cfg.attack}: what it caches as {name!r} must be a dict of tensors")
                     atomic_write(path, lambda tmp: torch.save(to_cpu(out), tmp))
-                    atomic_write(folder / "what.json", lambda tmp: Path(tmp).write_text(json.dumps(what, indent=1)))
+                    atomic_write(path.parent / "what.json", lambda tmp: Path(tmp).write_text(json.dumps(what, indent=1)))
         distributed.barrier()  # the other ranks load what rank 0 wrote
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -349,12 +367,24 @@ def attack_context(cell: Cell, results: Path) -> AttackContext:
 def start(cell: Cell, results: Path, progress: bool) -> None:
     """What a cell needs before it trains, on every rank: its clean model when it starts from it
     or its attack uses it, then, for an attack that needs a model, the poisoned data made with it
-    (``Attack.poison`` with an ``AttackContext``; ``prepare`` made the plan without one)."""
+    (``Attack.poison`` with an ``AttackContext``; ``prepare`` made the plan without one). A failure
+    is recorded as the cell's failed row (unless it has a finished one) and raised."""
     spec = cell.attack.model_init()
-    if "clean" in (cell.cfg.init, spec):
-        cell.clean_model = clean_model(cell, results, progress)
-    if spec is not None:
-        cell.plan = cell.attack.poison(cell.data, attack_context(cell, results))
+    try:
+        if "clean" in (cell.cfg.init, spec):
+            cell.clean_model = clean_model(cell, results, progress)
+        if spec is not None:
+            cell.plan = cell.attack.poison(cell.data, attack_context(cell, results))
+    except BaseException as e:
+        if distributed.is_main() and not has_finished_row(results, cell.cfg.run_id):
+            row = base_row(cell.cfg, cell.plan, cell.device)
+            row.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            try:
+                write_row(row, results)
+            except OSError:
+                pass  # the store cannot take it: the error itself is raised below
+        raise
 
 
 # --- the cached undefended model -------------------------------------------------------------
@@ -571,6 +601,8 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
         written = write_poisoned_set(cell, results)
         if written is not None:
             row["poison_files"] = str(written)
+        if cell.clean_model is not None:  # the clean model the cell or its attack started from
+            row["clean_model"] = clean_config(cfg).run_id
         model, tokenizer, result = TRAIN_BY_KIND[cell.defense.kind](cell, results, ckpt, progress, row, cached)
         save_model(model, cfg.model, model_dir(results, cfg.run_id))  # kept for `bench export`
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,

@@ -206,3 +206,46 @@ def test_13_paper_asr_counts_every_image_and_the_benchmark_asr_the_non_target_on
         out = cell.attack.evaluate(always, cell.data, cell.plan)
         assert out["asr_paper"] == expected and out["asr"] == expected
         assert out["asr_n"] == int((cell.data.eval.labels != target).sum())
+
+
+def test_the_surrogate_must_be_a_trained_model_named_without_ambiguity():
+    from poisonbench.attacks.badclip import BadCLIP
+    from poisonbench.registry import build_params
+
+    for bad, message in (("scratch", "untrained"), ("checkpoint:model.pt", "absolute path"), ("clean:x", "scratch, clean")):
+        with pytest.raises(ValueError, match=message):
+            BadCLIP(build_params(BadCLIP.Params, {"surrogate": bad}, "badclip"), 0)
+
+
+def test_an_unreadable_cached_trigger_is_made_again_and_the_poison_count_shares_it(grid, monkeypatch):
+    from poisonbench.attacks.badclip import BadCLIP
+
+    results, rows, _ = grid
+    (path,) = (results / "cache").glob("attack-*/trigger.pt")
+    original = torch.load(path, weights_only=True)["patch"]
+    calls, real = [], BadCLIP.optimise
+    monkeypatch.setattr(BadCLIP, "optimise", lambda self, data, context: calls.append(1) or real(self, data, context))
+    other = runner.prepare(resolve("badclip", "clip", "tiny", attack_params={"n_poison": 30, "deploy": "exact"}))
+    runner.start(other, results, progress=False)  # another poison count and deployment: the same optimisation
+    assert calls == []
+    path.write_bytes(path.read_bytes()[:50])
+    again = runner.prepare(resolve("badclip", "clip", "tiny", attack_params={"n_poison": 40}))
+    with pytest.warns(UserWarning, match="cannot be read"):
+        runner.start(again, results, progress=False)
+    assert calls == [1] and torch.equal(torch.load(path, weights_only=True)["patch"], original)
+
+
+def test_a_failure_before_training_is_recorded_as_the_cells_failed_row(grid, monkeypatch):
+    from poisonbench.attacks.badclip import BadCLIP
+
+    results, _, _ = grid
+    cell = runner.prepare(resolve("badclip", "clip", "tiny", attack_params={"n_poison": 40, "opt_lr": 0.5}))
+
+    def broken(self, data, context):
+        raise RuntimeError("optimisation diverged")
+
+    monkeypatch.setattr(BadCLIP, "optimise", broken)
+    with pytest.raises(RuntimeError, match="diverged"):
+        runner.start(cell, results, progress=False)
+    row = runner.read_row(results, cell.cfg.run_id)
+    assert row["status"] == "failed" and "optimisation diverged" in row["error"]

@@ -118,8 +118,8 @@ def test_clean_starts_from_the_clean_cell_which_is_trained_once(tmp_path, monkey
     first, second = cell("clean"), runner.prepare(resolve("blended", "clip", "tiny", attack_params={"n_poison": 20},
                                                           dataset_params=SMALL, init="clean"))
     ccfg = runner.clean_config(first.cfg)
-    # the clean model is a cell of its own: what `bench run -a none -d clip -p tiny` runs
-    assert ccfg.run_id == resolve("none", "clip", "tiny").run_id and ccfg.init == "scratch"
+    # the clean model is a cell of its own, on the cell's data: `bench run -a none -d clip -p tiny --dataset-param ...`
+    assert ccfg.run_id == resolve("none", "clip", "tiny", dataset_params=SMALL).run_id and ccfg.init == "scratch"
     assert runner.clean_config(resolve("badnet", "clip", "cpu-small-ft")).run_id == resolve("none", "clip", "cpu-small").run_id
     runner.start(first, tmp_path, progress=False)
     assert trained == ["none"] and runner.read_row(tmp_path, ccfg.run_id)["status"] == "ok"
@@ -131,3 +131,23 @@ def test_clean_starts_from_the_clean_cell_which_is_trained_once(tmp_path, monkey
     assert first.clean_model.stat().st_mtime_ns == stamp
     assert_loaded(runner.fresh_model(second)[0], state)
     assert cell("clean").cfg.run_id != cell("scratch").cfg.run_id
+
+
+def test_an_unreadable_clean_model_is_trained_again(tmp_path, monkeypatch):
+    trained = []
+    real_train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *a, **k: trained.append(a[4].attack) or real_train(*a, **k))
+    first = cell("clean")
+    runner.start(first, tmp_path, progress=False)
+    first.clean_model.write_bytes(first.clean_model.read_bytes()[:100])  # cut short, as by a full disk
+    second = cell("clean")
+    with pytest.warns(UserWarning, match="missing or unreadable"):
+        runner.start(second, tmp_path, progress=False)
+    assert trained == ["none", "none"] and runner.readable(second.clean_model)
+
+
+def test_an_unreadable_checkpoint_is_refused_naming_the_file(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"{text}.*(cannot be read|not an open_clip state dict)"):
+        runner.fresh_model(cell(f"checkpoint:{text}"))
