@@ -97,7 +97,10 @@ def write_row(row: dict[str, Any], results: str | Path, also: pa.Schema | None =
     (other rows' columns, e.g. their defenses' ``d_*``; absent ones as typed nulls). Returns the path."""
     schema = row_schema(row)
     if also is not None:
-        schema = pa.schema(list(schema) + [f for f in also if f.name not in schema.names])
+        # a column this row has no value for is typed from the value (null type): take the store's type
+        known = {f.name: f for f in also if not pa.types.is_null(f.type)}
+        schema = pa.schema([known.get(f.name, f) if pa.types.is_null(f.type) else f for f in schema]
+                           + [f for f in also if f.name not in schema.names])
     table = pa.Table.from_pylist([{k: _plain(row.get(k)) for k in schema.names}], schema=schema)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCHEMA_KEY: SCHEMA_VERSION.encode()})
     path = runs_dir(results) / f"{row['run_id']}.parquet"
@@ -185,12 +188,13 @@ def read_row(results: str | Path, run_id: str) -> dict[str, Any]:
 
 def store_schema(results: str | Path) -> pa.Schema:
     """The union of the columns of every row file of ``results`` (from the file footers only;
-    a column's first type wins, unreadable files are left out)."""
+    a column's first type other than null wins, unreadable files are left out)."""
     fields: dict[str, pa.Field] = {}
     for path in sorted(runs_dir(results).glob("*.parquet")) if runs_dir(results).is_dir() else []:
         try:
             for f in pq.read_schema(path):
-                fields.setdefault(f.name, f)
+                if f.name not in fields or pa.types.is_null(fields[f.name].type):
+                    fields[f.name] = f
         except (pa.ArrowException, OSError):
             continue
     return pa.schema(list(fields.values()))

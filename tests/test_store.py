@@ -222,3 +222,11 @@ def test_after_rewrite_every_row_file_has_every_column_of_the_store(tmp_path):
     names = [set(pq.read_schema(f).names) for f in sorted((tmp_path / "runs").glob("*.parquet"))]
     assert names[0] == names[1] == names[2]
     assert store.rewrite_rows(tmp_path, only_if_needed=True) == 0
+    # a second rewrite of every file keeps the types: a row without a value gets a typed null, never
+    # a null-typed column (which pandas cannot then read beside a file that has the value)
+    store.write_row({**base, "run_id": "d", "defense": "cleanclip", "d_restored_optimizer": 2}, tmp_path)
+    assert store.rewrite_rows(tmp_path) == 4 and store.rewrite_rows(tmp_path) == 4
+    for f in sorted((tmp_path / "runs").glob("*.parquet")):
+        schema = pq.read_schema(f)
+        assert not any(pa.types.is_null(field.type) for field in schema), f
+    assert len(pd.read_parquet(tmp_path / "runs")) == 4
