@@ -173,21 +173,40 @@ def _finish(fig, axes, used: int, title: str):
     return fig
 
 
+def _name_profile(fig, profile: str) -> None:
+    """Add the profile to a figure's title (its suptitle, else its first axes' title)."""
+    if fig._suptitle is not None:
+        fig.suptitle(f"{fig._suptitle.get_text()} — profile {profile}")
+    elif fig.axes:
+        fig.axes[0].set_title(f"{fig.axes[0].get_title()} — profile {profile}", fontsize=10)
+
+
 def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
     """Write the plots that the leaderboard has data for as PNG (150 dpi) and SVG into ``folder``
-    (atomically); return their paths. ``asr_vs_poison`` needs a sweep over the poison count,
+    (atomically); return their paths. A leaderboard of several profiles gets one set per profile,
+    each file named ``<plot>-<profile>``. ``asr_vs_poison`` needs a sweep over the poison count,
     ``roc`` a data filter with detection metrics (``det_*`` columns)."""
     plt = _pyplot()
     folder = Path(folder)
     figures = {}
-    if board["asr"].notna().any():
-        figures["asr_vs_clean"] = tradeoff(board, plt)
-        if (board["asr"].notna() & (board["setting"] == "")).any():
-            figures["asr_by_attack"] = asr_bars(board, plt)
-    if not sweep_groups(board).empty:
-        figures["asr_vs_poison"] = asr_vs_poison(board, plt)
-    if not roc_rows(board).empty:
-        figures["roc"] = roc(board, plt)
+    profiles = sorted(board["profile"].dropna().unique()) if "profile" in board else []
+    # several profiles (pre-training and fine-tuning) are never mixed in one figure: one set each,
+    # named <plot>-<profile>
+    for profile, part in ([(None, board)] if len(profiles) <= 1 else [(p, board[board["profile"] == p]) for p in profiles]):
+        suffix = "" if profile is None else f"-{profile}"
+        made = {}
+        if part["asr"].notna().any():
+            made["asr_vs_clean"] = tradeoff(part, plt)
+            if (part["asr"].notna() & (part["setting"] == "")).any():
+                made["asr_by_attack"] = asr_bars(part, plt)
+        if not sweep_groups(part).empty:
+            made["asr_vs_poison"] = asr_vs_poison(part, plt)
+        if not roc_rows(part).empty:
+            made["roc"] = roc(part, plt)
+        for name, fig in made.items():
+            if profile is not None:
+                _name_profile(fig, profile)
+            figures[name + suffix] = fig
     paths = []
     for name, fig in figures.items():
         for ext in ("png", "svg"):

@@ -406,7 +406,9 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
         body = re.sub(r'id="([^"]+)"', rf'id="f{i}-\1"', body)  # ids unique across the inlined figures
         body = re.sub(r'#([A-Za-z_][\w.-]*)\)', rf'#f{i}-\1)', body)  # url(#id) references
         body = re.sub(r'href="#([^"]+)"', rf'href="#f{i}-\1"', body)
-        title, caption = PLOT_CAPTIONS.get(name, (name, ""))
+        plot, _, profile = name.partition("-")  # <plot>-<profile> when the board has several profiles
+        title, caption = PLOT_CAPTIONS.get(plot, (plot, ""))
+        title += f" ({profile})" if profile else ""
         parts.append(f"<figure><h2>{html.escape(title)}</h2>{body}<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -86,6 +86,22 @@ def test_plots_are_written_for_the_data_there_is(tmp_path):
     assert (tmp_path / "asr_vs_poison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_several_profiles_get_one_set_of_plots_each(tmp_path):
+    from poisonbench.plots import save_plots
+
+    def in_profile(row, profile):
+        config = {**json.loads(row["config"]), "profile": profile}
+        return {**row, "profile": profile, "run_id": row["run_id"] + profile, "config": json.dumps(config)}
+
+    rows = [in_profile(run(s, d, asr=a), p) for s in range(2) for d, a in (("clip", 0.9), ("roclip", 0.05))
+            for p in ("cpu-small", "cpu-small-ft")]
+    board = leaderboard(pd.DataFrame(rows))
+    names = sorted(p.name for p in save_plots(board, tmp_path) if p.suffix == ".png")
+    assert names == sorted(f"{n}-{p}.png" for n in ("asr_vs_clean", "asr_by_attack") for p in ("cpu-small", "cpu-small-ft"))
+    page = to_html(board, {"asr_by_attack-cpu-small-ft": "<svg></svg>"})
+    assert "ASR by attack and defense (cpu-small-ft)" in page
+
+
 def test_clean_baseline_rows_report_beside_attacks():
     none = run(0, attack="none", asr=None, asr_n=None, n_poison=0)
     board = leaderboard(pd.DataFrame([none, run(0), run(1)])).set_index("attack")
