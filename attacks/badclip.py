@@ -66,9 +66,9 @@ class BadCLIPParams(BackdoorParams):
 
 @register_attack("badclip")
 class BadCLIP(BackdoorAttack):
-    """BadCLIP's optimised centre patch (module docstring). Needs a model: ``model_init`` is the
-    ``surrogate`` parameter; ``poison`` without a context pastes a grey placeholder (same rows and
-    captions) for the checks made before training."""
+    """BadCLIP (Liang et al., CVPR 2024): a centre patch optimised against a surrogate CLIP (by
+    default the profile's clean model), pasted on random training rows that it replaces, with
+    target captions. Before training, the checks see a grey placeholder on the same rows."""
 
     Params = BadCLIPParams
     eligible_what = "(of any class) for the target"

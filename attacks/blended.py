@@ -60,7 +60,8 @@ def load_key(path: str) -> torch.Tensor:
         with Image.open(path) as img:
             rgb = np.asarray(img.convert("RGB")).copy()
     except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"blended: cannot read the key image {path!r}: {e}") from None
+        raise ValueError(f"blended: cannot read the key image {path!r} ({e}); key is noise, fresh or the path of "
+                         "an image file") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 

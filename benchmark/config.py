@@ -155,10 +155,12 @@ PROFILES: dict[str, Profile] = {
                             "safeclip": {"inmodal_warmup": 1, "multimodal_warmup": 0, "in_lr": 1e-6, "cross_lr": 1e-6,
                                          "filter_lr": 1e-8}},
             # 1,500 poisoned pairs, target "banana" (§A.8); BadCLIP's 16 px trigger against the same RN50, and
-            # CleanCLIP's 16 px BadNet patch at a random position (roclip-spec §3.2)
+            # its baselines' BadNet: CleanCLIP's code, a fresh noise patch per image at a random position
+            # (spec §A.14 #6; roclip-spec §3.2 (b)), and its blended key drawn per image
             attack_params={
-                **{a: {"n_poison": 1500, "target": "banana"} for a in ("blended", "sig", "wanet")},
-                **{a: {"n_poison": 1500, "target": "banana", "patch_size": 16, "location": "random"}
+                **{a: {"n_poison": 1500, "target": "banana"} for a in ("sig", "wanet")},
+                "blended": {"n_poison": 1500, "target": "banana", "key": "fresh"},
+                **{a: {"n_poison": 1500, "target": "banana", "patch_size": 16, "location": "random", "pattern": "fresh"}
                    for a in ("badnet", "badnet-lc")},
                 "badclip": {"n_poison": 1500, "target": "banana", "patch_size": 16, "surrogate": "pretrained:RN50/openai"},
             },

@@ -38,7 +38,7 @@ def _label(r) -> str:
 def tradeoff(board: pd.DataFrame, plt):
     """One panel per attack: ASR (y) against clean top-1 (x), one point per defense setting with
     its 95 % intervals; lower right is better."""
-    attacks = sorted(board["attack"].unique())
+    attacks = sorted(board.loc[board["asr"].notna(), "attack"].unique())  # the clean baseline has no ASR
     cols = min(4, len(attacks))
     rows = math.ceil(len(attacks) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
@@ -183,16 +183,15 @@ def _name_profile(fig, profile: str) -> None:
 
 def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
     """Write the plots that the leaderboard has data for as PNG (150 dpi) and SVG into ``folder``
-    (atomically); return their paths. A leaderboard of several profiles gets one set per profile,
-    each file named ``<plot>-<profile>``. ``asr_vs_poison`` needs a sweep over the poison count,
+    (atomically); return their paths: one set per profile, each file named ``<plot>-<profile>``. ``asr_vs_poison`` needs a sweep over the poison count,
     ``roc`` a data filter with detection metrics (``det_*`` columns)."""
     plt = _pyplot()
     folder = Path(folder)
     figures = {}
     profiles = sorted(board["profile"].dropna().unique()) if "profile" in board else []
-    # several profiles (pre-training and fine-tuning) are never mixed in one figure: one set each,
-    # named <plot>-<profile>
-    for profile, part in ([(None, board)] if len(profiles) <= 1 else [(p, board[board["profile"] == p]) for p in profiles]):
+    # profiles (pre-training and fine-tuning) are never mixed in one figure: one set each, named
+    # <plot>-<profile> (also for a single profile, so a filtered report writes the same files)
+    for profile, part in ([(None, board)] if not profiles else [(p, board[board["profile"] == p]) for p in profiles]):
         suffix = "" if profile is None else f"-{profile}"
         made = {}
         if part["asr"].notna().any():

@@ -41,7 +41,7 @@ def test_tiny_run_then_report(tmp_path):
     plots = tmp_path / "committed plots"
     assert bench("report", "--results", res, "--format", "md", "--out", str(tmp_path / "b.md"),
                  "--plots-dir", str(plots)).exit_code == 0
-    assert (plots / "asr_vs_clean.png").is_file() and (plots / "asr_vs_clean.svg").is_file()
+    assert (plots / "asr_vs_clean-tiny.png").is_file() and (plots / "asr_vs_clean-tiny.svg").is_file()
 
 
 def test_bad_input_fails_before_training_with_the_valid_choices(tmp_path):

@@ -81,9 +81,10 @@ def test_plots_are_written_for_the_data_there_is(tmp_path):
     paths = save_plots(leaderboard(pd.DataFrame(rows)), tmp_path)
     names = sorted(p.name for p in paths)
     # the swept badnet gives asr_vs_poison; targeted, with one setting, gives the bars
-    assert names == sorted(f"{n}.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison") for e in ("png", "svg"))
+    assert names == sorted(f"{n}-cpu-small.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison")
+                           for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in paths)
-    assert (tmp_path / "asr_vs_poison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "asr_vs_poison-cpu-small.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_several_profiles_get_one_set_of_plots_each(tmp_path):

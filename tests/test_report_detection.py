@@ -114,9 +114,9 @@ def test_the_roc_plot_is_made_only_with_detection_rows(tmp_path):
 
     rows = [filter_run(s, a) for s in range(2) for a in ("badnet", "blended")] + [run(0), run(1, attack="blended")]
     names = sorted(p.name for p in save_plots(leaderboard(pd.DataFrame(rows)), tmp_path / "with"))
-    assert "roc.png" in names and "roc.svg" in names
-    assert (tmp_path / "with" / "roc.png").read_bytes()[:4] == b"\x89PNG"
-    svg = (tmp_path / "with" / "roc.svg").read_text()
+    assert "roc-cpu-small.png" in names and "roc-cpu-small.svg" in names
+    assert (tmp_path / "with" / "roc-cpu-small.png").read_bytes()[:4] == b"\x89PNG"
+    svg = (tmp_path / "with" / "roc-cpu-small.svg").read_text()
     assert "AUROC" in svg and "random score" in svg
     names = sorted(p.name for p in save_plots(leaderboard(pd.DataFrame([run(0), run(1)])), tmp_path / "without"))
     assert names and not any(n.startswith("roc") for n in names)
@@ -135,4 +135,4 @@ def test_bench_report_reads_detection_rows_from_the_store(tmp_path):
     records = {r["defense"]: r for r in json.loads(out.stdout)}
     assert records["density-filter"]["det_auroc"] == pytest.approx(
         np.mean([filter_run(s)["det_auroc"] for s in range(2)]))
-    assert (res / "plots" / "roc.png").is_file() and (res / "plots" / "roc.svg").is_file()
+    assert (res / "plots" / "roc-cpu-small.png").is_file() and (res / "plots" / "roc-cpu-small.svg").is_file()
