@@ -3,6 +3,7 @@ defense, ASR against the number of poisoned pairs for sweeps, and the data filte
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,8 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
     # profiles (pre-training and fine-tuning) are never mixed in one figure: one set each, named
     # <plot>-<profile> (also for a single profile, so a filtered report writes the same files)
     for profile, part in ([(None, board)] if not profiles else [(p, board[board["profile"] == p]) for p in profiles]):
-        suffix = "" if profile is None else f"-{profile}"
+        # a row of an older schema has no profile ("?"); a name is made safe for a file name
+        suffix = "" if profile is None else "-" + ("unknown" if profile == "?" else re.sub(r"[^\w.-]", "_", profile))
         made = {}
         if part["asr"].notna().any():
             made["asr_vs_clean"] = tradeoff(part, plt)

@@ -62,7 +62,8 @@ def test_a_store_with_rows_of_an_older_schema_still_reports(tmp_path):
     assert records[("blended", "roclip")]["seeds"] == 1 and records[("badnet", "clip")]["seeds"] == 2
     out = CliRunner().invoke(main, ["report", "--results", str(res)])  # the terminal tables and the plots
     assert out.exit_code == 0, out.output
-    assert "blended" in out.stdout and (res / "plots" / "asr_vs_clean.png").is_file()
+    assert "blended" in out.stdout and (res / "plots" / "asr_vs_clean-tiny.png").is_file()
+    assert (res / "plots" / "asr_vs_clean-unknown.png").is_file()  # the rows without a profile
 
 
 def test_a_done_cell_whose_row_is_of_an_older_schema_is_shown(tmp_path):
