@@ -221,7 +221,11 @@ class BadCLIP(BackdoorAttack):
         self.trigger = torch.tensor(plan.manifest["trigger"]["pixels"], dtype=torch.uint8)
         out = super().evaluate(model, data, plan)
         target = data.eval.class_index(self.params.target)
-        triggered = self.apply_trigger(to_stored_geometry(data.eval.images, data), None)
-        top1 = model.predict(eval_geometry(triggered, model.image_size))[:, 0]
-        out["asr_paper"] = (top1 == target).double().mean().item()
+        # the non-target images are scored by ``asr`` already: predict only the target class's
+        own = data.eval.labels == target
+        hits = 0
+        if own.any():
+            triggered = self.apply_trigger(to_stored_geometry(data.eval.images[own], data), None)
+            hits = int((model.predict(eval_geometry(triggered, model.image_size))[:, 0] == target).sum())
+        out["asr_paper"] = (round(out["asr"] * out["asr_n"]) + hits) / len(data.eval)
         return out
