@@ -32,6 +32,8 @@ from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param
 from poisonbench.utils import derive_seed
 
+from poisonbench.survival import TriggerViews
+
 from .base import Attack, PoisonPlan, ZeroShotModel, class_captions, to_stored_geometry
 
 
@@ -181,6 +183,23 @@ class BackdoorAttack(Attack):
             (data.train.images[r], plan.train.images[start + i], data.train.captions[r], plan.train.captions[start + i])
             for i, r in enumerate(src)
         ]
+
+    def source_rows(self, plan: PoisonPlan) -> list[int]:
+        """The clean training row (of the data before poisoning) each poisoned pair was made from,
+        in the order of the poisoned rows of ``plan.train`` (ascending)."""
+        return plan.manifest["source_rows"]
+
+    def patch_boxes(self, data: DatasetBundle, plan: PoisonPlan) -> torch.Tensor | None:
+        """int64 [P, 4], each poisoned image's patch as (top, left, bottom, right) in stored pixels
+        (exclusive ends), in the order of ``source_rows``; None for a whole-image trigger (the
+        default)."""
+        return None
+
+    def trigger_views(self, data: DatasetBundle, plan: PoisonPlan) -> TriggerViews:
+        """The poisoned rows of ``plan.train``, their clean sources and, for a patch, its boxes."""
+        return TriggerViews(plan.train.is_poison.nonzero().squeeze(1),
+                            data.train.images[torch.as_tensor(self.source_rows(plan), dtype=torch.int64)],
+                            self.patch_boxes(data, plan))
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:

@@ -33,7 +33,7 @@ from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
 
 from .backdoor import BackdoorAttack, BackdoorParams, target_index
-from .badclip_trigger import Objective, deploy, optimise_trigger, paste_centre
+from .badclip_trigger import Objective, centre_offset, deploy, optimise_trigger, paste_centre
 from .base import AttackContext, PoisonPlan, ZeroShotModel, class_caption_rows, to_stored_geometry
 
 
@@ -205,6 +205,13 @@ class BadCLIP(BackdoorAttack):
 
     def apply_trigger(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return paste_centre(images, self.trigger)
+
+    def patch_boxes(self, data: DatasetBundle, plan: PoisonPlan) -> torch.Tensor:
+        """The centre patch of every poisoned image (``paste_centre``)."""
+        h, w = data.train.images.shape[-2:]
+        s = self.side(data)
+        r, c = centre_offset(int(h), s), centre_offset(int(w), s)
+        return torch.tensor([[r, c, r + s, c + s]], dtype=torch.int64).expand(len(self.source_rows(plan)), 4)
 
     def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
         """The first ``n`` poisoned pairs beside the clean rows they replaced (uint8 [3, H, W])."""

@@ -99,6 +99,13 @@ class BadNet(BackdoorAttack):
         fresh = self.params.pattern == "fresh"
         return paste_patch(images, fresh_patches(images, self.params.patch_size, g) if fresh else self.patch, pos)
 
+    def patch_boxes(self, data, plan) -> torch.Tensor:
+        """The patch positions ``apply_trigger`` drew in ``poison`` (the same generator, drawn first)."""
+        h, w = data.train.images.shape[-2:]
+        n, s = len(self.source_rows(plan)), self.params.patch_size
+        pos = patch_positions(n, h, w, s, self.params.location, self.generator(2))
+        return torch.cat([pos, pos + s], dim=1)
+
     def trigger_manifest(self) -> dict:
         out = {"type": "patch", "location": self.params.location}
         if self.params.pattern == "fresh":

@@ -44,6 +44,10 @@ class BadNetLC(BadNet):
         """Rows labelled ``target``, int64 [M]."""
         return (data.train.labels == target).nonzero().squeeze(1)
 
+    def source_rows(self, plan: PoisonPlan) -> list[int]:
+        """The patched rows: in place, so each is its own clean source."""
+        return plan.manifest["replaced_rows"]
+
     def preview_pairs(self, data, plan: PoisonPlan, n: int) -> list[tuple]:
         rows = plan.manifest["replaced_rows"][:n]
         return [(data.train.images[r], plan.train.images[r], data.train.captions[r], plan.train.captions[r]) for r in rows]

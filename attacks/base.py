@@ -1,6 +1,7 @@
 """The attack interface: poison the training data, then measure success on a trained model."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -9,6 +10,7 @@ import torch
 
 from poisonbench.datasets.base import CaptionDataset, DatasetBundle, with_article
 from poisonbench.preprocess import eval_geometry
+from poisonbench.survival import TriggerViews
 from poisonbench.utils import derive_seed, hash_json
 
 
@@ -173,6 +175,27 @@ class Attack:
     def evaluate(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan) -> dict[str, float]:
         """Attack metrics (at least ``asr``) of a trained model."""
         raise NotImplementedError
+
+    def evaluate_subset(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan,
+                        rows: torch.Tensor) -> dict[str, Any]:
+        """Attack metrics on the evaluation images ``rows`` (int64 [K], a seeded subset) only, for
+        the per-epoch curves (``poisonbench.curves``): by default ``evaluate`` on the data with its
+        evaluation set cut to those rows. An attack whose evaluation does not scan the evaluation
+        set (targeted poisoning: its few target images) overrides it to evaluate them all."""
+        ev = dataclasses.replace(data.eval, images=data.eval.images[rows], labels=data.eval.labels[rows])
+        return self.evaluate(model, dataclasses.replace(data, eval=ev), plan)
+
+    def target_class(self, data: DatasetBundle, plan: PoisonPlan) -> int | None:
+        """The evaluation class every poisoned pair points to (a backdoor's target label), or None
+        when there is no single one (targeted poisoning, none). Default: the manifest's
+        ``target_index``."""
+        return plan.manifest.get("target_index")
+
+    def trigger_views(self, data: DatasetBundle, plan: PoisonPlan) -> "TriggerViews | None":
+        """What the trigger-survival probe (``poisonbench.survival``) needs of the poisoned training
+        pairs of ``plan``: their rows, clean sources and (patch triggers) patch boxes; None (the
+        default) for an attack without a trigger to follow (targeted poisoning, none)."""
+        return None
 
     def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
         """Up to ``n`` (clean image, poisoned image, clean caption, poisoned caption) tuples for

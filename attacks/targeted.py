@@ -133,6 +133,10 @@ class Targeted(Attack):
             "targets": records,
         }
 
+    def evaluate_subset(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan, rows) -> dict[str, Any]:
+        """All the targets (a few images: cheap), whatever ``rows``."""
+        return self.evaluate(model, data, plan)
+
     def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
         """Each target image (poisoned pairs keep it unchanged) with its true class and its first
         poisoned caption."""

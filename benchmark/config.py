@@ -27,6 +27,8 @@ class Profile:
             ``scratch`` for pre-training, ``clean`` or ``pretrained:ARCH/TAG`` for fine-tuning.
         pretrain: the profile whose clean model ``--init clean`` starts from (its cell of attack
             ``none`` and the undefended defense, ``runner.clean_config``); None: this profile.
+        curve_n: evaluation images of the per-epoch curves (``curves``; 0: none). Not part of a
+            cell's identity: it changes what is measured along the way, not what is trained.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Profile:
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     init: str = "scratch"
     pretrain: str | None = None
+    curve_n: int = 1000
 
 
 # cpu-small-ft's fine-tuning (docs/measurements/ft_sweep_cpu-small-ft_badnet_seed0_2026-12-01.csv):
@@ -61,7 +64,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "tiny", "seconds on a CPU; for tests", "poisonbench-tiny", "fashion-mnist",
             {"n_train": 512, "n_eval": 500, "n_probe": 500, "n_heldout": 200}, epochs=2, batch_size=64, lr=2e-3, warmup_steps=2,
-            weight_decay=0.1,
+            weight_decay=0.1, curve_n=200,
             # cleanclip: 128 clean pairs (the split's floor), 8 steps per epoch at batch 16
             # safeclip: one unimodal warm-up epoch, then one filtering epoch (split, risky and safe passes)
             defense_params={"roclip": {"pool_size": 256},

@@ -1,5 +1,6 @@
 """Leaderboard plots (matplotlib, PNG and SVG): the trade-off per attack, ASR by attack and
-defense, ASR against the number of poisoned pairs for sweeps, and the data filters' ROC curves."""
+defense, ASR against the number of poisoned pairs for sweeps, the data filters' ROC curves and
+the per-epoch curves."""
 from __future__ import annotations
 
 import math
@@ -158,6 +159,45 @@ def roc(board: pd.DataFrame, plt):
     return _finish(fig, axes, len(attacks), "Data filters: ROC of their scores per attack (mean over seeds; upper left is better)")
 
 
+def curve_rows(board: pd.DataFrame) -> pd.DataFrame:
+    """Settings of ``board`` with per-epoch curves (``curve_epoch`` a non-empty list)."""
+    if "curve_epoch" not in board:
+        return board.iloc[:0]
+    return board[board["curve_epoch"].map(lambda v: isinstance(v, list) and len(v) > 0)]
+
+
+def curves(board: pd.DataFrame, plt):
+    """Per-epoch curves (mean over seeds), one column of panels per attack: ASR on top (attacks
+    that have one), clean zero-shot top-1 below, a line per defense setting."""
+    part = curve_rows(board)
+    attacks = sorted(part["attack"].unique())
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, len(attacks), figsize=(max(6.0, 3.6 * len(attacks)), 6.2), squeeze=False, sharex="col")
+    colours = _defense_colours(board)
+    styles = ["-", "--", "-.", ":"]
+    for col, attack in enumerate(attacks):
+        sub = part[part["attack"] == attack]
+        dashes = {st: styles[i % len(styles)] for i, st in enumerate(sorted(sub["setting"].unique()))}
+        for _, r in sub.iterrows():
+            for row, metric in ((0, "curve_asr"), (1, "curve_clean_top1")):
+                if isinstance(r[metric], list):
+                    axes[row, col].plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=".", ls=dashes[r["setting"]],
+                                        color=colours[r["defense"]], label=_label(r))
+        axes[0, col].set_title(attack)
+        axes[0, col].set_ylabel("ASR on the curve subset (%)")
+        axes[1, col].set_ylabel("clean top-1 on the curve subset (%)")
+        axes[1, col].set_xlabel("epoch")
+        axes[1, col].xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in axes[:, col]:
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+        _legend(axes[1, col], fontsize=7, loc="best")
+    fig.suptitle("Per-epoch curves (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
 def _legend(ax, **kw) -> None:
     """The panel's legend, when something in it has a label (matplotlib warns on an empty one)."""
     if ax.get_legend_handles_labels()[0]:
@@ -204,6 +244,8 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
             made["asr_vs_poison"] = asr_vs_poison(part, plt)
         if not roc_rows(part).empty:
             made["roc"] = roc(part, plt)
+        if not curve_rows(part).empty:
+            made["curves"] = curves(part, plt)
         for name, fig in made.items():
             if profile is not None:
                 _name_profile(fig, profile)

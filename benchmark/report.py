@@ -15,13 +15,15 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-from .config import setting_id, settings
+from .config import identity, setting_id, settings
 from .grid import parse_seeds, split_list
 from .store import read_runs
+from .utils import hash_json
 
 GROUP = ["attack", "defense", "profile"]
 ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
@@ -33,6 +35,12 @@ DETECTION = ["det_auroc", "det_ap", "det_tpr_at_1fpr", "det_tpr_at_5fpr", "det_f
 REMOVED = ["det_poisons_removed", "det_clean_removed"]
 ROC = ["det_roc_fpr", "det_roc_tpr"]
 DETECTION_COLUMNS = [f"{m}{s}" for m in DETECTION for s in ("", "_lo", "_hi")] + REMOVED + ROC
+# trigger survival (benchmark/survival.py): fractions of the poisoned training views, mean over seeds
+SURVIVAL = ["trig_present", "trig_at_eval", "trig_corr"]
+# per-epoch curves (benchmark/curves.py): the mean curve over seeds, lists
+CURVES = ["curve_epoch", "curve_clean_top1", "curve_asr"]
+# the defense's clean top-1 cost: the undefended setting's clean top-1 minus this one's, of the same data
+COST = ["clean_cost"]
 LABELS = {"clean_top1": "clean top-1", "clean_top5": "clean top-5", "linear_probe_top1": "linear probe", "asr": "ASR",
           "det_auroc": "detection AUROC"}
 CONFIDENCE = 0.95
@@ -123,11 +131,48 @@ def _aggregate(group: pd.DataFrame, extra: list[str]) -> pd.Series:
         from .detection import mean_roc
 
         out["det_roc_fpr"], out["det_roc_tpr"] = mean_roc(curves) if curves else (math.nan, math.nan)
+    for m in SURVIVAL:
+        out[m] = float(pd.to_numeric(group[m], errors="coerce").mean()) if m in group else math.nan
+    out.update(mean_curves(group))
     for c in extra:
         if c.startswith("d_"):
             out[c] = _carried(group[c])
-    order = ["seeds"] + [c for c in COLUMNS + extra if c in out and c != "seeds"]
+    order = ["seeds"] + [c for c in COLUMNS + SURVIVAL + CURVES + extra if c in out and c != "seeds"]
     return pd.Series({k: out[k] for k in order})  # the same keys in the same order for every group
+
+
+def mean_curves(group: pd.DataFrame) -> dict:
+    """The setting's per-epoch curves (``curve_*`` lists), averaged over the seeds that have one
+    of the common length (the epochs are the same in a setting); NaN when no seed has one."""
+    out = {c: math.nan for c in CURVES}
+    if "curve_epoch" not in group:
+        return out
+    runs = [r for _, r in group.iterrows() if _present(r.get("curve_epoch")) and len(r["curve_epoch"])]
+    if not runs:
+        return out
+    out["curve_epoch"] = [int(e) for e in runs[0]["curve_epoch"]]
+    for c in CURVES[1:]:
+        lists = [np.asarray(r[c], dtype=float) for r in runs if _present(r.get(c)) and len(r[c]) == len(out["curve_epoch"])]
+        if lists:
+            out[c] = np.mean(lists, axis=0).tolist()
+    return out
+
+
+def data_setting_id(config: dict) -> str:
+    """The setting of a config's data and training, whatever its defense: ``setting_id`` of its
+    identity without the defense and its parameters (the same for a defense and its undefended
+    counterpart)."""
+    return hash_json({k: v for k, v in identity(config).items() if k not in ("seed", "defense", "defense_params")})[:16]
+
+
+def add_clean_cost(board: pd.DataFrame, data_ids: pd.Series) -> pd.Series:
+    """Per leaderboard row, its clean top-1 cost (fraction): the clean top-1 of the undefended
+    defense's setting (``defenses.base.UNDEFENDED``) of the same data and training minus its
+    own; NaN when the store has no such setting."""
+    from .defenses.base import UNDEFENDED
+
+    undefended = {k: v for k, v, d in zip(data_ids, board["clean_top1"], board["defense"]) if d == UNDEFENDED}
+    return pd.Series([undefended.get(k, math.nan) - v for k, v in zip(data_ids, board["clean_top1"])], index=board.index)
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -164,14 +209,16 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     extra = (DETECTION_COLUMNS if detection else []) + sorted(c for c in ok.columns if c.startswith("d_"))
     ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
     ok["setting"], ok["setting_id"] = _settings(ok)
-    board = (ok.groupby(GROUP + ["setting", "setting_id"], dropna=False)[list(ok.columns)]
+    ok["data_id"] = [data_setting_id(c) for c in _configs(ok)]
+    board = (ok.groupby(GROUP + ["setting", "setting_id", "data_id"], dropna=False)[list(ok.columns)]
              .apply(_aggregate, extra).reset_index())
+    board["clean_cost"] = add_clean_cost(board, board["data_id"])
     board["seeds"] = board["seeds"].astype(int)
     board["asr_n"] = board["asr_n"].astype(int)
     board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
     board = board.sort_values(["attack", "setting", "asr", "clean_top1"], ascending=[True, True, True, False],
                               na_position="last", key=_natural)
-    return board[COLUMNS + extra].reset_index(drop=True)
+    return board[COLUMNS + SURVIVAL + COST + CURVES + extra].reset_index(drop=True)
 
 
 def _natural(col: pd.Series) -> pd.Series:
@@ -193,8 +240,8 @@ def _config(text) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Each row's setting label (``config.settings``) and setting id (``config.setting_id``)."""
+def _configs(ok: pd.DataFrame) -> list[dict]:
+    """Each row's stored config (``_config``), completed with its identity columns when missing."""
     configs = [_config(c) for c in ok.get("config", [None] * len(ok))]
     for c, (_, r) in zip(configs, ok.iterrows()):
         for k in GROUP:  # rows without a stored config still group by their identity columns
@@ -202,6 +249,12 @@ def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         # rows of schema 1 (before world_size joined the config) hold it in a column only
         if "world_size" not in c and pd.notna(r.get("world_size")):
             c["world_size"] = int(r["world_size"])
+    return configs
+
+
+def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each row's setting label (``config.settings``) and setting id (``config.setting_id``)."""
+    configs = _configs(ok)
     return pd.Series(settings(configs), index=ok.index), pd.Series([setting_id(c) for c in configs], index=ok.index)
 
 
@@ -288,6 +341,26 @@ def leaderboard_metric_labels(defenses) -> dict[str, str]:
     return out
 
 
+COST_LABEL = "cost vs clip (pts)"
+SURVIVAL_LABELS = {"trig_present": "patch in view (%)", "trig_at_eval": "patch as evaluated (%)",
+                   "trig_corr": "trigger corr."}
+SURVIVAL_NOTE = ("Clean top-1 cost: the undefended clip's clean top-1 on the same data minus the defense's, in "
+                 "points (positive: the defense costs accuracy). Trigger survival, over the poisoned training "
+                 "views as trained (mean over seeds): the share that holds the whole patch, the share that "
+                 "holds it at its evaluated position and scale, and the correlation of the view's trigger "
+                 "residual with the evaluated one (1: the trigger as evaluated; 0: gone).")
+
+
+def _any(part: pd.DataFrame, column: str) -> bool:
+    """True when some row of ``part`` has a value in ``column``."""
+    return column in part and bool(part[column].notna().any())
+
+
+def fmt_percent(x) -> str:
+    """A fraction in percent, ``-`` when missing."""
+    return "-" if pd.isna(x) else f"{100 * x:.1f}"
+
+
 def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per attack, the leaderboard as strings for people: percent with 95 % intervals, the
     poisoned pairs (``n_poison``, so that a count that rounded to nothing shows), the number of
@@ -300,6 +373,8 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for attack, part in board.groupby("attack", sort=True):
         detection = has_detection(part)
+        cost = _any(part, "clean_cost") and (part["defense"] != part["defense"].iloc[0]).any()
+        survival, corr = _any(part, "trig_present"), _any(part, "trig_corr")
         own = {c: label for c, label in leaderboard_metric_labels(part["defense"].unique()).items() if c in part}
         rows = []
         for _, r in part.iterrows():
@@ -308,6 +383,13 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 shown["setting"] = r["setting"]
             shown.update({f"{LABELS[m]} (%)": fmt_value(r, m) for m in ["asr"] + ACCURACIES})
             shown["poisoned pairs"] = "-" if pd.isna(r["n_poison"]) else str(r["n_poison"])
+            if cost:
+                shown[COST_LABEL] = "-" if pd.isna(r["clean_cost"]) else f"{100 * r['clean_cost']:+.1f}"
+            if survival:
+                shown[SURVIVAL_LABELS["trig_present"]] = fmt_percent(r["trig_present"])
+                shown[SURVIVAL_LABELS["trig_at_eval"]] = fmt_percent(r["trig_at_eval"])
+            if corr:
+                shown[SURVIVAL_LABELS["trig_corr"]] = "-" if pd.isna(r["trig_corr"]) else f"{r['trig_corr']:.2f}"
             if detection:
                 shown[f"{LABELS['det_auroc']} (%)"] = fmt_value(r, "det_auroc")
                 shown["poisons removed"] = fmt_count(r["det_poisons_removed"])
@@ -364,7 +446,8 @@ def to_text(board: pd.DataFrame, fmt: str) -> str:
     if fmt == "json":
         return board.to_json(orient="records", indent=1) + "\n"
     if fmt == "md":
-        parts = [f"# {TITLE}\n", NOTE + (" " + DETECTION_NOTE if has_detection(board) else "") + "\n"]
+        parts = [f"# {TITLE}\n", NOTE + (" " + DETECTION_NOTE if has_detection(board) else "") + "\n",
+                 SURVIVAL_NOTE + "\n"]
         for attack, shown in display(board).items():
             parts.append(f"## {attack}\n\n" + shown.to_markdown(index=False, disable_numparse=True) + "\n")
         return "\n".join(parts)
@@ -379,6 +462,9 @@ PLOT_CAPTIONS = {
                       "with Wilson 95 % intervals, labelled in percent."),
     "asr_vs_poison": ("ASR vs number of poisoned pairs", "For attacks whose poison count was swept; one line per "
                       "defense."),
+    "curves": ("Per-epoch curves", "ASR (top) and clean zero-shot top-1 (bottom) after each epoch, on a fixed "
+               "seeded subset of the evaluation set (the profile's curve_n images), mean over seeds; one line per "
+               "defense setting."),
     "roc": ("Data filters: ROC curves", "One panel per attack; one curve per data-filter setting (mean over "
             "seeds), poisons as the positive class; the AUROC in the legend. The diagonal is a filter that "
             "scores at random."),
@@ -397,7 +483,8 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
            "figure{margin:1em 0}svg{max-width:100%;height:auto}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title><style>{css}</style></head><body>",
              f"<h1>{TITLE}</h1><p>{html.escape(NOTE)}</p>"
-             + (f"<p>{html.escape(DETECTION_NOTE)}</p>" if has_detection(board) else ""),
+             + (f"<p>{html.escape(DETECTION_NOTE)}</p>" if has_detection(board) else "")
+             + f"<p>{html.escape(SURVIVAL_NOTE)}</p>",
              f"<p>{int(board['seeds'].sum())} runs in {len(board)} settings; generated {time.strftime('%Y-%m-%d %H:%M %Z')}.</p>"]
     for attack, shown in display(board).items():
         parts.append(f"<h2>{html.escape(attack)}</h2>" + shown.to_html(index=False, border=0, escape=True))

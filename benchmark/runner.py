@@ -25,17 +25,19 @@ from typing import Any
 import torch
 
 from . import __version__, distributed
-from .attacks.base import CLEAN, Attack, AttackContext, PoisonPlan, ZeroShotModel
+from .attacks.base import CLEAN, Attack, AttackContext, PoisonPlan
 from .config import RunConfig, get_profile, resolve
-from .datasets.base import CaptionDataset, DatasetBundle
-from .defenses.base import KINDS, UNDEFENDED, DefenseBase
+from .datasets.base import DatasetBundle
+from .defenses.base import KINDS, UNDEFENDED, DefenseBase, DiagnosticRows
 from .detection import detection_metrics
-from .evaluate import encode_images, encode_texts, predict, topk_accuracy, topk_classes, zero_shot_classifier
+from .curves import curve_columns, epoch_metrics, zero_shot_model
+from .evaluate import encode_images, encode_texts, topk_accuracy, topk_classes
 from .metrics import linear_probe, linear_probe_paper, retrieval_recall
 from .export import model_dir, save_model
 from .models import create_model, image_size, init_file, load_init
 from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
+from .survival import TriggerSurvival
 from .store import CellBusyError, cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
 from .train import TrainResult, set_threads, train
 from .utils import atomic_write, derive_seed, hash_json, remove_temp_files
@@ -60,6 +62,15 @@ class Cell:
     device: torch.device
     dataset: Any = None
     clean_model: Path | None = None
+
+    def watchers(self, tokenizer, index: torch.Tensor | None = None, survival: bool = True) -> dict[str, Any]:
+        """``train``'s ``epoch_metrics`` and ``view_probe`` for this cell: per-epoch curves on the
+        profile's ``curve_n`` evaluation images, and (``survival``) the trigger-survival probe over
+        the poisoned views of the training rows ``index`` of ``plan.train`` (default: all)."""
+        views = self.attack.trigger_views(self.data, self.plan) if survival else None
+        probe = None if views is None else TriggerSurvival(views, len(self.plan.train), index=index)
+        return {"epoch_metrics": epoch_metrics(self, tokenizer, get_profile(self.cfg.profile).curve_n, probe),
+                "view_probe": probe}
 
 
 def prepare(cfg: RunConfig, device: str = "auto", data: DatasetBundle | None = None,
@@ -254,13 +265,15 @@ def write_poisoned_set(cell: Cell, results: Path) -> Path | None:
     return None if written is None else Path(written)
 
 
-def _train(cell: Cell, ckpt: Path, progress: bool, data: CaptionDataset | None = None, defense=None):
-    """A fresh model (seeded by the cell's seed, the same on every rank) trained on ``data``
-    (default: the poisoned training set) with ``defense`` (default: the cell's):
+def _train(cell: Cell, ckpt: Path, progress: bool, index: torch.Tensor | None = None, defense=None):
+    """A fresh model (seeded by the cell's seed, the same on every rank) trained on the rows
+    ``index`` of the poisoned training set (default: all) with ``defense`` (default: the cell's):
     (model, tokenizer, TrainResult)."""
+    data = None if index is None else cell.plan.train.subset(index)
     model, tokenizer = fresh_model(cell)
     return model, tokenizer, train(model, tokenizer, cell.plan.train if data is None else data,
-                                   cell.defense if defense is None else defense, cell.cfg, cell.device, ckpt, progress)
+                                   cell.defense if defense is None else defense, cell.cfg, cell.device, ckpt, progress,
+                                   **cell.watchers(tokenizer, index))
 
 
 def fresh_model(cell: Cell):
@@ -477,7 +490,7 @@ def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | Non
         defense = cell.defense if is_undefended(cell.cfg) else DEFENSES.get(UNDEFENDED)(
             build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params, f"defense {UNDEFENDED!r}"), ucfg.seed)
         result = train(model, tokenizer, cell.plan.train, defense, ucfg, cell.device, ckpt, progress,
-                       keep_optimizer_state=True)
+                       keep_optimizer_state=True, **cell.watchers(tokenizer))
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         opt_state = to_cpu(result.optimizer_state)
         result.optimizer_state = None  # kept here, not in the result the row is made from
@@ -487,7 +500,7 @@ def undefended_model(cell: Cell, results: Path, progress: bool, ckpt: Path | Non
         info = {"what": "the undefended model of the cell run_id, trained on its poisoned data",
                 "run_id": ucfg.run_id, "config_hash": ucfg.config_hash, "config": ucfg.to_dict(),
                 "manifest_hash": cell.plan.manifest_hash(), "steps": result.steps, "final_loss": result.final_loss,
-                "train_s": result.train_s, "git_rev": git_rev(), "version": __version__,
+                "train_s": result.train_s, "history": result.history, "git_rev": git_rev(), "version": __version__,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
         if own_ckpt:
@@ -519,7 +532,8 @@ def _train_training(cell: Cell, results: Path, ckpt: Path, progress: bool, row: 
     start = undefended_model(cell, results, progress, ckpt, cached)
     if start.result is None:
         row["start_model"] = start.run_id
-        return start.model, start.tokenizer, TrainResult(start.info["steps"], start.info["final_loss"], 0.0, 0)
+        return start.model, start.tokenizer, TrainResult(start.info["steps"], start.info["final_loss"], 0.0, 0,
+                                                         history=start.info.get("history", []))
     return start.model, start.tokenizer, start.result
 
 
@@ -551,7 +565,7 @@ def _train_filter(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     ucfg = undefended_config(cell.cfg)
     clip = DEFENSES.get(UNDEFENDED)(build_params(DEFENSES.get(UNDEFENDED).Params, ucfg.defense_params,
                                                  f"defense {UNDEFENDED!r}"), cell.cfg.seed)
-    return _train(cell, ckpt, progress, data.subset(kept.nonzero().squeeze(1)), clip)
+    return _train(cell, ckpt, progress, kept.nonzero().squeeze(1), clip)
 
 
 def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: dict, cached: bool | None):
@@ -563,7 +577,8 @@ def _train_repair(cell: Cell, results: Path, ckpt: Path, progress: bool, row: di
     phase = cell.defense.phase(cell.cfg)
     row["n_finetune"] = len(cell.data.finetune)  # the phase's settings are the defense's parameters (p_defense_*)
     result = train(start.model, start.tokenizer, cell.data.finetune, cell.defense.training(), cell.cfg, cell.device,
-                   ckpt, progress, phase=phase, optimizer_state=start.optimizer_state)
+                   ckpt, progress, phase=phase, optimizer_state=start.optimizer_state,
+                   **cell.watchers(start.tokenizer, survival=False))  # clean fine-tuning pairs: no trigger to follow
     return start.model, start.tokenizer, result
 
 
@@ -603,11 +618,13 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             row["poison_files"] = str(written)
         if cell.clean_model is not None:  # the clean model the cell or its attack started from
             row["clean_model"] = clean_config(cfg).run_id
+        cell.defense.observe(diagnostic_rows(cell))
         model, tokenizer, result = TRAIN_BY_KIND[cell.defense.kind](cell, results, ckpt, progress, row, cached)
         save_model(model, cfg.model, model_dir(results, cfg.run_id))  # kept for `bench export`
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
                    steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)
         row.update({f"final_loss_{k}": v for k, v in result.loss_terms.items()})
+        row.update(curve_columns(result.history, get_profile(cfg.profile).curve_n))
         row.update(evaluate(model, tokenizer, cell, dev))
         row.update(defense_columns(cell.defense))
         row["status"] = "ok"
@@ -631,6 +648,18 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
     return row
 
 
+def diagnostic_rows(cell: Cell) -> DiagnosticRows:
+    """The facts a defense may record diagnostics of (``DefenseBase.observe``) about the cell's
+    training rows: classes, poisoned pairs, captions naming the attack's target label."""
+    train = cell.plan.train
+    target = cell.attack.target_class(cell.data, cell.plan)
+    names = None
+    if target is not None:
+        names = torch.zeros(len(train), dtype=torch.bool)
+        names[torch.as_tensor(train.captions_naming(cell.data.class_words[target]), dtype=torch.int64)] = True
+    return DiagnosticRows(train.labels.clone(), train.is_poison.clone(), names)
+
+
 def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, Any]:
     """Clean zero-shot top-1/top-5 on the evaluation set, the attack's metrics, the linear probe
     (``linear_probe_top1``) and retrieval recall@1/5/10 (``i2t_r1`` ... ``t2i_r10``) when the
@@ -640,14 +669,10 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     t0 = time.perf_counter()
     ev = cell.data.eval
     size = image_size(model)
-    classifier = zero_shot_classifier(model, tokenizer, ev.classnames, ev.templates, device)
-
-    def top5(images: torch.Tensor) -> torch.Tensor:
-        return predict(model, images, classifier, k=5, device=device)
-
+    zs = zero_shot_model(model, tokenizer, ev, device)
     # Raw features once: zero-shot normalises them, the linear probe uses them as they are.
     eval_feats = encode_images(model, eval_geometry(ev.images, size), device=device, unit=False)
-    topk = topk_classes(eval_feats, classifier, 5)
+    topk = zs.clean_top5 = topk_classes(eval_feats, zs.classifier, 5)
     metrics: dict[str, Any] = {
         "clean_top1": topk_accuracy(topk, ev.labels, 1),
         "clean_top5": topk_accuracy(topk, ev.labels, 5),
@@ -655,9 +680,6 @@ def evaluate(model, tokenizer, cell: Cell, device: torch.device) -> dict[str, An
     }
     lap = Laps(metrics, t0)
     lap("zero_shot_s")
-    zs = ZeroShotModel(top5, size, clean_top5=topk, classifier=classifier,
-                       encode_images=lambda images: encode_images(model, images, device=device),
-                       encode_texts=lambda texts: encode_texts(model, tokenizer, texts, device=device))
     metrics.update(cell.attack.evaluate(zs, cell.data, cell.plan))
     lap("attack_eval_s")
     probe = cell.data.probe_train

@@ -61,6 +61,9 @@ ENGINE_COLUMNS = pa.schema(
                          "det_tpr_at_1fpr", "det_tpr_at_5fpr", "det_fpr_at_95tpr", "wall_s")]
     + [("det_roc_fpr", pa.list_(_F)), ("det_roc_tpr", pa.list_(_F)), ("targets", pa.list_(_TARGET)),
        ("finished_at", _S)]
+    # per-epoch curves and trigger survival (poisonbench.curves, poisonbench.survival)
+    + [("curve_epoch", pa.list_(_I)), ("curve_clean_top1", pa.list_(_F)), ("curve_asr", pa.list_(_F)),
+       ("curve_n", _I), ("trig_n", _I), ("trig_present", _F), ("trig_at_eval", _F), ("trig_corr", _F)]
 )
 
 

@@ -51,6 +51,7 @@ class TrainResult:
     augment_s: float = 0.0
     loss_terms: dict[str, float] = field(default_factory=dict)  # a TrainingTask's terms at the last step
     optimizer_state: dict | None = None  # the AdamW's final state_dict(), when train() was asked to keep it
+    history: list[dict] = field(default_factory=list)  # epoch_metrics' record of each epoch, resumed ones included
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -102,6 +103,8 @@ def train(
     phase: PhaseSettings | None = None,
     optimizer_state: dict | None = None,
     keep_optimizer_state: bool = False,
+    epoch_metrics=None,
+    view_probe=None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``defense``'s hooks.
 
@@ -123,6 +126,16 @@ def train(
     (used by the augmentations), so resuming from an end-of-epoch checkpoint repeats exactly the
     uninterrupted run. A checkpoint whose config hash, phase (and number of processes) match is
     resumed. ``on_epoch_end(epoch, model)``, if given, is called after each epoch's checkpoint.
+
+    ``epoch_metrics(epoch, model)``, if given, is called on rank 0 at the end of each epoch, before
+    its checkpoint, with the model in eval mode; it returns a dict of numbers (e.g. the per-epoch
+    clean accuracy and ASR) that is stored with ``{"epoch": epoch}`` in ``TrainResult.history``
+    and in the checkpoint, so a resumed run reports every epoch's record. It must not draw from
+    torch's global RNG. ``view_probe(rows, inputs, views, transform)``, if given, is called after
+    every step's image augmentation of a training-time defense (not a task), with the batch's rows
+    (int64 [B]), its uint8 images (stored geometry), the views the model gets and the defense's
+    transform (None without augmentation; a kornia container holds its parameters of the step),
+    e.g. ``survival.TriggerSurvival``; it must change nothing.
 
     In a process group of W ranks (``distributed.init``) every rank calls this with the same
     arguments: ``cfg.batch_size`` is per rank, so a step sees a global batch of batch_size x W
@@ -163,7 +176,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or lr_lambda(settings.warmup_steps, total))
     amp = device.type == "cuda"
 
-    start_epoch, step, loss_value, loss_terms = 1, 0, float("nan"), {}
+    start_epoch, step, loss_value, loss_terms, history = 1, 0, float("nan"), {}, []
     distributed.barrier()  # rank 0 may have removed a stale checkpoint: all ranks see the same file
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:
@@ -178,13 +191,16 @@ def train(
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             loss_value = float(state.get("loss", float("nan")))  # a run resumed after its last epoch reports it
             loss_terms = {k: float(v) for k, v in state.get("loss_terms", {}).items()}
+            history = list(state.get("history", []))
     if task and start_epoch == 1:  # a fresh optimizer: the task may start it its own way
         defense.start_optimizer(optimizer, optimizer_state)
 
-    def encode_captions(k: int) -> torch.Tensor:
+    def encode_captions(k: int, with_rows: bool = False):
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pool", step))
-        emb = encode_tokens(model, tokens[torch.randint(0, n, (k,), generator=g)], batch_size=1024, device=device)
-        return distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
+        rows = torch.randint(0, n, (k,), generator=g)
+        emb = encode_tokens(model, tokens[rows], batch_size=1024, device=device)
+        emb = distributed.broadcast_(emb)  # every rank's pool must be the same, to the last bit
+        return (emb, rows) if with_rows else emb
 
     fetch = {"wait_s": 0.0}
     augment_s, rate = 0.0, 0.0
@@ -231,18 +247,22 @@ def train(
                         loss = task_loss(terms, step, epoch, defense.name)
                         loss_terms.update({k: v.item() for k, v in terms.items()})
                     else:
+                        raw = images
                         if transform is not None:
                             t_aug = time.perf_counter()
-                            images = transform(images.to(device).float() / 255.0)
+                            images = transform(raw.to(device).float() / 255.0)
                             augment_s += time.perf_counter() - t_aug
                         else:
-                            images = eval_geometry(images, size).to(device)
+                            images = eval_geometry(raw, size).to(device)
+                        if view_probe is not None:
+                            view_probe(idx, raw, images, transform)
                         x = normalize(images)
                         t = tokens[idx].to(device, non_blocking=True)
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             img_emb, txt_emb, scale = net(x, t)
                             img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
-                            loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step))
+                            rows = order[b * global_bs : (b + 1) * global_bs]  # the global batch, every rank's slice
+                            loss = defense.loss(img_emb, txt_emb, scale.float(), TrainState(epoch, step, rows=rows))
                         if not torch.isfinite(loss):
                             raise NonFiniteLossError(step, epoch, loss.item())
                     if pass_lr is not None:  # the pass's own schedule sets this step's learning rate
@@ -263,14 +283,18 @@ def train(
                 parts = "".join(f", {k} {v:.3f}" for k, v in loss_terms.items())
                 bar.console.print(f"{'' if phase is None else settings.name + ' '}epoch {epoch}/{settings.epochs}: "
                                   f"loss {loss_value:.3f}{parts}, {rate:.0f} samples/s, {time.perf_counter() - t_epoch:.0f} s")
+            if epoch_metrics is not None and main:
+                model.eval()
+                history.append({"epoch": epoch, **epoch_metrics(epoch, model)})
+                model.train()
             if checkpoint is not None and main:
                 save_checkpoint(checkpoint, cfg, epoch, step, model, optimizer, scheduler, defense, world, loss_value,
-                                settings.name, loss_terms)
+                                settings.name, loss_terms, history)
             distributed.barrier()  # no rank runs ahead of the last checkpoint
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
     return TrainResult(step, loss_value, time.perf_counter() - t0, start_epoch - 1, fetch["wait_s"], augment_s,
-                       loss_terms, optimizer.state_dict() if keep_optimizer_state else None)
+                       loss_terms, optimizer.state_dict() if keep_optimizer_state else None, history)
 
 
 MAIN_PHASE = "train"  # the name of a cell's own training phase (RunConfig's settings) in checkpoints
@@ -388,12 +412,13 @@ def load_checkpoint(path: Path) -> dict | None:
 
 def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, optimizer, scheduler, defense,
                     world_size: int = 1, loss: float = float("nan"), phase: str = MAIN_PHASE,
-                    loss_terms: dict[str, float] | None = None) -> None:
+                    loss_terms: dict[str, float] | None = None, history: list[dict] | None = None) -> None:
     """Write the end-of-epoch state atomically (loadable with ``torch.load(weights_only=True)``).
     ``world_size``, the number of processes that trained it, is stored: a run with another
     number of processes (another global batch) does not resume it. ``loss`` is the last step's
     loss, ``loss_terms`` a task's named terms at that step; ``phase`` the training phase's name
-    (a checkpoint of another phase is not resumed)."""
+    (a checkpoint of another phase is not resumed); ``history`` the per-epoch records so far
+    (``train``'s ``epoch_metrics``)."""
     state = {
         "config_hash": cfg.config_hash,
         "world_size": world_size,
@@ -406,6 +431,7 @@ def save_checkpoint(path: Path, cfg: RunConfig, epoch: int, step: int, model, op
         "loss": loss,
         "phase": phase,
         "loss_terms": dict(loss_terms or {}),
+        "history": list(history or []),
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 

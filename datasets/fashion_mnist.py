@@ -13,6 +13,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from poisonbench.registry import param, register_dataset
 from poisonbench.utils import derive_seed
 
 from .base import CaptionDataset, DatasetBundle, EvalSet, draw_rows, with_article
+from .fashion_captions import STYLES, attribute_caption, describe, measure, reference_cuts, web_caption
 
 CLASSNAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
@@ -178,6 +180,13 @@ class FashionMNISTParams:
     n_finetune: int = param(-1, "clean fine-tuning pairs for post-training repairs, drawn (seeded) from the train-split "
                                 "images that are not training pairs; -1 = 10 % of n_train, at least 128; 0 = none",
                             hash_default=False)
+    captions: Literal["templates", "attributes", "web"] = param(
+        "templates", "caption style: templates (a template around the class word), attributes (the class word and "
+                     "what the pixels show: brightness, extent, aspect, texture, position), web (attributes, and "
+                     "some captions name no class or a related one, as alt-text)", hash_default=False)
+    web_unnamed: float = param(0.3, "web captions: share that names no class, in [0, 1]", hash_default=False)
+    web_related: float = param(0.1, "web captions: share that names a related class instead, in [0, 1]",
+                               hash_default=False)
 
 
 @register_dataset("fashion-mnist")
@@ -192,7 +201,30 @@ class FashionMNIST:
                 raise ValueError(f"fashion-mnist: {name} must be >= 0 (0 = all), got {getattr(params, name)}")
         if params.n_finetune < -1:
             raise ValueError(f"fashion-mnist: n_finetune must be >= 0, or -1 for 10 % of n_train, got {params.n_finetune}")
+        if params.captions not in STYLES:
+            raise ValueError(f"fashion-mnist: unknown caption style {params.captions!r}; valid: {', '.join(STYLES)}")
+        shares = (params.web_unnamed, params.web_related)
+        if not (all(0.0 <= v <= 1.0 for v in shares) and sum(shares) <= 1.0):
+            raise ValueError(f"fashion-mnist: web_unnamed and web_related must be in [0, 1] with a sum <= 1, got "
+                             f"{params.web_unnamed} and {params.web_related}")
         self.params = params
+        self.cuts = None  # the attribute styles' terciles over the train split, measured once
+
+    def caption(self, images: torch.Tensor, labels: torch.Tensor, rng: random.Random, split: torch.Tensor) -> list[str]:
+        """One caption per image (uint8 [N, 3, 28, 28], classes int64 [N]) in the ``captions``
+        style, drawn from ``rng``; ``split`` is the whole train split (its terciles cut the
+        attribute words)."""
+        p = self.params
+        if p.captions == "templates":
+            return [write_caption(int(y), rng) for y in labels]
+        if self.cuts is None:
+            self.cuts = reference_cuts(split)
+        out = []
+        for y, attrs in zip(labels.tolist(), describe(measure(images), self.cuts)):
+            word = rng.choice(CLASS_WORDS[y])
+            out.append(attribute_caption(word, attrs, rng) if p.captions == "attributes" else
+                       web_caption(word, CLASSNAMES[y], attrs, rng, p.web_unnamed, p.web_related))
+        return out
 
     def load(self, seed: int) -> DatasetBundle:
         """Read the IDX files and caption the training images, seeded by ``seed``."""
@@ -204,7 +236,7 @@ class FashionMNIST:
         eval_idx = draw_rows(len(test_y), self.params.n_eval, g, "fashion-mnist: n_eval")
         rng = random.Random(seed)
         labels = train_y[train_idx]
-        captions = [write_caption(int(y), rng) for y in labels]
+        captions = self.caption(train_x[train_idx], labels, rng, train_x)
         train = CaptionDataset(train_x[train_idx], captions, labels)
         ev = EvalSet(test_x[eval_idx], test_y[eval_idx], list(CLASSNAMES), list(ZERO_SHOT_TEMPLATES))
         probe_idx = draw_rows(len(train_y), self.params.n_probe, g, "fashion-mnist: n_probe")
@@ -213,13 +245,13 @@ class FashionMNIST:
         heldout = None
         if held_idx is not None:
             held_rng = random.Random(seed + 1)  # captions independent of the training captions
-            held_caps = [write_caption(int(y), held_rng) for y in test_y[held_idx]]
+            held_caps = self.caption(test_x[held_idx], test_y[held_idx], held_rng, train_x)
             heldout = CaptionDataset(test_x[held_idx], held_caps, test_y[held_idx])
         finetune = None
         ft_idx = finetune_rows(len(train_y), train_idx, self.params.n_finetune, seed)
         if len(ft_idx):
             ft_rng = random.Random(derive_seed(seed, "finetune-captions"))
-            ft_caps = [write_caption(int(y), ft_rng) for y in train_y[ft_idx]]
+            ft_caps = self.caption(train_x[ft_idx], train_y[ft_idx], ft_rng, train_x)
             finetune = CaptionDataset(train_x[ft_idx], ft_caps, train_y[ft_idx])
         return DatasetBundle(train, ev, [list(w) for w in CLASS_WORDS], list(CAPTION_TEMPLATES), probe, heldout,
                              finetune=finetune)

@@ -44,15 +44,37 @@ class TrainState:
         epoch: 1-indexed epoch (of the phase being trained).
         step: global optimizer step, 0-indexed.
         encode_captions: function n -> float [n, D] L2-normalised text embeddings (no gradient) of
-            n training captions drawn at random, for defenses that need a warm caption pool.
+            n training captions drawn at random, for defenses that need a warm caption pool; with
+            ``with_rows=True`` it returns (embeddings, int64 [n] their training rows).
         group: the pass of the epoch the step belongs to, as a ``TrainingTask.plan_epoch`` named
             it (e.g. SafeCLIP's "risky" and "safe"); "" in the default single pass.
+        rows: in ``Defense.loss``, int64 [B] the training rows of the batch's embeddings (the
+            global batch under DDP, in the order of the gathered embeddings); None elsewhere.
     """
 
     epoch: int
     step: int
-    encode_captions: Optional[Callable[[int], torch.Tensor]] = None
+    encode_captions: Optional[Callable[..., torch.Tensor]] = None
     group: str = ""  # the pass of the epoch a task's step belongs to (``TrainingPass.group``); "" for the default pass
+    rows: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DiagnosticRows:
+    """What the engine tells a defense about the training rows, for diagnostics only
+    (``DefenseBase.observe``): a defense must never act on it.
+
+    Attributes:
+        labels: int64 [N], each training row's class (-1 when unknown; a poisoned pair has its
+            source image's class).
+        is_poison: bool [N], the poisoned pairs.
+        names_target: bool [N], whose caption names the attack's target label (whole word, any of
+            its class words); None when the attack has no single target label.
+    """
+
+    labels: torch.Tensor
+    is_poison: torch.Tensor
+    names_target: Optional[torch.Tensor] = None
 
 
 class DefenseBase:
@@ -79,6 +101,11 @@ class DefenseBase:
         """Raise ValueError naming the problem if the defense cannot run the settings of cell
         ``cfg`` (a ``config.RunConfig``: epochs, batch size, profile), e.g. a schedule of phases
         longer than the run; called before training, after ``check``. Default: nothing."""
+
+    def observe(self, rows: DiagnosticRows) -> None:
+        """Called once before training with facts about the training rows that the defense may
+        record diagnostics of (e.g. RoCLIP's share of images matched to a caption of their own
+        class), never act on. Default: nothing."""
 
     def metrics(self) -> dict[str, float | int | list]:
         """The defense's own numbers for the cell's row, called once after training and
@@ -334,6 +361,11 @@ class PostTrainingRepair(DefenseBase):
         """The training-time or task defense the trainer runs in the fine-tuning phase (the same
         object every call: its state is checkpointed)."""
         raise NotImplementedError(f"{type(self).__name__}: a PostTrainingRepair must implement training()")
+
+    def observe(self, rows: DiagnosticRows) -> None:
+        """Called once before training with facts about the training rows that the defense may
+        record diagnostics of (e.g. RoCLIP's share of images matched to a caption of their own
+        class), never act on. Default: nothing."""
 
     def metrics(self) -> dict[str, float | int | list]:
         """Default: the numbers of the defense that trained the fine-tuning phase."""

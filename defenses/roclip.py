@@ -8,6 +8,7 @@ use the CLIP loss. Image and EDA augmentation apply in every epoch (as aug-only)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,7 @@ class CaptionPool:
         if size < 1:
             raise ValueError(f"caption pool size must be >= 1, got {size}")
         self.bank = torch.zeros(size, dim, dtype=dtype)
+        self.rows = torch.full((size,), -1, dtype=torch.int64)  # each entry's training row (-1: unknown); diagnostics
         self.ptr = 0  # next row to write
         self.count = 0  # rows filled so far (<= size)
 
@@ -46,34 +48,110 @@ class CaptionPool:
             return self.bank[: self.count]
         return torch.cat([self.bank[self.ptr :], self.bank[: self.ptr]])
 
-    def enqueue(self, emb: torch.Tensor) -> None:
+    def enqueue(self, emb: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Append float [B, dim] embeddings (detached, moved to the pool's device), dropping the
-        oldest rows once full. A batch larger than the pool keeps its last ``size`` rows."""
+        oldest rows once full. A batch larger than the pool keeps its last ``size`` rows.
+        ``rows``: int64 [B], the training row of each caption (for diagnostics), else unknown."""
         emb = emb.detach().to(self.bank.device, self.bank.dtype)
+        rows = torch.full((len(emb),), -1, dtype=torch.int64) if rows is None else rows.detach().cpu().long()
         if emb.shape[0] > self.size:
-            emb = emb[-self.size :]
+            emb, rows = emb[-self.size :], rows[-self.size :]
         n = emb.shape[0]
         idx = (self.ptr + torch.arange(n, device=self.bank.device)) % self.size
         self.bank[idx] = emb
+        self.rows[idx.cpu()] = rows
         self.ptr = (self.ptr + n) % self.size
         self.count = min(self.size, self.count + n)
 
-    def nearest(self, query: torch.Tensor) -> torch.Tensor:
-        """For each row of ``query`` [B, dim], the pool row of highest cosine similarity
-        (float [B, dim], detached, on the query's device). Raises RuntimeError on an empty pool."""
+    def nearest_index(self, query: torch.Tensor) -> torch.Tensor:
+        """For each row of ``query`` [B, dim], the index (int64 [B], on the query's device) of the
+        pool entry of highest cosine similarity. Raises RuntimeError on an empty pool."""
         if self.count == 0:
             raise RuntimeError("the caption pool is empty; enqueue captions before querying it")
         bank = self.bank[: self.count].to(query.device, query.dtype)
         sim = F.normalize(query.detach(), dim=1) @ F.normalize(bank, dim=1).T
-        return bank[sim.argmax(dim=1)].detach()
+        return sim.argmax(dim=1)
+
+    def nearest(self, query: torch.Tensor) -> torch.Tensor:
+        """For each row of ``query`` [B, dim], the pool entry of highest cosine similarity
+        (float [B, dim], detached, on the query's device). Raises RuntimeError on an empty pool."""
+        return self.bank[self.nearest_index(query).to(self.bank.device)].to(query.device, query.dtype).detach()
 
     def state_dict(self) -> dict:
-        return {"bank": self.bank.clone(), "ptr": self.ptr, "count": self.count}
+        return {"bank": self.bank.clone(), "rows": self.rows.clone(), "ptr": self.ptr, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.bank = state["bank"].clone()
+        self.rows = state["rows"].clone() if "rows" in state else torch.full((len(self.bank),), -1, dtype=torch.int64)
         self.ptr = int(state["ptr"])
         self.count = int(state["count"])
+
+
+class MatchingDiagnostics:
+    """What RoCLIP's nearest-neighbour matching did, per matching epoch (issue 17), from the
+    training rows' facts (``DiagnosticRows``; never acted on):
+
+    - ``match_own_class``: share of the labelled images whose matched pool caption comes from a
+      row of the image's own class (entries of unknown row or class are left out);
+    - ``match_distinct``: mean number of distinct pool entries matched per batch (of B images);
+    - ``match_poison_to_target``: share of the poisoned images whose matched caption names the
+      attack's target label (the backdoor's link kept through the pool); when the attack has one.
+
+    ``record`` accumulates a batch; ``close`` ends the epoch's record. State is plain lists and
+    numbers (checkpointed with the pool), so a resumed run reports every matching epoch.
+    """
+
+    KEYS = ("match_epoch", "match_own_class", "match_distinct", "match_poison_to_target")
+
+    def __init__(self):
+        self.info = None
+        self.done: dict[str, list] = {k: [] for k in self.KEYS}
+        self.open: dict[str, float] = {}
+
+    def record(self, epoch: int, rows: torch.Tensor, matched_rows: torch.Tensor, matched_index: torch.Tensor) -> None:
+        """One batch: the images' training rows and their matched entries' rows (int64 [B], -1
+        unknown) and pool indices (int64 [B])."""
+        if self.info is None or rows is None:
+            return
+        if self.open.get("epoch") != epoch:
+            self.close()
+            self.open = dict.fromkeys(("own", "labelled", "distinct", "batches", "poison", "poison_target"), 0.0)
+            self.open["epoch"] = epoch
+        labels, o = self.info.labels, self.open
+        rows, matched_rows = rows.cpu(), matched_rows.cpu()
+        known = (matched_rows >= 0) & (labels[rows] >= 0)
+        known &= labels[matched_rows.clamp_min(0)] >= 0
+        o["labelled"] += int(known.sum())
+        o["own"] += int((known & (labels[rows] == labels[matched_rows.clamp_min(0)])).sum())
+        o["distinct"] += len(torch.unique(matched_index))
+        o["batches"] += 1
+        if self.info.names_target is not None:
+            poison = self.info.is_poison[rows] & (matched_rows >= 0)
+            o["poison"] += int(poison.sum())
+            o["poison_target"] += int((poison & self.info.names_target[matched_rows.clamp_min(0)]).sum())
+
+    def close(self) -> None:
+        """End the open epoch's record (if any)."""
+        o = self.open
+        if not o.get("batches"):
+            return
+        self.done["match_epoch"].append(int(o["epoch"]))
+        self.done["match_own_class"].append(o["own"] / o["labelled"] if o["labelled"] else float("nan"))
+        self.done["match_distinct"].append(o["distinct"] / o["batches"])
+        if self.info.names_target is not None:
+            self.done["match_poison_to_target"].append(o["poison_target"] / o["poison"] if o["poison"] else float("nan"))
+        self.open = {}
+
+    def metrics(self) -> dict[str, list]:
+        self.close()
+        return {k: v for k, v in self.done.items() if v and all(x == x for x in v)}  # no NaN list
+
+    def state_dict(self) -> dict:
+        return {"done": {k: list(v) for k, v in self.done.items()}, "open": dict(self.open)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = {k: list(state["done"].get(k, [])) for k in self.KEYS}
+        self.open = dict(state["open"])
 
 
 @dataclass
@@ -98,6 +176,7 @@ class RoCLIP(AugOnly):
             raise ValueError(f"roclip: pool_size must be >= 1, got {params.pool_size}")
         self.augment = params.augment
         self.pool: CaptionPool | None = None  # made on first use, when the embedding size is known
+        self.diagnostics = MatchingDiagnostics()
 
     def check(self, train_size: int) -> None:
         super().check(train_size)
@@ -118,31 +197,45 @@ class RoCLIP(AugOnly):
             return
         missing = self.params.pool_size - (self.pool.count if self.pool else 0)
         if missing > 0:
-            self._enqueue(state.encode_captions(missing))
+            self._enqueue(*state.encode_captions(missing, with_rows=True))
 
-    def _enqueue(self, emb: torch.Tensor) -> None:
+    def _enqueue(self, emb: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         if self.pool is None:
             self.pool = CaptionPool(self.params.pool_size, emb.shape[1], emb.dtype)
-        self.pool.enqueue(emb)
+        self.pool.enqueue(emb, rows)
+
+    def observe(self, rows) -> None:
+        self.diagnostics.info = rows
 
     def loss(self, image_emb, text_emb, logit_scale, state: TrainState):
+        if state.rows is not None and len(state.rows) != len(text_emb):  # embeddings not of the global batch
+            state = dataclasses.replace(state, rows=None)
         if not self.is_matching_epoch(state.epoch):
             if self.params.pool_update == "always":
-                self._enqueue(text_emb)
+                self._enqueue(text_emb, state.rows)
             return info_nce(image_emb, text_emb, logit_scale)
         if self.pool is None or self.pool.count == 0:
-            self._enqueue(text_emb)  # no encode_captions hook was given: seed the pool with this batch
+            self._enqueue(text_emb, state.rows)  # no encode_captions hook was given: seed the pool with this batch
             return info_nce(image_emb, text_emb, logit_scale)
-        matched = self.pool.nearest(image_emb)  # queried before this batch is enqueued
-        self._enqueue(text_emb)
+        index = self.pool.nearest_index(image_emb)  # queried before this batch is enqueued
+        matched = self.pool.bank[index.to(self.pool.bank.device)].to(image_emb.device, image_emb.dtype).detach()
+        self.diagnostics.record(state.epoch, state.rows, self.pool.rows[index.cpu()], index)
+        self._enqueue(text_emb, state.rows)
         # The 0x term keeps the text tower in the graph with zero gradient, as the official code
         # does, so AdamW's momentum and weight decay still move it (spec §1.6, §6 row 7).
         return info_nce(image_emb, matched, logit_scale) + 0.0 * info_nce(image_emb, text_emb, logit_scale)
 
+    def metrics(self) -> dict[str, list]:
+        """The matching diagnostics (``MatchingDiagnostics``), one value per matching epoch."""
+        return self.diagnostics.metrics()
+
     def state_dict(self) -> dict:
-        return {"pool": self.pool.state_dict()} if self.pool else {}
+        out = {"diagnostics": self.diagnostics.state_dict()}
+        return {"pool": self.pool.state_dict(), **out} if self.pool else out
 
     def load_state_dict(self, state: dict) -> None:
         if "pool" in state:
             self.pool = CaptionPool(1, 1)
             self.pool.load_state_dict(state["pool"])
+        if "diagnostics" in state:
+            self.diagnostics.load_state_dict(state["diagnostics"])

@@ -210,7 +210,7 @@ def test_every_cell_passes_the_checks_before_training(attack, defense, dataset, 
 
 # --- one cell end to end ----------------------------------------------------------------------
 
-NOT_RATES = {"final_loss", "linear_probe_c"}  # numbers of the row that are neither counts, seconds nor fractions
+NOT_RATES = {"final_loss", "linear_probe_c", "trig_corr"}  # numbers of the row that are neither counts, seconds nor fractions
 NOT_RATE_PREFIXES = ("final_loss_",)  # a task's loss terms
 PROVENANCE = {"seed", "epochs", "batch_size", "world_size"}
 COUNTS = {"steps", "resumed_from_epoch", "n", "poisons_removed", "clean_removed"}  # counts not named n_* / *_n
@@ -241,9 +241,15 @@ def assert_row_in_range(row: dict, cell) -> None:
             assert value >= 0, f"{key} = {value} seconds"
         elif key == "linear_probe_c":
             assert value > 0
+        elif key == "trig_corr":  # a correlation
+            assert -1.0 <= value <= 1.0, f"{key} = {value}"
         elif key not in NOT_RATES:
             assert 0.0 <= value <= 1.0, f"{key} = {value} is not in [0, 1]"
     assert row["clean_top1"] <= row["clean_top5"]
+    # the per-epoch curves: one fraction per epoch trained (a repair: per fine-tuning epoch)
+    assert row["curve_epoch"] == list(range(1, len(row["curve_epoch"]) + 1)) and row["curve_epoch"]
+    for key in ("curve_clean_top1",) + ("curve_asr",) * (cell.plan.n_poison > 0):
+        assert len(row[key]) == len(row["curve_epoch"]) and all(0.0 <= v <= 1.0 for v in row[key]), key
     if cell.data.heldout is not None:
         for d in ("i2t", "t2i"):
             assert row[f"{d}_r1"] <= row[f"{d}_r5"] <= row[f"{d}_r10"]
@@ -376,9 +382,11 @@ def test_the_row_checker_catches_an_out_of_range_number(bundles, tmp_path):
     good = {"status": "ok", "clean_top1": 0.5, "clean_top5": 0.9, "n_eval": len(data.eval), "final_loss": 2.0,
             "steps": cell.cfg.epochs * (len(cell.plan.train) // cell.cfg.batch_size), "n_poison": cell.plan.n_poison,
             "n_train": len(cell.plan.train), "poison_rate": cell.plan.poison_rate, "asr": 0.3, "asr_n": 5,
-            "linear_probe_top1": 0.7, **{f"{d}_r{k}": k / 10 for d in ("i2t", "t2i") for k in (1, 5, 10)}}
+            "linear_probe_top1": 0.7, **{f"{d}_r{k}": k / 10 for d in ("i2t", "t2i") for k in (1, 5, 10)},
+            "curve_epoch": [1, 2], "curve_clean_top1": [0.3, 0.5], "curve_asr": [0.1, 0.3], "trig_corr": -0.2}
     assert_row_in_range(good, cell)
     for bad in ({"asr": 1.5}, {"asr_n": -1}, {"asr_n": 2.5}, {"clean_top1": float("nan")}, {"linear_probe_top1": None},
-                {"my_attack_metric": 3.0}, {"clean_top1": 0.95}):
+                {"my_attack_metric": 3.0}, {"clean_top1": 0.95}, {"curve_asr": [0.1]}, {"curve_clean_top1": [0.3, 1.2]},
+                {"curve_epoch": []}, {"trig_corr": 1.5}):
         with pytest.raises(AssertionError):
             assert_row_in_range({**good, **bad}, cell)

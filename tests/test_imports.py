@@ -115,7 +115,9 @@ def test_importing_the_plugin_bases_loads_no_plugin_and_no_open_clip():
     )
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 timeout=120).stdout.split())
-    # preprocess: the leaf module of image geometry (torch/torchvision only) attacks apply triggers with
+    # preprocess: the leaf module of image geometry (torch/torchvision only) attacks apply triggers with;
+    # survival: the leaf (torch and preprocess) whose TriggerViews an attack describes its poisons with
     assert loaded == {"poisonbench", "poisonbench.registry", "poisonbench.utils", "poisonbench.losses", "poisonbench.preprocess",
+                      "poisonbench.survival",
                       "poisonbench.attacks", "poisonbench.attacks.base", "poisonbench.defenses",
                       "poisonbench.defenses.base", "poisonbench.datasets", "poisonbench.datasets.base"}, loaded

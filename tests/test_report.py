@@ -185,3 +185,35 @@ def test_a_defenses_declared_metrics_show_their_last_epoch_mean_over_seeds():
     assert shown.loc["clip", "poisons in safe set, last epoch (%)"] == "-"
     only_clip = display(leaderboard(pd.DataFrame([run(0), run(1)])))["badnet"]
     assert not any("safe set" in c for c in only_clip.columns)
+
+
+def test_clean_cost_against_clip_of_the_same_data_survival_and_mean_curves():
+    rows = [run(0, top1=0.80), run(1, top1=0.84), run(0, "roclip", top1=0.62), run(1, "roclip", top1=0.70),
+            run(0, "roclip", top1=0.5, n_poison=50)]  # other data: no clip counterpart in the store
+    for r, present, corr, curve in zip(rows, [1.0, 1.0, 0.2, 0.4, 0.3], [1.0, 1.0, 0.1, 0.3, 0.2],
+                                       [[0.5, 0.8], [0.6, 0.84], [0.4, 0.62], [0.5, 0.7], [0.4, 0.5]]):
+        r.update(trig_present=present, trig_at_eval=present / 2, trig_corr=corr, curve_epoch=[1, 2],
+                 curve_clean_top1=curve, curve_asr=[0.1, 0.2])
+    board = leaderboard(pd.DataFrame(rows))
+    roclip = board[(board["defense"] == "roclip") & (board["n_poison"] == 100)].iloc[0]
+    assert roclip["clean_cost"] == pytest.approx(0.82 - 0.66)  # clip's mean minus roclip's, same data
+    assert roclip["trig_present"] == pytest.approx(0.3) and roclip["trig_corr"] == pytest.approx(0.2)
+    assert roclip["curve_clean_top1"] == pytest.approx([0.45, 0.66]) and roclip["curve_epoch"] == [1, 2]
+    other = board[board["n_poison"] == 50].iloc[0]
+    assert math.isnan(other["clean_cost"])
+    assert board[board["defense"] == "clip"].iloc[0]["clean_cost"] == 0
+    md = to_text(board, "md")
+    assert "cost vs clip (pts)" in md and "+16.0" in md and "patch in view (%)" in md and "30.0" in md
+    assert "patch as evaluated (%)" in to_html(board)
+
+
+def test_curves_are_plotted_only_when_rows_have_them(tmp_path):
+    from poisonbench.plots import save_plots
+
+    plain = [run(0), run(1)]
+    assert not any("curves" in p.name for p in save_plots(leaderboard(pd.DataFrame(plain)), tmp_path / "a"))
+    rows = [{**r, "curve_epoch": [1, 2, 3], "curve_clean_top1": [0.2, 0.5, 0.8], "curve_asr": [0.0, 0.4, 0.9]}
+            for r in plain]
+    names = [p.name for p in save_plots(leaderboard(pd.DataFrame(rows)), tmp_path / "b")]
+    assert "curves-cpu-small.png" in names and "curves-cpu-small.svg" in names
+    assert (tmp_path / "b" / "curves-cpu-small.png").read_bytes()[:4] == b"\x89PNG"

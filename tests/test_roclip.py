@@ -7,6 +7,11 @@ from poisonbench.defenses.roclip import CaptionPool, RoCLIP, RoCLIPParams
 from poisonbench.registry import DEFENSES
 
 
+def pool_of(embed):
+    """A TrainState.encode_captions of ``embed`` (n -> [n, D]) whose rows are unknown (-1)."""
+    return lambda n, with_rows=False: (embed(n), torch.full((n,), -1)) if with_rows else embed(n)
+
+
 def unit(*shape, seed=0):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
 
@@ -41,7 +46,7 @@ def make(pool_size=16, k=2, **kw):
 def test_matching_loss_equals_reference():
     d = make(pool_size=16)
     pool = unit(16, 8, seed=1)
-    d.start_epoch(TrainState(2, 0, encode_captions=lambda n: pool[:n]))
+    d.start_epoch(TrainState(2, 0, encode_captions=pool_of(lambda n: pool[:n])))
     images, texts, scale = unit(6, 8, seed=2), unit(6, 8, seed=3), torch.tensor(20.0, dtype=torch.float64)
     loss = d.loss(images, texts, scale, TrainState(2, 0))
     assert loss.item() == pytest.approx(reference_matching_loss(images, pool, 20.0).item(), rel=1e-10)
@@ -58,18 +63,19 @@ def test_plain_clip_loss_on_other_epochs_and_epoch_one_is_never_matching():
 
 def test_image_never_matched_to_its_own_current_batch_caption():
     d = make(pool_size=32)
-    d.start_epoch(TrainState(2, 0, encode_captions=lambda n: unit(n, 8, seed=6)))
+    d.start_epoch(TrainState(2, 0, encode_captions=pool_of(lambda n: unit(n, 8, seed=6))))
     images = unit(4, 8, seed=7)
     texts = images.clone()  # each caption is the perfect match of its own image
     pool_before = d.pool.contents().clone()
     seen = {}
-    original = d.pool.nearest
+    original = d.pool.nearest_index
 
     def spy(q):
-        seen["matched"] = original(q)
-        return seen["matched"]
+        index = original(q)
+        seen["matched"] = d.pool.bank[index].clone()
+        return index
 
-    d.pool.nearest = spy
+    d.pool.nearest_index = spy
     loss = d.loss(images, texts, torch.tensor(10.0, dtype=torch.float64), TrainState(2, 0))
     for row in seen["matched"]:
         assert any(torch.equal(row, p) for p in pool_before)
@@ -80,7 +86,7 @@ def test_image_never_matched_to_its_own_current_batch_caption():
 
 def test_matching_loss_sends_no_gradient_to_text_embeddings():
     d = make(pool_size=8)
-    d.start_epoch(TrainState(2, 0, encode_captions=lambda n: unit(n, 4, seed=8).float()))
+    d.start_epoch(TrainState(2, 0, encode_captions=pool_of(lambda n: unit(n, 4, seed=8).float())))
     images = unit(3, 4, seed=9).float().requires_grad_()
     texts = unit(3, 4, seed=10).float().requires_grad_()
     d.loss(images, texts, torch.tensor(5.0), TrainState(2, 0)).backward()
@@ -106,7 +112,7 @@ def test_pool_fifo_order_and_size():
 def test_pool_prefilled_before_first_matching_epoch_and_checkpointed():
     d = make(pool_size=10)
     asked = []
-    enc = lambda n: asked.append(n) or unit(n, 4, seed=11)  # noqa: E731
+    enc = pool_of(lambda n: asked.append(n) or unit(n, 4, seed=11))
     d.start_epoch(TrainState(1, 0, enc))
     assert asked == [] and d.pool is None
     d.start_epoch(TrainState(2, 0, enc))
