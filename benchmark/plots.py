@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .attacks.base import CLEAN
 from .utils import atomic_write
 
 
@@ -28,9 +29,24 @@ def _err(board: pd.DataFrame, metric: str) -> np.ndarray:
     return np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0).clip(min=0)
 
 
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def defense_colour(name: str) -> str:
+    """The one colour of defense ``name`` in every figure: its place among the registered defenses
+    (sorted), so it does not depend on which defenses a store holds; a defense that is not
+    registered here (a row of a plugin not installed) takes one after them, by its name's hash."""
+    from .registry import DEFENSES
+    from .utils import hash_json
+
+    names = sorted(DEFENSES.names())
+    i = names.index(name) if name in names else len(names) + int(hash_json(name)[:8], 16) % len(PALETTE)
+    return PALETTE[i % len(PALETTE)]
+
+
 def _defense_colours(board: pd.DataFrame) -> dict[str, str]:
-    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
-    return {d: cycle[i % len(cycle)] for i, d in enumerate(sorted(board["defense"].unique()))}
+    return {d: defense_colour(d) for d in board["defense"].unique()}
 
 
 def _label(r) -> str:
@@ -46,9 +62,12 @@ def tradeoff(board: pd.DataFrame, plt):
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
     colours = _defense_colours(board)
     markers = "osD^vP*X"
+    clean = board[(board["attack"] == CLEAN) & (board["setting"] == "")]["clean_top1"].dropna()
     for ax, attack in zip(axes.flat, attacks):
         part = board[(board["attack"] == attack) & board["asr"].notna()]
         shapes = {st: markers[i % len(markers)] for i, st in enumerate(sorted(part["setting"].unique()))}
+        if len(clean):  # the clean baseline (no poison) as a reference line
+            ax.axvline(100 * clean.iloc[0], color="#555555", ls=":", lw=1, label="clean model (no poison)")
         for _, r in part.iterrows():
             one = part.loc[[r.name]]
             ax.errorbar(100 * r["clean_top1"], 100 * r["asr"], xerr=_err(one, "clean_top1"), yerr=_err(one, "asr"),
@@ -58,7 +77,9 @@ def tradeoff(board: pd.DataFrame, plt):
         ax.set_ylabel("attack success rate (%)")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-        _legend(ax, fontsize=7, loc="best")
+        crowded = len(ax.get_legend_handles_labels()[1]) > 7  # a legend that would hide the points goes below
+        _legend(ax, fontsize=6 if crowded else 7,
+                **({"loc": "upper center", "bbox_to_anchor": (0.5, -0.3)} if crowded else {"loc": "best"}))
     return _finish(fig, axes, len(attacks), "ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
 
 
@@ -85,6 +106,42 @@ def asr_bars(board: pd.DataFrame, plt):
     _legend(ax, title="defense", fontsize=8)
     ax.set_title("ASR by attack and defense at the profile's default parameters\n"
                  "(pooled over seeds, Wilson 95 % intervals; lower is better)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cost_rows(board: pd.DataFrame) -> pd.DataFrame:
+    """Settings at the profile's defaults whose clean top-1 cost against the undefended defense is
+    known (the undefended defense itself left out)."""
+    from .defenses.base import UNDEFENDED
+
+    if "clean_cost" not in board:
+        return board.iloc[:0]
+    return board[(board["setting"] == "") & board["clean_cost"].notna() & (board["defense"] != UNDEFENDED)
+                 & (board["attack"] != CLEAN)]
+
+
+def cost_bars(board: pd.DataFrame, plt):
+    """Grouped bars: each defense's clean top-1 cost against clip on the same data (points), per
+    attack, at the profile's default parameters, with the t interval of the defense's own clean
+    top-1 as error bars."""
+    part = cost_rows(board)
+    attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.45 * len(attacks) * max(1, len(defenses)))), 4.2))
+    width = 0.8 / max(1, len(defenses))
+    x = np.arange(len(attacks))
+    for i, d in enumerate(defenses):
+        sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
+        heights = 100 * sub["clean_cost"].to_numpy(dtype=float)
+        bars = ax.bar(x + (i - (len(defenses) - 1) / 2) * width, heights, width, yerr=_err(sub, "clean_top1"),
+                      capsize=2, label=d, color=defense_colour(d))
+        ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.0f}" for h in heights], fontsize=7, padding=2)
+    ax.axhline(0, color="#333333", lw=0.8)
+    ax.set_xticks(x, attacks, rotation=20)
+    ax.set_ylabel("clean top-1 lost against clip (points)")
+    ax.grid(axis="y", alpha=0.3)
+    _legend(ax, fontsize=8, ncols=min(3, len(defenses)))
+    fig.suptitle("Clean-accuracy cost of each defense (clip's clean top-1 minus the defense's, same data)")
     fig.tight_layout()
     return fig
 
@@ -178,12 +235,14 @@ def curves(board: pd.DataFrame, plt):
     styles = ["-", "--", "-.", ":"]
     for col, attack in enumerate(attacks):
         sub = part[part["attack"] == attack]
-        dashes = {st: styles[i % len(styles)] for i, st in enumerate(sorted(sub["setting"].unique()))}
+        order = sorted(sub["setting"].unique())
+        dashes = {st: styles[i % len(styles)] for i, st in enumerate(order)}
+        marks = {st: "o.sD^v*X"[i % 8] for i, st in enumerate(order)}  # with the dashes, settings stay apart
         for _, r in sub.iterrows():
             for row, metric in ((0, "curve_asr"), (1, "curve_clean_top1")):
                 if isinstance(r[metric], list):
-                    axes[row, col].plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=".", ls=dashes[r["setting"]],
-                                        color=colours[r["defense"]], label=_label(r))
+                    axes[row, col].plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=marks[r["setting"]],
+                                        ms=4, ls=dashes[r["setting"]], color=colours[r["defense"]], label=_label(r))
         axes[0, col].set_title(attack)
         axes[0, col].set_ylabel("ASR on the curve subset (%)")
         axes[1, col].set_ylabel("clean top-1 on the curve subset (%)")
@@ -240,6 +299,8 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
             made["asr_vs_clean"] = tradeoff(part, plt)
             if (part["asr"].notna() & (part["setting"] == "")).any():
                 made["asr_by_attack"] = asr_bars(part, plt)
+        if not cost_rows(part).empty:
+            made["cost_vs_clip"] = cost_bars(part, plt)
         if not sweep_groups(part).empty:
             made["asr_vs_poison"] = asr_vs_poison(part, plt)
         if not roc_rows(part).empty:

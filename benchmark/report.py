@@ -462,6 +462,9 @@ PLOT_CAPTIONS = {
                       "with Wilson 95 % intervals, labelled in percent."),
     "asr_vs_poison": ("ASR vs number of poisoned pairs", "For attacks whose poison count was swept; one line per "
                       "defense."),
+    "cost_vs_clip": ("Clean-accuracy cost against clip", "Per attack, at the profile's default parameters: clip's "
+                     "clean top-1 minus the defense's, on the same poisoned data, in points; error bars are the "
+                     "95 % interval of the defense's own clean top-1."),
     "curves": ("Per-epoch curves", "ASR (top) and clean zero-shot top-1 (bottom) after each epoch, on a fixed "
                "seeded subset of the evaluation set (the profile's curve_n images), mean over seeds; one line per "
                "defense setting."),

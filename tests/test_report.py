@@ -80,9 +80,10 @@ def test_plots_are_written_for_the_data_there_is(tmp_path):
     rows.append(run(0, "clip", attack="targeted", asr=0.75, asr_n=16, n_poison=160))
     paths = save_plots(leaderboard(pd.DataFrame(rows)), tmp_path)
     names = sorted(p.name for p in paths)
-    # the swept badnet gives asr_vs_poison; targeted, with one setting, gives the bars
-    assert names == sorted(f"{n}-cpu-small.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison")
-                           for e in ("png", "svg"))
+    # the swept badnet gives asr_vs_poison; targeted, with one setting, gives the bars; roclip beside
+    # clip on the same data, the cost
+    assert names == sorted(f"{n}-cpu-small.{e}" for n in ("asr_vs_clean", "asr_by_attack", "asr_vs_poison",
+                                                           "cost_vs_clip") for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in paths)
     assert (tmp_path / "asr_vs_poison-cpu-small.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -98,7 +99,8 @@ def test_several_profiles_get_one_set_of_plots_each(tmp_path):
             for p in ("cpu-small", "cpu-small-ft")]
     board = leaderboard(pd.DataFrame(rows))
     names = sorted(p.name for p in save_plots(board, tmp_path) if p.suffix == ".png")
-    assert names == sorted(f"{n}-{p}.png" for n in ("asr_vs_clean", "asr_by_attack") for p in ("cpu-small", "cpu-small-ft"))
+    assert names == sorted(f"{n}-{p}.png" for n in ("asr_vs_clean", "asr_by_attack", "cost_vs_clip")
+                           for p in ("cpu-small", "cpu-small-ft"))
     page = to_html(board, {"asr_by_attack-cpu-small-ft": "<svg></svg>"})
     assert "ASR by attack and defense (cpu-small-ft)" in page
 
@@ -205,6 +207,16 @@ def test_clean_cost_against_clip_of_the_same_data_survival_and_mean_curves():
     md = to_text(board, "md")
     assert "cost vs clip (pts)" in md and "+16.0" in md and "patch in view (%)" in md and "30.0" in md
     assert "patch as evaluated (%)" in to_html(board)
+
+
+def test_a_defense_keeps_its_colour_whatever_else_the_store_holds():
+    from poisonbench.plots import _defense_colours, defense_colour
+
+    one = leaderboard(pd.DataFrame([run(0, "roclip"), run(0, "clip")]))
+    other = leaderboard(pd.DataFrame([run(0, "roclip"), run(0, "aug-only"), run(0, "safeclip")]))
+    assert _defense_colours(one)["roclip"] == _defense_colours(other)["roclip"] == defense_colour("roclip")
+    assert len({defense_colour(d) for d in ("clip", "roclip", "aug-only", "cleanclip", "safeclip")}) == 5
+    assert defense_colour("a-plugin-not-installed") == defense_colour("a-plugin-not-installed")
 
 
 def test_curves_are_plotted_only_when_rows_have_them(tmp_path):
