@@ -145,5 +145,6 @@ class Targeted(Attack):
         for i, t in enumerate(plan.manifest["targets"][:n]):
             j = start + i * k
             out.append((plan.train.images[j], plan.train.images[j],
-                        f"target image, true class: {t['true_class']}", plan.train.captions[j]))
+                        f"target image, true class: {t['true_class']}",
+                        f"{plan.train.captions[j]} (adversarial class: {t['adversarial_class']})"))
         return out

@@ -247,7 +247,10 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     \b
     Metrics: clean zero-shot top-1/top-5 on the evaluation set; attack success rate (ASR) by
     the attack's protocol (backdoors: triggered non-target images classified as the target;
-    targeted: target images classified as their adversarial class); linear probe; retrieval.
+    targeted: target images classified as their adversarial class); linear probe (two
+    protocols); retrieval; per-epoch curves of clean top-1 and ASR (on the profile's curve_n
+    evaluation images); trigger survival in the poisoned training views; a defense's own
+    diagnostics (RoCLIP: matches per matching epoch).
 
     \b
     Several processes per cell: --nproc N here, or on a cluster
@@ -605,12 +608,15 @@ def _ignore(signum, frame) -> None:
 @click.option("--profile", "-p", default="cpu-small", show_default=True, help="Profile whose data to poison.")
 @click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed (the trigger and rows follow it).")
 @click.option("-n", "count", default=6, show_default=True, type=click.IntRange(1, 50), help="Pairs to show.")
-@click.option("--out", "-o", default="preview.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--dataset-param", multiple=True, metavar="NAME=VALUE",
+              help="Dataset parameter (repeatable), e.g. captions=web to see Fashion-MNIST's web captions.")
+@click.option("--out", "-o", default="preview.png", show_default=True, type=click.Path(dir_okay=False),
+              help="File to write: .png, .pdf or .svg (the format follows the extension).")
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder whose cache holds (or receives) what an attack that needs a model makes.")
-def preview(attack, attack_param, profile, seed, count, out, results) -> None:
-    """Show clean training images beside their poisoned versions, with captions, as a PNG,
-    so you can see a trigger before spending compute. No training happens, except for an attack
+def preview(attack, attack_param, profile, seed, count, dataset_param, out, results) -> None:
+    """Show clean training images beside their poisoned versions and their amplified difference,
+    with captions, as a PNG, PDF or SVG, so you can see a trigger before spending compute. No training happens, except for an attack
     that needs a model (badclip's trigger is optimised against the profile's clean model): that
     model and what the attack makes with it are taken from RESULTS/cache, or made and cached there
     once, exactly as `bench run` would."""
@@ -622,7 +628,7 @@ def preview(attack, attack_param, profile, seed, count, out, results) -> None:
     try:
         name, params = parse_name(attack)
         params.update(parse_assignments(attack_param))
-        cell = prepare(resolve(name, "clip", profile, seed, params), "cpu")
+        cell = prepare(resolve(name, "clip", profile, seed, params, dataset_params=parse_assignments(dataset_param)), "cpu")
         if cell.attack.model_init() is not None:
             console.print(f"{name} poisons with a model ({cell.attack.model_init()}): made once, cached in {results}/cache",
                           markup=False)
@@ -655,11 +661,16 @@ def preview(attack, attack_param, profile, seed, count, out, results) -> None:
 def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, profile, seed) -> None:
     """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
     accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
+    Beside them: each defense's clean top-1 cost against clip on the same data (points, seed by
+    seed; positive = the defense costs accuracy), and where measured the trigger survival over the
+    poisoned training views (whole patch in view, patch as evaluated, trigger residual correlation)
+    and a defense's own numbers (e.g. RoCLIP's own-class matches).
 
     \b
-    Plots (RESULTS/plots/*.png and *.svg): asr_vs_clean (the trade-off per attack),
-    asr_by_attack (grouped bars), asr_vs_poison (when a poison count was swept), roc (the data
-    filters' ROC curves per attack, when the store has detection rows).
+    Plots (RESULTS/plots/*.png and *.svg, one set per profile): asr_vs_clean (the trade-off per
+    attack), asr_by_attack (grouped bars), cost_vs_clip (clean-accuracy cost), asr_vs_poison (when
+    a poison count was swept), roc (the data filters' ROC curves per attack, when the store has
+    detection rows), curves (ASR and clean top-1 after each epoch, on a seeded evaluation subset).
     """
     from .report import EmptyStoreError, load_leaderboard, rich_tables, to_html, to_text
     from .utils import atomic_write

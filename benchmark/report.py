@@ -165,14 +165,21 @@ def data_setting_id(config: dict) -> str:
     return hash_json({k: v for k, v in identity(config).items() if k not in ("seed", "defense", "defense_params")})[:16]
 
 
-def add_clean_cost(board: pd.DataFrame, data_ids: pd.Series) -> pd.Series:
-    """Per leaderboard row, its clean top-1 cost (fraction): the clean top-1 of the undefended
-    defense's setting (``defenses.base.UNDEFENDED``) of the same data and training minus its
-    own; NaN when the store has no such setting."""
+def paired_clean_cost(ok: pd.DataFrame) -> dict[str, float]:
+    """Per setting id, its clean top-1 cost (fraction): the mean over the seeds it shares with the
+    undefended defense's setting (``defenses.base.UNDEFENDED``) of the same data and training, of
+    that setting's clean top-1 minus its own at the same seed (each seed draws its own data and
+    initial model, so seeds are paired); NaN when they share no seed. ``ok``: finished rows with
+    ``setting_id``, ``data_id``, ``seed`` and ``clean_top1``."""
     from .defenses.base import UNDEFENDED
 
-    undefended = {k: v for k, v, d in zip(data_ids, board["clean_top1"], board["defense"]) if d == UNDEFENDED}
-    return pd.Series([undefended.get(k, math.nan) - v for k, v in zip(data_ids, board["clean_top1"])], index=board.index)
+    base = ok[ok["defense"] == UNDEFENDED].groupby(["data_id", "seed"])["clean_top1"].mean()
+    out = {}
+    for sid, g in ok.groupby("setting_id"):
+        diffs = [base[(d, sd)] - v for d, sd, v in zip(g["data_id"], g["seed"], g["clean_top1"])
+                 if (d, sd) in base.index and pd.notna(v)]
+        out[sid] = float(np.mean(diffs)) if diffs else math.nan
+    return out
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +219,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     ok["data_id"] = [data_setting_id(c) for c in _configs(ok)]
     board = (ok.groupby(GROUP + ["setting", "setting_id", "data_id"], dropna=False)[list(ok.columns)]
              .apply(_aggregate, extra).reset_index())
-    board["clean_cost"] = add_clean_cost(board, board["data_id"])
+    board["clean_cost"] = board["setting_id"].map(paired_clean_cost(ok))
     board["seeds"] = board["seeds"].astype(int)
     board["asr_n"] = board["asr_n"].astype(int)
     board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
@@ -278,11 +285,16 @@ def load_leaderboard(results: str | Path, **filters: str | None) -> pd.DataFrame
     df = read_runs(results)
     chosen = {k: v for k, v in filters.items() if v}
     if chosen and not df.empty:
-        df = select(df, **chosen)
-        if df.empty:
+        if select(df, **chosen).empty:
             raise EmptyStoreError(f"no run in {Path(results) / 'runs'} matches "
                                   + " ".join(f"--{k} {v}" for k, v in chosen.items()))
+        # the seeds before pooling; the rest after, so that a setting keeps its cost against
+        # the undefended defense when that one is filtered out of the table
+        df = select(df, seed=chosen.get("seed"))
     board = leaderboard(df)
+    if chosen and not board.empty:
+        keep = select(board, **{k: v for k, v in chosen.items() if k != "seed"}).index
+        board = board.loc[keep].reset_index(drop=True)
     if board.empty:
         failed = int((df["status"] == "failed").sum()) if "status" in df else 0
         extra = f" ({failed} failed run(s) are in the store; see their `error` column)" if failed else ""
@@ -345,7 +357,7 @@ COST_LABEL = "cost vs clip (pts)"
 SURVIVAL_LABELS = {"trig_present": "patch in view (%)", "trig_at_eval": "patch as evaluated (%)",
                    "trig_corr": "trigger corr."}
 SURVIVAL_NOTE = ("Clean top-1 cost: the undefended clip's clean top-1 on the same data minus the defense's, in "
-                 "points (positive: the defense costs accuracy). Trigger survival, over the poisoned training "
+                 "points, seed by seed (positive: the defense costs accuracy). Trigger survival, over the poisoned training "
                  "views as trained (mean over seeds): the share that holds the whole patch, the share that "
                  "holds it at its evaluated position and scale, and the correlation of the view's trigger "
                  "residual with the evaluated one (1: the trigger as evaluated; 0: gone).")
@@ -418,8 +430,10 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
         title = attack
         if shown["profile"].nunique() == 1:  # one profile: name it in the title, keep the width for numbers
             title, shown = f"{attack} ({shown['profile'].iloc[0]})", shown.drop(columns="profile")
-        explain = "poisons removed" in shown and not any(t.caption for t in tables)  # once, under the first
-        table = Table(title=escape(title), caption=DETECTION_NOTE if explain else None)
+        notes = [DETECTION_NOTE] if "poisons removed" in shown else []
+        notes += [SURVIVAL_NOTE] if COST_LABEL in shown or SURVIVAL_LABELS["trig_corr"] in shown else []
+        notes = [n for n in notes if not any(t.caption and n in t.caption for t in tables)]  # each once
+        table = Table(title=escape(title), caption=" ".join(notes) or None)
         # the interval on its own line, so that a narrow terminal never breaks a number
         cells = shown.astype(str).apply(lambda c: c.str.replace(" (", "\n(", regex=False))
         for col in shown.columns:

@@ -72,6 +72,7 @@ ZERO_SHOT_TEMPLATES = [
 ]
 
 SPLITS = {"train": "train", "test": "t10k"}
+WEB_SHARES = (0.3, 0.1)  # the web captions' default shares naming no class / a related class
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
@@ -184,8 +185,8 @@ class FashionMNISTParams:
         "templates", "caption style: templates (a template around the class word), attributes (the class word and "
                      "what the pixels show: brightness, extent, aspect, texture, position), web (attributes, and "
                      "some captions name no class or a related one, as alt-text)", hash_default=False)
-    web_unnamed: float = param(0.3, "web captions: share that names no class, in [0, 1]", hash_default=False)
-    web_related: float = param(0.1, "web captions: share that names a related class instead, in [0, 1]",
+    web_unnamed: float = param(WEB_SHARES[0], "web captions: share that names no class, in [0, 1]", hash_default=False)
+    web_related: float = param(WEB_SHARES[1], "web captions: share that names a related class instead, in [0, 1]",
                                hash_default=False)
 
 
@@ -207,6 +208,9 @@ class FashionMNIST:
         if not (all(0.0 <= v <= 1.0 for v in shares) and sum(shares) <= 1.0):
             raise ValueError(f"fashion-mnist: web_unnamed and web_related must be in [0, 1] with a sum <= 1, got "
                              f"{params.web_unnamed} and {params.web_related}")
+        if params.captions != "web" and shares != WEB_SHARES:
+            raise ValueError(f"fashion-mnist: web_unnamed and web_related apply to captions=web only, not "
+                             f"captions={params.captions}; drop them or set captions=web")
         self.params = params
         self.cuts = None  # the attribute styles' terciles over the train split, measured once
 

@@ -167,6 +167,7 @@ class RoCLIP(AugOnly):
     """RoCLIP: nearest-neighbour caption matching from a varying pool, every K epochs."""
 
     Params = RoCLIPParams
+    leaderboard_metrics = {"match_own_class": "own-class matches, last matching epoch (%)"}
 
     def __init__(self, params: RoCLIPParams, seed: int):
         super().__init__(params, seed)

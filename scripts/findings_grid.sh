@@ -9,6 +9,11 @@
 # captions-random (the caption styles under the random patch).
 set -euo pipefail
 RESULTS=${1:-results/reference}
+case $RESULTS in
+  captions|seeds|pool-k|random-patch|implant|captions-random)
+    echo "the first argument is the results folder, not a part: scripts/findings_grid.sh results/reference $*" >&2
+    exit 2 ;;
+esac
 shift || true
 PARTS=${*:-captions seeds pool-k random-patch implant captions-random}
 BENCH=${BENCH:-bench}

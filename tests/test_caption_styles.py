@@ -70,3 +70,5 @@ def test_bad_caption_parameters_are_refused_with_the_valid_choices():
         FashionMNIST(FashionMNISTParams(captions="alt"))
     with pytest.raises(ValueError, match="sum <= 1"):
         FashionMNIST(FashionMNISTParams(captions="web", web_unnamed=0.8, web_related=0.5))
+    with pytest.raises(ValueError, match="captions=web only"):
+        FashionMNIST(FashionMNISTParams(captions="attributes", web_unnamed=0.5))

@@ -125,7 +125,22 @@ def test_preview_writes_a_png_grid(tmp_path, attack):
     from PIL import Image
 
     with Image.open(out) as img:
-        assert img.size == (960, 945)  # 2 columns x 3 rows at 150 dpi
+        assert img.size == (1260, 945)  # 3 columns (clean, poisoned, difference) x 3 rows at 150 dpi
+
+
+def test_preview_format_follows_the_extension_and_shows_the_difference(tmp_path):
+    from poisonbench.config import resolve
+    from poisonbench.runner import prepare
+
+    res = CliRunner().invoke(main, ["preview", "-a", "targeted", "-p", "tiny", "-n", "2", "-o", str(tmp_path / "p.pdf"),
+                                    "--dataset-param", "captions=web"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    cell = prepare(resolve("targeted", "clip", "tiny"))
+    (_, _, _, caption), = cell.attack.preview_pairs(cell.data, cell.plan, 1)
+    assert f"adversarial class: {cell.plan.manifest['targets'][0]['adversarial_class']}" in caption
+    bad = CliRunner().invoke(main, ["preview", "-a", "badnet", "-p", "tiny", "-o", str(tmp_path / "p.jpg")])
+    assert bad.exit_code == 2 and "png, pdf, svg" in bad.output
 
 
 def test_preview_of_clean_baseline_is_a_clear_error(tmp_path):

@@ -196,9 +196,11 @@ def test_clean_cost_against_clip_of_the_same_data_survival_and_mean_curves():
                                        [[0.5, 0.8], [0.6, 0.84], [0.4, 0.62], [0.5, 0.7], [0.4, 0.5]]):
         r.update(trig_present=present, trig_at_eval=present / 2, trig_corr=corr, curve_epoch=[1, 2],
                  curve_clean_top1=curve, curve_asr=[0.1, 0.2])
+    rows.append(run(0, "aug-only", top1=0.70))  # one seed: paired with clip's seed 0 alone
     board = leaderboard(pd.DataFrame(rows))
     roclip = board[(board["defense"] == "roclip") & (board["n_poison"] == 100)].iloc[0]
-    assert roclip["clean_cost"] == pytest.approx(0.82 - 0.66)  # clip's mean minus roclip's, same data
+    assert roclip["clean_cost"] == pytest.approx(((0.80 - 0.62) + (0.84 - 0.70)) / 2)  # seed by seed, same data
+    assert board[board["defense"] == "aug-only"].iloc[0]["clean_cost"] == pytest.approx(0.80 - 0.70)
     assert roclip["trig_present"] == pytest.approx(0.3) and roclip["trig_corr"] == pytest.approx(0.2)
     assert roclip["curve_clean_top1"] == pytest.approx([0.45, 0.66]) and roclip["curve_epoch"] == [1, 2]
     other = board[board["n_poison"] == 50].iloc[0]
@@ -229,3 +231,14 @@ def test_curves_are_plotted_only_when_rows_have_them(tmp_path):
     names = [p.name for p in save_plots(leaderboard(pd.DataFrame(rows)), tmp_path / "b")]
     assert "curves-cpu-small.png" in names and "curves-cpu-small.svg" in names
     assert (tmp_path / "b" / "curves-cpu-small.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_defense_filter_keeps_the_cost_against_the_filtered_out_clip(tmp_path):
+    from poisonbench.report import load_leaderboard
+    from poisonbench.store import write_row
+
+    for r in (run(0, top1=0.80), run(1, top1=0.84), run(0, "roclip", top1=0.62), run(1, "roclip", top1=0.70)):
+        write_row(r, tmp_path)
+    board = load_leaderboard(tmp_path, defense="roclip", seed="0")
+    assert board["defense"].tolist() == ["roclip"] and board.iloc[0]["seeds"] == 1
+    assert board.iloc[0]["clean_cost"] == pytest.approx(0.80 - 0.62)
