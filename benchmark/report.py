@@ -494,8 +494,10 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
     import html
     import time
 
-    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-           "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em}"
+    # a wide table scrolls inside the page instead of running off it
+    css = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.85em;display:block;overflow-x:auto;"
+           "max-width:100%}th,td{border:1px solid #ccc;padding:.3em .6em}"
            "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}"
            "figure{margin:1em 0}svg{max-width:100%;height:auto}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{TITLE}</title><style>{css}</style></head><body>",
