@@ -184,10 +184,11 @@ class BackdoorAttack(Attack):
             for i, r in enumerate(src)
         ]
 
-    def source_rows(self, plan: PoisonPlan) -> list[int]:
+    def source_rows(self, plan: PoisonPlan) -> list[int] | None:
         """The clean training row (of the data before poisoning) each poisoned pair was made from,
-        in the order of the poisoned rows of ``plan.train`` (ascending)."""
-        return plan.manifest["source_rows"]
+        in the order of the poisoned rows of ``plan.train`` (ascending): the manifest's
+        ``source_rows``; None when it has none (a subclass that writes its own manifest)."""
+        return plan.manifest.get("source_rows")
 
     def patch_boxes(self, data: DatasetBundle, plan: PoisonPlan) -> torch.Tensor | None:
         """int64 [P, 4], each poisoned image's patch as (top, left, bottom, right) in stored pixels
@@ -195,10 +196,14 @@ class BackdoorAttack(Attack):
         default)."""
         return None
 
-    def trigger_views(self, data: DatasetBundle, plan: PoisonPlan) -> TriggerViews:
-        """The poisoned rows of ``plan.train``, their clean sources and, for a patch, its boxes."""
-        return TriggerViews(plan.train.is_poison.nonzero().squeeze(1),
-                            data.train.images[torch.as_tensor(self.source_rows(plan), dtype=torch.int64)],
+    def trigger_views(self, data: DatasetBundle, plan: PoisonPlan) -> TriggerViews | None:
+        """The poisoned rows of ``plan.train``, their clean sources and, for a patch, its boxes;
+        None when the clean sources are not known (``source_rows``), or not one per poisoned row."""
+        sources = self.source_rows(plan)
+        rows = plan.train.is_poison.nonzero().squeeze(1)
+        if sources is None or len(sources) != len(rows):
+            return None
+        return TriggerViews(rows, data.train.images[torch.as_tensor(sources, dtype=torch.int64)],
                             self.patch_boxes(data, plan))
 
     # --- evaluation ------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def epoch_metrics(cell, tokenizer, n: int, probe: TriggerSurvival | None = None)
 def curve_columns(history: list[dict], n: int) -> dict[str, Any]:
     """The row's curve columns from ``train``'s history: ``curve_epoch`` (int list),
     ``curve_clean_top1`` and ``curve_asr`` (fractions, one per epoch), ``curve_n`` (the subset's
-    size), and the survival columns (``survival.survival_columns``); nothing for an empty history."""
+    size: ``n`` capped at the evaluation set's), and the survival columns (``survival.survival_columns``); nothing for an empty history."""
     out: dict[str, Any] = {}
     curve = [h for h in history if "clean_top1" in h]
     if curve:

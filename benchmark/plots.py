@@ -55,7 +55,7 @@ def _label(r) -> str:
 
 def tradeoff(board: pd.DataFrame, plt):
     """One panel per attack: ASR (y) against clean top-1 (x), one point per defense setting with
-    its 95 % intervals; lower right is better."""
+    its 95 % intervals and, small and faint, each seed's; lower right is better."""
     attacks = sorted(board.loc[board["asr"].notna(), "attack"].unique())  # the clean baseline has no ASR
     cols = min(4, len(attacks))
     rows = math.ceil(len(attacks) / cols)
@@ -72,6 +72,10 @@ def tradeoff(board: pd.DataFrame, plt):
             one = part.loc[[r.name]]
             ax.errorbar(100 * r["clean_top1"], 100 * r["asr"], xerr=_err(one, "clean_top1"), yerr=_err(one, "asr"),
                         fmt=shapes[r["setting"]], color=colours[r["defense"]], capsize=3, label=_label(r))
+            seeds = r.get("clean_top1_seeds")
+            if isinstance(seeds, list) and len(seeds) > 1:  # each seed beside the mean, small and faint
+                ax.scatter(100 * np.asarray(seeds), 100 * np.asarray(r["asr_seeds"]), s=9, alpha=0.35,
+                           marker=shapes[r["setting"]], color=colours[r["defense"]], linewidths=0)
         ax.set_title(attack)
         ax.set_xlabel("clean zero-shot top-1 (%)")
         ax.set_ylabel("attack success rate (%)")

@@ -41,6 +41,7 @@ SURVIVAL = ["trig_present", "trig_at_eval", "trig_corr"]
 CURVES = ["curve_epoch", "curve_clean_top1", "curve_asr"]
 # the defense's clean top-1 cost: the undefended setting's clean top-1 minus this one's, of the same data
 COST = ["clean_cost"]
+SEEDS = ["clean_top1_seeds", "asr_seeds"]  # per-seed values (lists), for the figures
 LABELS = {"clean_top1": "clean top-1", "clean_top5": "clean top-5", "linear_probe_top1": "linear probe", "asr": "ASR",
           "det_auroc": "detection AUROC"}
 CONFIDENCE = 0.95
@@ -121,6 +122,9 @@ def _aggregate(group: pd.DataFrame, extra: list[str]) -> pd.Series:
     else:  # rows of an older schema without asr_n: the mean, no interval
         out.update(asr=float(asr.mean()), asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
     out["n_poison"] = float(group["n_poison"].mean()) if "n_poison" in group else math.nan
+    # each seed's own values, for the figures' per-seed points (NaN where a seed has none)
+    out["clean_top1_seeds"] = [float(v) for v in pd.to_numeric(group["clean_top1"], errors="coerce")]
+    out["asr_seeds"] = [float(v) for v in pd.to_numeric(group["asr"], errors="coerce")]
     if "det_auroc" in extra:
         for m in DETECTION:
             out[m], out[f"{m}_lo"], out[f"{m}_hi"] = clipped_t_interval(group[m])
@@ -137,20 +141,24 @@ def _aggregate(group: pd.DataFrame, extra: list[str]) -> pd.Series:
     for c in extra:
         if c.startswith("d_"):
             out[c] = _carried(group[c])
-    order = ["seeds"] + [c for c in COLUMNS + SURVIVAL + CURVES + extra if c in out and c != "seeds"]
+    order = ["seeds"] + [c for c in COLUMNS + SURVIVAL + CURVES + SEEDS + extra if c in out and c != "seeds"]
     return pd.Series({k: out[k] for k in order})  # the same keys in the same order for every group
 
 
 def mean_curves(group: pd.DataFrame) -> dict:
-    """The setting's per-epoch curves (``curve_*`` lists), averaged over the seeds that have one
-    of the common length (the epochs are the same in a setting); NaN when no seed has one."""
+    """The setting's per-epoch curves (``curve_*`` lists), averaged over the seeds whose curves
+    cover the epochs most of its seeds' do (a seed resumed from a checkpoint of an older version
+    lacks the first epochs and is left out); NaN when no seed has one."""
     out = {c: math.nan for c in CURVES}
     if "curve_epoch" not in group:
         return out
     runs = [r for _, r in group.iterrows() if _present(r.get("curve_epoch")) and len(r["curve_epoch"])]
     if not runs:
         return out
-    out["curve_epoch"] = [int(e) for e in runs[0]["curve_epoch"]]
+    # the epochs most seeds have (a seed resumed from an older checkpoint may lack the first ones)
+    epochs = pd.Series([tuple(int(e) for e in r["curve_epoch"]) for r in runs]).mode().iloc[0]
+    runs = [r for r in runs if tuple(int(e) for e in r["curve_epoch"]) == epochs]
+    out["curve_epoch"] = list(epochs)
     for c in CURVES[1:]:
         lists = [np.asarray(r[c], dtype=float) for r in runs if _present(r.get(c)) and len(r[c]) == len(out["curve_epoch"])]
         if lists:
@@ -225,7 +233,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     board["n_poison"] = board["n_poison"].round().astype("Int64")  # equal within a setting
     board = board.sort_values(["attack", "setting", "asr", "clean_top1"], ascending=[True, True, True, False],
                               na_position="last", key=_natural)
-    return board[COLUMNS + SURVIVAL + COST + CURVES + extra].reset_index(drop=True)
+    return board[COLUMNS + SURVIVAL + COST + CURVES + SEEDS + extra].reset_index(drop=True)
 
 
 def _natural(col: pd.Series) -> pd.Series:

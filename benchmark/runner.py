@@ -618,13 +618,14 @@ def _execute(cell: Cell, results: Path, ckpt: Path, progress: bool, keep_checkpo
             row["poison_files"] = str(written)
         if cell.clean_model is not None:  # the clean model the cell or its attack started from
             row["clean_model"] = clean_config(cfg).run_id
-        cell.defense.observe(diagnostic_rows(cell))
+        if hasattr(cell.defense, "observe"):  # a duck-typed plugin need not have it
+            cell.defense.observe(diagnostic_rows(cell))
         model, tokenizer, result = TRAIN_BY_KIND[cell.defense.kind](cell, results, ckpt, progress, row, cached)
         save_model(model, cfg.model, model_dir(results, cfg.run_id))  # kept for `bench export`
         row.update(train_s=result.train_s, data_wait_s=result.data_wait_s, augment_s=result.augment_s,
                    steps=result.steps, final_loss=result.final_loss, resumed_from_epoch=result.resumed_from_epoch)
         row.update({f"final_loss_{k}": v for k, v in result.loss_terms.items()})
-        row.update(curve_columns(result.history, get_profile(cfg.profile).curve_n))
+        row.update(curve_columns(result.history, min(get_profile(cfg.profile).curve_n, len(cell.data.eval))))
         row.update(evaluate(model, tokenizer, cell, dev))
         row.update(defense_columns(cell.defense))
         row["status"] = "ok"
@@ -657,6 +658,9 @@ def diagnostic_rows(cell: Cell) -> DiagnosticRows:
     if target is not None:
         names = torch.zeros(len(train), dtype=torch.bool)
         names[torch.as_tensor(train.captions_naming(cell.data.class_words[target]), dtype=torch.int64)] = True
+        # a caption of another class that merely contains a target word ("shirt" in "t-shirt") does
+        # not count: the row must be of the target class, poisoned, or of unknown class
+        names &= (train.labels == target) | train.is_poison | (train.labels < 0)
     return DiagnosticRows(train.labels.clone(), train.is_poison.clone(), names)
 
 

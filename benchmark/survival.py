@@ -21,6 +21,7 @@ Replaying draws no random number, so watching changes nothing in training (tests
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,6 +51,15 @@ class TriggerViews:
         if len(self.clean) != p or (self.boxes is not None and tuple(self.boxes.shape) != (p, 4)):
             raise ValueError(f"trigger views: {p} rows, {len(self.clean)} clean images, boxes "
                              f"{None if self.boxes is None else tuple(self.boxes.shape)}; expected one of each per row")
+        if self.rows.dtype != torch.int64 or self.clean.dtype != torch.uint8 or self.clean.dim() != 4:
+            raise ValueError(f"trigger views: rows must be int64 and clean images uint8 [P, 3, H, W], got "
+                             f"{self.rows.dtype} and {self.clean.dtype} {tuple(self.clean.shape)}")
+        if self.boxes is not None and p:
+            h, w = self.clean.shape[-2:]
+            t, l, b, r = self.boxes.unbind(1)
+            if not bool(((0 <= t) & (t < b) & (b <= h) & (0 <= l) & (l < r) & (r <= w)).all()):
+                raise ValueError(f"trigger views: every patch box (top, left, bottom, right) must lie inside the "
+                                 f"{h}x{w} image with top < bottom and left < right")
 
 
 def corner_centres(boxes: torch.Tensor) -> torch.Tensor:
@@ -128,10 +138,37 @@ class TriggerSurvival:
         self.slot[views.rows] = torch.arange(len(views.rows))
         if index is not None:
             self.slot = self.slot[index]
+        self.off = False  # set when the augmentation's parameters cannot be read
         self._reset()
 
     def _reset(self) -> None:
         self.n, self.present, self.at_eval, self.corr = 0, 0, 0, 0.0
+
+    def sync(self) -> None:
+        """At the end of an epoch, on every rank of a process group: sum the epoch's counts over
+        the ranks (each watched its own slice of the batches) into rank 0's, which ``take_epoch``
+        then reports; the other ranks start the next epoch from zero. One process: nothing."""
+        from . import distributed
+
+        if distributed.world_size() == 1:
+            return
+        total = torch.tensor([self.n, self.present, self.at_eval, self.corr], dtype=torch.float64)
+        distributed.all_reduce_sum_(total)
+        self._reset()
+        if distributed.is_main():
+            self.n, self.present, self.at_eval = (int(round(v)) for v in total[:3].tolist())
+            self.corr = float(total[3])
+
+    @staticmethod
+    def watchable(transform) -> bool:
+        """True when the survival of ``transform``'s views can be read: no augmentation, or a
+        kornia ``AugmentationSequential`` (its ``transform_matrix`` and per-step ``_params``). Any
+        other augmentation function trains as it is, unwatched."""
+        if transform is None:
+            return True
+        params = getattr(transform, "_params", None)
+        return (hasattr(transform, "transform_matrix") and isinstance(params, list)
+                and all(hasattr(p, "data") and hasattr(p, "name") for p in params))
 
     def __call__(self, rows: torch.Tensor, inputs: torch.Tensor, views: torch.Tensor, transform) -> None:
         """Watch one step: ``rows`` int64 [B] training rows, ``inputs`` uint8 [B, 3, H, W] (stored
@@ -139,7 +176,12 @@ class TriggerSurvival:
         or uint8 at the evaluation geometry when ``transform`` is None)."""
         slots = self.slot[rows.cpu()]
         pos = (slots >= 0).nonzero().squeeze(1)
-        if len(pos) == 0:
+        if len(pos) == 0 or self.off:
+            return
+        if not self.watchable(transform):
+            self.off = True  # an augmentation whose parameters cannot be read: no survival columns
+            warnings.warn("the defense's image augmentation is not a kornia AugmentationSequential: trigger "
+                          "survival is not measured for this cell")
             return
         k, size, stored = slots[pos], views.shape[-1], inputs.shape[-1]
         clean = self.views.clean[k]
@@ -168,7 +210,10 @@ class TriggerSurvival:
     def take_epoch(self) -> dict[str, float]:
         """This epoch's counts, then reset: ``trig_n`` (poisoned views watched),
         ``trig_present`` / ``trig_at_eval`` (views with the whole patch / the patch as evaluated;
-        patch triggers only) and ``trig_corr_sum`` (summed residual correlations)."""
+        patch triggers only) and ``trig_corr_sum`` (summed residual correlations); nothing when
+        the augmentation could not be watched."""
+        if self.off:
+            return {}
         out = {"trig_n": self.n, "trig_corr_sum": self.corr}
         if self.views.boxes is not None:
             out.update(trig_present=self.present, trig_at_eval=self.at_eval)

@@ -135,7 +135,8 @@ def train(
     every step's image augmentation of a training-time defense (not a task), with the batch's rows
     (int64 [B]), its uint8 images (stored geometry), the views the model gets and the defense's
     transform (None without augmentation; a kornia container holds its parameters of the step),
-    e.g. ``survival.TriggerSurvival``; it must change nothing.
+    e.g. ``survival.TriggerSurvival``; it must change nothing. A probe with a ``sync()`` method
+    has it called on every rank at the end of each epoch, before ``epoch_metrics``.
 
     In a process group of W ranks (``distributed.init``) every rank calls this with the same
     arguments: ``cfg.batch_size`` is per rank, so a step sees a global batch of batch_size x W
@@ -192,6 +193,9 @@ def train(
             loss_value = float(state.get("loss", float("nan")))  # a run resumed after its last epoch reports it
             loss_terms = {k: float(v) for k, v in state.get("loss_terms", {}).items()}
             history = list(state.get("history", []))
+            if epoch_metrics is not None and "history" not in state and main:
+                warnings.warn(f"the checkpoint {checkpoint} was written by an older poisonbench, without per-epoch "
+                              f"records: the cell's curves and trigger survival start at epoch {start_epoch}")
     if task and start_epoch == 1:  # a fresh optimizer: the task may start it its own way
         defense.start_optimizer(optimizer, optimizer_state)
 
@@ -283,6 +287,8 @@ def train(
                 parts = "".join(f", {k} {v:.3f}" for k, v in loss_terms.items())
                 bar.console.print(f"{'' if phase is None else settings.name + ' '}epoch {epoch}/{settings.epochs}: "
                                   f"loss {loss_value:.3f}{parts}, {rate:.0f} samples/s, {time.perf_counter() - t_epoch:.0f} s")
+            if hasattr(view_probe, "sync"):  # every rank's views of the epoch, summed on rank 0
+                view_probe.sync()
             if epoch_metrics is not None and main:
                 model.eval()
                 history.append({"epoch": epoch, **epoch_metrics(epoch, model)})

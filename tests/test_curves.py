@@ -28,7 +28,7 @@ def test_curve_rows_are_seeded_distinct_and_capped():
 def test_the_last_curve_point_over_the_whole_evaluation_set_is_the_rows_result(attack, tmp_path, monkeypatch):
     monkeypatch.setitem(PROFILES, "tiny", dataclasses.replace(PROFILES["tiny"], curve_n=10_000))
     row = run_cell(resolve(attack, "clip", "tiny", epochs=2), tmp_path, progress=False)
-    assert row["curve_epoch"] == [1, 2] and row["curve_n"] == 10_000
+    assert row["curve_epoch"] == [1, 2] and row["curve_n"] == row["n_eval"] == 500  # capped at the evaluation set
     assert row["curve_clean_top1"][-1] == pytest.approx(row["clean_top1"], abs=1e-12)
     assert row["curve_asr"][-1] == pytest.approx(row["asr"], abs=1e-12)
     if attack == "badnet":  # no augmentation under clip: every poisoned view is the evaluated trigger
@@ -97,3 +97,16 @@ def test_matching_diagnostics_count_other_classes_distinct_entries_and_poisons_t
     again = RoCLIP(RoCLIPParams(pool_size=2, match_every=1), 0)
     again.load_state_dict(state)
     assert again.metrics() == m and torch.equal(again.pool.rows, d.pool.rows)
+
+
+def test_names_target_leaves_out_other_classes_whose_caption_holds_a_target_word():
+    from poisonbench.runner import diagnostic_rows
+
+    cell = prepare(resolve("badnet", "clip", "tiny", attack_params={"target": "shirt"}))
+    rows = diagnostic_rows(cell)
+    tshirt = cell.data.eval.class_index("t-shirt")
+    shirt = cell.data.eval.class_index("shirt")
+    assert not rows.names_target[cell.plan.train.labels == tshirt].any() or bool(
+        cell.plan.train.is_poison[rows.names_target & (cell.plan.train.labels == tshirt)].all())
+    assert rows.names_target[cell.plan.train.is_poison].all()  # every poisoned caption names the target
+    assert rows.names_target[(cell.plan.train.labels == shirt)].float().mean() > 0.9

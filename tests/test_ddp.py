@@ -276,6 +276,22 @@ def test_a_two_process_cell_writes_exactly_one_row_from_rank_0(scenarios):
     assert r["status"] == "ok" and r["world_size"] == WORLD
     assert r["steps"] == 276 // (64 * WORLD)  # 256 + 20 poisoned pairs, batch 64 per process, one epoch
     assert not (results / "checkpoints" / r["run_id"]).exists()
+    # trigger survival counts the poisoned views of both processes (every row of the epoch's global batches)
+    from poisonbench.utils import derive_seed
+
+    cell = runner_prepare(r)
+    order = torch.randperm(276, generator=torch.Generator().manual_seed(derive_seed(0, "shuffle", 1)))
+    used = order[: r["steps"] * 64 * WORLD]
+    assert r["trig_n"] == int(cell.plan.train.is_poison[used].sum()) > 0 and r["trig_present"] == 1.0
+
+
+def runner_prepare(row):
+    from poisonbench import runner
+
+    cfg = resolve("badnet", "clip", "tiny", attack_params={"n_poison": 20}, epochs=1, world_size=WORLD,
+                  dataset_params={"n_train": 256, "n_eval": 100, "n_probe": 100, "n_heldout": 50})
+    assert cfg.run_id == row["run_id"]
+    return runner.prepare(cfg, "cpu", world_size=WORLD)
 
 
 def badclip_scenario(rank, results):

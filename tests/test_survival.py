@@ -148,3 +148,21 @@ def test_a_data_filter_probe_follows_the_kept_rows():
     with pytest.raises(ValueError, match="one of each"):
         TriggerViews(torch.tensor([1, 2]), clean, None)
     assert dataclasses.is_dataclass(views)
+
+
+def test_an_augmentation_that_is_not_a_kornia_container_trains_unwatched_with_a_warning():
+    clean = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    probe = TriggerSurvival(TriggerViews(torch.tensor([0, 1]), clean, torch.tensor([[0, 0, 2, 2]] * 2)), 2)
+    with pytest.warns(UserWarning, match="not measured"):
+        probe(torch.tensor([0, 1]), clean, clean.float() / 255, lambda x: x.flip(-1))
+    assert probe.take_epoch() == {}
+
+
+def test_trigger_views_refuse_what_would_give_wrong_numbers_and_a_manifest_without_sources_gives_none():
+    clean = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    for bad in (dict(clean=clean.float()), dict(boxes=torch.tensor([[6, 6, 10, 10]])), dict(boxes=torch.tensor([[2, 2, 2, 4]]))):
+        with pytest.raises(ValueError, match="trigger views"):
+            TriggerViews(**{"rows": torch.tensor([0]), "clean": clean, "boxes": torch.tensor([[0, 0, 2, 2]]), **bad})
+    cell = prepare(resolve("badnet", "clip", "tiny"))
+    cell.plan.manifest.pop("source_rows")  # as a plugin that writes its own manifest
+    assert cell.attack.trigger_views(cell.data, cell.plan) is None
