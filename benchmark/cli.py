@@ -654,11 +654,12 @@ def preview(attack, attack_param, profile, seed, count, dataset_param, out, resu
               help="Write the plots (PNG and SVG) to RESULTS/plots/ (or --plots-dir) and put them in the HTML page.")
 @click.option("--plots-dir", type=click.Path(file_okay=False),
               help="Folder for the plots instead of RESULTS/plots/.")
+@click.option("--pdf", is_flag=True, help="Also write each plot as PDF (for a paper).")
 @click.option("--attack", "-a", help="Only these attacks (a comma list).")
 @click.option("--defense", "-d", help="Only these defenses (a comma list).")
 @click.option("--profile", "-p", help="Only these profiles (a comma list).")
 @click.option("--seed", "-s", help="Only these seeds: 0,1,2 or 0-2.")
-def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, profile, seed) -> None:
+def report(results, fmt, out, html_page, plots, plots_dir, pdf, attack, defense, profile, seed) -> None:
     """Leaderboard of the finished runs in RESULTS, per attack: defenses ranked by ASR, then clean
     accuracy; seeds pooled (mean and 95 % interval: Student t for accuracies, Wilson for ASR).
     Beside them: each defense's clean top-1 cost against clip on the same data (points, seed by
@@ -672,7 +673,7 @@ def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, prof
     a poison count was swept), roc (the data filters' ROC curves per attack, when the store has
     detection rows), curves (ASR and clean top-1 after each epoch, on a seeded evaluation subset).
     """
-    from .report import EmptyStoreError, load_leaderboard, rich_tables, to_html, to_text
+    from .report import EmptyStoreError, load_leaderboard, rich_tables, selected_runs, to_html, to_text
     from .utils import atomic_write
 
     try:
@@ -686,7 +687,8 @@ def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, prof
         from .plots import save_plots
 
         try:
-            paths = save_plots(board, Path(plots_dir) if plots_dir else Path(results) / "plots")
+            paths = save_plots(board, Path(plots_dir) if plots_dir else Path(results) / "plots",
+                               ("png", "svg", "pdf") if pdf else ("png", "svg"))
         except OSError as e:
             err_console.print(f"[yellow]plots not written ({escape(str(e))}); use --no-plots for a read-only results "
                               "folder[/yellow]")
@@ -702,15 +704,18 @@ def report(results, fmt, out, html_page, plots, plots_dir, attack, defense, prof
         for table in rich_tables(board):
             console.print(table)
     else:
-        text = to_html(board, svgs) if fmt == "html" else to_text(board, "md" if fmt == "table" else fmt)
+        runs = selected_runs(results, attack=attack, defense=defense, profile=profile, seed=seed)
+        text = to_html(board, svgs, runs) if fmt == "html" else to_text(board, "md" if fmt == "table" else fmt)
         if out:
             write(out, text)
         else:
             click.echo(text, nl=False)
     if html_page:
-        write(Path(results) / "report.html", to_html(board, svgs))
+        write(Path(results) / "report.html",
+              to_html(board, svgs, selected_runs(results, attack=attack, defense=defense, profile=profile, seed=seed)))
     if paths and (out or fmt == "table"):
-        console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg)", markup=False)
+        console.print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .svg{', .pdf' if pdf else ''})",
+                      markup=False)
 
 
 @main.command(name="rewrite-rows")

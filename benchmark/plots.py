@@ -277,6 +277,20 @@ def _finish(fig, axes, used: int, title: str):
     return fig
 
 
+def _fit_title(fig) -> None:
+    """Wrap the figure's title (its suptitle) to lines that fit its width, so a figure of one or
+    two panels never clips it."""
+    import textwrap
+
+    title, width = fig._suptitle, fig.get_figwidth()
+    if title is None and fig.axes:  # a one-panel figure titles its axes
+        title, width = fig.axes[0].title, fig.axes[0].get_position().width * width
+    if title is None:
+        return
+    per_line = max(20, int(width * 72 / (title.get_fontsize() * 0.62)))
+    title.set_text(textwrap.fill(" ".join(title.get_text().split()), per_line))
+
+
 def _name_profile(fig, profile: str) -> None:
     """Add the profile to a figure's title (its suptitle, else its first axes' title)."""
     if fig._suptitle is not None:
@@ -285,12 +299,12 @@ def _name_profile(fig, profile: str) -> None:
         fig.axes[0].set_title(f"{fig.axes[0].get_title()} — profile {profile}", fontsize=10)
 
 
-def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
-    """Write the plots that the leaderboard has data for as PNG (150 dpi) and SVG into ``folder``
-    (atomically); return their paths: one set per profile, each file named ``<plot>-<profile>``. ``asr_vs_poison`` needs a sweep over the poison count,
-    ``roc`` a data filter with detection metrics (``det_*`` columns)."""
+def make_figures(board: pd.DataFrame) -> dict:
+    """The figures the leaderboard has data for, name -> matplotlib figure: one set per profile,
+    each named ``<plot>-<profile>``. ``asr_vs_poison`` needs a sweep over the poison count, ``roc``
+    a data filter with detection metrics (``det_*`` columns), ``curves`` rows with per-epoch
+    curves, ``cost_vs_clip`` defenses beside clip on the same data. The caller closes them."""
     plt = _pyplot()
-    folder = Path(folder)
     figures = {}
     profiles = sorted(board["profile"].dropna().unique()) if "profile" in board else []
     # profiles (pre-training and fine-tuning) are never mixed in one figure: one set each, named
@@ -314,13 +328,23 @@ def save_plots(board: pd.DataFrame, folder: str | Path) -> list[Path]:
         for name, fig in made.items():
             if profile is not None:
                 _name_profile(fig, profile)
+            _fit_title(fig)
+            fig.tight_layout()  # again: the title may have grown a line
             figures[name + suffix] = fig
+    return figures
+
+
+def save_plots(board: pd.DataFrame, folder: str | Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write ``make_figures``'s figures into ``folder`` (atomically) in ``formats`` (png at 150
+    dpi, svg, pdf); return their paths."""
+    plt = _pyplot()
+    folder = Path(folder)
     paths = []
-    for name, fig in figures.items():
-        for ext in ("png", "svg"):
+    for name, fig in make_figures(board).items():
+        for ext in formats:
             path = folder / f"{name}.{ext}"
             # no date and fixed SVG ids: the same store gives the same files (the committed figures)
-            metadata = {"Date": None} if ext == "svg" else {}
+            metadata = {"Date": None} if ext == "svg" else {"CreationDate": None} if ext == "pdf" else {}
             with plt.rc_context({"svg.hashsalt": "poisonbench"}):
                 atomic_write(path, lambda tmp, fig=fig, ext=ext, m=metadata: fig.savefig(tmp, format=ext, dpi=150, metadata=m))
             paths.append(path)

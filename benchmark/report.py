@@ -313,6 +313,13 @@ def load_leaderboard(results: str | Path, **filters: str | None) -> pd.DataFrame
     return board
 
 
+def selected_runs(results: str | Path, **filters: str | None) -> pd.DataFrame:
+    """The rows of the store under ``results`` that ``filters`` (attack, defense, profile, seed) keep."""
+    df = read_runs(results)
+    chosen = {k: v for k, v in filters.items() if v}
+    return select(df, **chosen) if chosen and not df.empty else df
+
+
 def fmt_value(row, metric: str) -> str:
     """``84.2`` or, with an interval, ``84.2 (83.1-85.3)``, in percent; ``-`` when missing."""
     x = row[metric]
@@ -496,9 +503,36 @@ PLOT_CAPTIONS = {
 }
 
 
-def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
-    """One self-contained HTML page: the per-attack tables and the plots inlined as SVG
-    (``svgs``: plot name, e.g. ``asr_vs_clean``, -> SVG text), no external file or script."""
+RUN_COLUMNS = {"attack": "attack", "defense": "defense", "profile": "profile", "setting": "setting", "seed": "seed",
+               "asr": "ASR (%)", "clean_top1": "clean top-1 (%)", "linear_probe_top1": "linear probe (%)",
+               "i2t_r10": "i2t R@10 (%)", "t2i_r10": "t2i R@10 (%)", "poison_rate": "poison rate (%)",
+               "n_poison": "poisoned pairs", "run_id": "run id", "git_rev": "git revision", "finished_at": "finished"}
+
+
+def run_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Every finished run of ``df`` (``read_runs``, already filtered) as strings for people, one row
+    per seed: identity, setting, ASR, clean top-1, linear probe, retrieval R@10, poison rate (percent)
+    and provenance (run id, git revision, when it finished); sorted by attack, defense, setting, seed."""
+    ok = df[df["status"] == "ok"].drop_duplicates("run_id", keep="last").copy() if "status" in df else df.iloc[:0]
+    if ok.empty:
+        return pd.DataFrame(columns=list(RUN_COLUMNS.values()))
+    ok["setting"] = _settings(ok)[0]
+    ok = ok.sort_values(["attack", "defense", "setting", "seed"], kind="stable")
+    out = pd.DataFrame(index=ok.index)
+    for col, label in RUN_COLUMNS.items():
+        values = ok[col] if col in ok else pd.Series(math.nan, index=ok.index)
+        if col in ("asr", "clean_top1", "linear_probe_top1", "i2t_r10", "t2i_r10", "poison_rate"):
+            out[label] = pd.to_numeric(values, errors="coerce").map(lambda v: "-" if pd.isna(v) else f"{100 * v:.2f}"
+                                                                     if col == "poison_rate" else f"{100 * v:.1f}")
+        else:
+            out[label] = values.map(lambda v: "-" if not _present(v) else str(int(v)) if isinstance(v, float) else str(v))
+    return out.reset_index(drop=True)
+
+
+def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None, runs: pd.DataFrame | None = None) -> str:
+    """One self-contained HTML page: the per-attack tables, the plots inlined as SVG (``svgs``:
+    plot name, e.g. ``asr_vs_clean``, -> SVG text) and, given the store's rows ``runs``
+    (``read_runs``), every run with its provenance (``run_rows``); no external file or script."""
     import html
     import time
 
@@ -524,5 +558,10 @@ def to_html(board: pd.DataFrame, svgs: dict[str, str] | None = None) -> str:
         title, caption = PLOT_CAPTIONS.get(plot, (plot, ""))
         title += f" ({profile})" if profile else ""
         parts.append(f"<figure><h2>{html.escape(title)}</h2>{body}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if runs is not None and not runs.empty:
+        table = run_rows(runs)
+        parts.append(f"<details><summary><h2 style='display:inline'>Every run ({len(table)})</h2></summary>"
+                     "<p>One row per seed, with the revision of the code that ran it.</p>"
+                     + table.to_html(index=False, border=0, escape=True) + "</details>")
     parts.append("</body></html>")
     return "\n".join(parts)

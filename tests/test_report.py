@@ -242,3 +242,42 @@ def test_a_defense_filter_keeps_the_cost_against_the_filtered_out_clip(tmp_path)
     board = load_leaderboard(tmp_path, defense="roclip", seed="0")
     assert board["defense"].tolist() == ["roclip"] and board.iloc[0]["seeds"] == 1
     assert board.iloc[0]["clean_cost"] == pytest.approx(0.80 - 0.62)
+
+
+def test_the_html_page_lists_every_run_with_its_provenance():
+    from poisonbench.report import run_rows
+
+    rows = [{**run(s), "git_rev": f"abc{s}", "finished_at": "2026-12-02T01:00:00", "poison_rate": 0.0099,
+             "i2t_r10": 0.094} for s in range(3)]
+    df = pd.DataFrame(rows)
+    table = run_rows(df)
+    assert len(table) == 3 and table["seed"].tolist() == ["0", "1", "2"]
+    assert table["poison rate (%)"].tolist() == ["0.99"] * 3 and table["i2t R@10 (%)"].iloc[0] == "9.4"
+    page = to_html(leaderboard(df), runs=df)
+    assert "Every run (3)" in page and "abc2" in page and "git revision" in page
+    assert "Every run" not in to_html(leaderboard(df))
+
+
+@pytest.mark.parametrize("attacks", [1, 2, 5])
+def test_every_figure_title_lies_inside_its_canvas(attacks):
+    from poisonbench.plots import _pyplot, make_figures
+
+    names = ["badnet", "blended", "sig", "wanet", "targeted"][:attacks]
+    rows = [{**run(s, d, asr=a, attack=at, n_poison=n), "run_id": f"{at}{d}{s}{n}"} for at in names for s in range(2)
+            for d, a in (("clip", 0.9), ("roclip", 0.05)) for n in (25, 100)]
+    figures = make_figures(leaderboard(pd.DataFrame(rows)))
+    assert {"asr_vs_clean-cpu-small", "asr_vs_poison-cpu-small", "cost_vs_clip-cpu-small"} <= set(figures)
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        title = fig._suptitle or fig.axes[0].title  # a one-panel figure titles its axes
+        box, canvas = title.get_window_extent(), fig.bbox
+        assert box.x0 >= 0 and box.x1 <= canvas.x1 + 0.5 and box.y1 <= canvas.y1 + 0.5, name
+        _pyplot().close(fig)
+
+
+def test_plots_on_request_as_pdf(tmp_path):
+    from poisonbench.plots import save_plots
+
+    paths = save_plots(leaderboard(pd.DataFrame([run(0), run(1)])), tmp_path, ("png", "svg", "pdf"))
+    pdfs = [p for p in paths if p.suffix == ".pdf"]
+    assert pdfs and all(p.read_bytes()[:5] == b"%PDF-" for p in pdfs)
