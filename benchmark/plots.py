@@ -150,35 +150,52 @@ def cost_bars(board: pd.DataFrame, plt):
     return fig
 
 
+def _other_setting(setting: str) -> str:
+    """A setting label without its poison count: the settings one poison sweep connects."""
+    return ", ".join(p for p in setting.split(", ") if p and not p.startswith(("n_poison=", "poison_rate=")))
+
+
 def sweep_groups(board: pd.DataFrame) -> pd.DataFrame:
-    """Rows of (attack, defense, profile) groups with at least two poison counts (a sweep)."""
-    part = board[board["asr"].notna() & board["n_poison"].notna()]
-    counts = part.groupby(["attack", "defense", "profile"])["n_poison"].transform("nunique")
+    """Rows of the groups (attack, defense, profile, the setting but its poison count) with at least
+    two poison counts (a sweep), with that setting in ``sweep``."""
+    part = board[board["asr"].notna() & board["n_poison"].notna()].copy()
+    part["sweep"] = part["setting"].map(_other_setting)
+    counts = part.groupby(["attack", "defense", "profile", "sweep"])["n_poison"].transform("nunique")
     return part[counts >= 2]
 
 
 def asr_vs_poison(board: pd.DataFrame, plt):
-    """ASR against the number of poisoned pairs, one panel per attack, a line per defense."""
+    """ASR (top) and clean top-1 (bottom) against the poison rate, one column per attack, a line
+    per defense and setting swept (log scale; the poisoned pairs' count on each point's tick)."""
     part = sweep_groups(board)
     attacks = sorted(part["attack"].unique())
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(attacks), figsize=(max(6.0, 4.2 * len(attacks)), 6.2), squeeze=False, sharex="col")
     colours = _defense_colours(board)
-    for ax, attack in zip(axes.flat, attacks):
-        for (d, prof), g in part[part["attack"] == attack].groupby(["defense", "profile"]):
+    for col, attack in enumerate(attacks):
+        sub = part[part["attack"] == attack]
+        for (d, prof, sweep), g in sub.groupby(["defense", "profile", "sweep"]):
             g = g.sort_values("n_poison")
-            ax.errorbar(g["n_poison"], 100 * g["asr"], yerr=_err(g, "asr"), marker="o", capsize=3,
-                        color=colours[d], label=d)
-        ax.set_xscale("log")
-        ticks = sorted(part.loc[part["attack"] == attack, "n_poison"].unique())
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.set_title(attack)
-        ax.set_xlabel("poisoned pairs in the training set (log scale)")
-        ax.set_ylabel("attack success rate (%)")
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-        _legend(ax, fontsize=8)
-    fig.suptitle("ASR vs number of poisoned pairs (mean over seeds, Wilson 95 % intervals)")
+            rate = 100 * g["poison_rate"] if "poison_rate" in g and g["poison_rate"].notna().all() else g["n_poison"]
+            label = d + (f" ({sweep})" if sweep else "")
+            axes[0, col].errorbar(rate, 100 * g["asr"], yerr=_err(g, "asr"), marker="o", capsize=3, color=colours[d],
+                                  label=label)
+            axes[1, col].errorbar(rate, 100 * g["clean_top1"], yerr=_err(g, "clean_top1"), marker="o", capsize=3,
+                                  color=colours[d], label=label)
+        by_rate = "poison_rate" in sub and sub["poison_rate"].notna().all()
+        ticks = sorted((100 * sub["poison_rate"] if by_rate else sub["n_poison"]).unique())
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+        axes[0, col].set_title(attack)
+        axes[0, col].set_ylabel("attack success rate (%)")
+        axes[0, col].set_ylim(-5, 105)
+        axes[1, col].set_ylabel("clean top-1 (%)")
+        axes[1, col].set_xlabel("poison rate, % of training pairs (log scale)" if by_rate else
+                                "poisoned pairs in the training set (log scale)")
+        _legend(axes[0, col], fontsize=7)
+    fig.suptitle("ASR and clean accuracy vs poison rate (mean over seeds, 95 % intervals)")
     fig.tight_layout()
     return fig
 
@@ -288,7 +305,8 @@ def _fit_title(fig) -> None:
     if title is None:
         return
     per_line = max(20, int(width * 72 / (title.get_fontsize() * 0.62)))
-    title.set_text(textwrap.fill(" ".join(title.get_text().split()), per_line))
+    text = re.sub(r"[ \t\n]+", " ", title.get_text()).replace(" %", "\u00a0%")  # "95 %" never splits
+    title.set_text(textwrap.fill(text, per_line))
 
 
 def _name_profile(fig, profile: str) -> None:

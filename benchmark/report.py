@@ -29,7 +29,7 @@ GROUP = ["attack", "defense", "profile"]
 ACCURACIES = ["clean_top1", "clean_top5", "linear_probe_top1"]
 COLUMNS = (GROUP + ["setting", "seeds"]
            + [f"{m}{s}" for m in ACCURACIES for s in ("", "_lo", "_hi")]
-           + ["asr", "asr_lo", "asr_hi", "asr_n", "n_poison"])
+           + ["asr", "asr_lo", "asr_hi", "asr_n", "n_poison", "poison_rate"])
 # data filters' detection metrics (benchmark/detection.py): fractions per cell, the pairs removed, the ROC curve
 DETECTION = ["det_auroc", "det_ap", "det_tpr_at_1fpr", "det_tpr_at_5fpr", "det_fpr_at_95tpr"]
 REMOVED = ["det_poisons_removed", "det_clean_removed"]
@@ -122,6 +122,8 @@ def _aggregate(group: pd.DataFrame, extra: list[str]) -> pd.Series:
     else:  # rows of an older schema without asr_n: the mean, no interval
         out.update(asr=float(asr.mean()), asr_lo=math.nan, asr_hi=math.nan, asr_n=0)
     out["n_poison"] = float(group["n_poison"].mean()) if "n_poison" in group else math.nan
+    out["poison_rate"] = float(pd.to_numeric(group["poison_rate"], errors="coerce").mean()) if "poison_rate" in group \
+        else math.nan
     # each seed's own values, for the figures' per-seed points (NaN where a seed has none)
     out["clean_top1_seeds"] = [float(v) for v in pd.to_numeric(group["clean_top1"], errors="coerce")]
     out["asr_seeds"] = [float(v) for v in pd.to_numeric(group["asr"], errors="coerce")]
@@ -489,8 +491,8 @@ PLOT_CAPTIONS = {
                      "stays accurate."),
     "asr_by_attack": ("ASR by attack and defense", "At the profile's default parameters; bars are the pooled ASR "
                       "with Wilson 95 % intervals, labelled in percent."),
-    "asr_vs_poison": ("ASR vs number of poisoned pairs", "For attacks whose poison count was swept; one line per "
-                      "defense."),
+    "asr_vs_poison": ("ASR and clean accuracy vs poison rate", "For attacks whose poison count was swept; one line "
+                      "per defense and other setting, ASR on top and clean top-1 below."),
     "cost_vs_clip": ("Clean-accuracy cost against clip", "Per attack, at the profile's default parameters: clip's "
                      "clean top-1 minus the defense's, on the same poisoned data, in points; error bars are the "
                      "95 % interval of the defense's own clean top-1."),
