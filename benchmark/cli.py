@@ -608,27 +608,32 @@ def _ignore(signum, frame) -> None:
 @click.option("--profile", "-p", default="cpu-small", show_default=True, help="Profile whose data to poison.")
 @click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed (the trigger and rows follow it).")
 @click.option("-n", "count", default=6, show_default=True, type=click.IntRange(1, 50), help="Pairs to show.")
+@click.option("--data", metavar="csv:PATH|wds:URLS", help="Poison your own image–caption files, as `bench run --data`.")
+@click.option("--eval", "eval_set", metavar="SET", help="Evaluation set for --data (the backdoor's target label is one "
+                                                        "of its classes), as `bench run --eval`.")
 @click.option("--dataset-param", multiple=True, metavar="NAME=VALUE",
               help="Dataset parameter (repeatable), e.g. captions=web to see Fashion-MNIST's web captions.")
 @click.option("--out", "-o", default="preview.png", show_default=True, type=click.Path(dir_okay=False),
               help="File to write: .png, .pdf or .svg (the format follows the extension).")
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder whose cache holds (or receives) what an attack that needs a model makes.")
-def preview(attack, attack_param, profile, seed, count, dataset_param, out, results) -> None:
+def preview(attack, attack_param, profile, seed, count, data, eval_set, dataset_param, out, results) -> None:
     """Show clean training images beside their poisoned versions and their amplified difference,
     with captions, as a PNG, PDF or SVG, so you can see a trigger before spending compute. No training happens, except for an attack
     that needs a model (badclip's trigger is optimised against the profile's clean model): that
     model and what the attack makes with it are taken from RESULTS/cache, or made and cached there
     once, exactly as `bench run` would."""
     from .config import resolve
-    from .grid import parse_assignments, parse_name
+    from .grid import GridSpec, parse_assignments, parse_name
     from .preview import save_preview
     from .runner import ConfigError, prepare, start
 
     try:
         name, params = parse_name(attack)
         params.update(parse_assignments(attack_param))
-        cell = prepare(resolve(name, "clip", profile, seed, params, dataset_params=parse_assignments(dataset_param)), "cpu")
+        dataset, fixed = GridSpec(data=data, eval=eval_set).dataset()
+        cell = prepare(resolve(name, "clip", profile, seed, params, dataset=dataset,
+                               dataset_params={**fixed, **parse_assignments(dataset_param)}), "cpu")
         if cell.attack.model_init() is not None:
             console.print(f"{name} poisons with a model ({cell.attack.model_init()}): made once, cached in {results}/cache",
                           markup=False)

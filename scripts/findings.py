@@ -225,6 +225,25 @@ def answer_captions(t: dict) -> str:
     return f"{head} (cost in points, badnet with the corner patch: {parts})."
 
 
+def matching_epochs_effect(df) -> str:
+    """How RoCLIP's clean top-1 moves in its matching epochs against its other epochs, from the
+    per-epoch curves of its badnet rows (corner patch, templated captions)."""
+    r = rows(df, "badnet", "roclip")
+    on, off = [], []
+    for curve, matched in zip(r.get("curve_clean_top1", []), r.get("d_match_epoch", [])):
+        if not isinstance(curve, (list, np.ndarray)) or not isinstance(matched, (list, np.ndarray)) or not len(curve):
+            continue
+        for e in range(2, len(curve) + 1):
+            (on if e in set(int(m) for m in matched) else off).append(curve[e - 1] - curve[e - 2])
+    if not on or not off:
+        return "Not measured yet: no roclip row with per-epoch curves."
+    return (f"In RoCLIP's matching epochs its clean top-1 on the curve subset changes by {100 * np.mean(on):+.1f} points "
+            f"on average ({len(on)} epochs over the seeds with curves), in its other epochs by "
+            f"{100 * np.mean(off):+.1f} ({len(off)} epochs)"
+            + (": the matching epochs are where the accuracy is lost." if np.mean(on) < np.mean(off) - 0.02 else
+               ": the matching epochs do not stand out."))
+
+
 def answer_random_patch(t: dict) -> str:
     label = "badnet, random fresh patch"
     a, c = t.get((label, "aug-only"), {}), t.get((label, "clip"), {})
@@ -304,6 +323,8 @@ seeds that have them.
 ## Does RoCLIP's accuracy cost on cpu-small come from templated captions?
 
 {answer_captions(c)}
+
+{matching_epochs_effect(df)}
 
 With `templates` every caption is a template around a class word; with `attributes` and `web` it
 describes the image's pixels (`datasets/fashion_captions.py`; examples in the README). The last

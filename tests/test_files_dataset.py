@@ -276,3 +276,17 @@ def test_setting_label_of_files_runs_names_only_what_departs():
     other = resolve("badnet", "clip", "tiny", 0, dataset="files",
                     dataset_params={"train": "csv:a.csv", "n_heldout": 50}).to_dict()
     assert settings([base, other]) == ["train=csv:a.csv", "train=csv:a.csv, n_heldout=50"]
+
+
+def test_preview_poisons_the_users_files(fashion_files, tmp_path):
+    from click.testing import CliRunner
+
+    from poisonbench.cli import main
+
+    root, _, _ = fashion_files
+    out = tmp_path / "p.svg"
+    res = CliRunner().invoke(main, ["preview", "-a", "badnet", "-p", "tiny", "-n", "2", "-A", "n_poison=20",
+                                    "--data", f"csv:{root / 'train.csv'}", "--dataset-param", "n_heldout=50", "--dataset-param", "n_train=0",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text().lstrip().startswith(("<?xml", "<svg"))
