@@ -49,6 +49,11 @@ def _defense_colours(board: pd.DataFrame) -> dict[str, str]:
     return {d: defense_colour(d) for d in board["defense"].unique()}
 
 
+def _bars_size(groups: int, bars: int) -> tuple[float, float]:
+    """(width, height) in inches of a grouped-bar figure: 6-12 wide, whatever the store holds."""
+    return min(12.0, max(6.0, 0.45 * groups * max(1, bars))), 4.2
+
+
 def _label(r) -> str:
     return r["defense"] + (f" ({r['setting']})" if r["setting"] else "")
 
@@ -93,7 +98,7 @@ def asr_bars(board: pd.DataFrame, plt):
     part = board[board["asr"].notna() & (board["setting"] == "")]
     attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
     colours = _defense_colours(board)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(attacks) * max(1, len(defenses)) / 2), 4))
+    fig, ax = plt.subplots(figsize=_bars_size(len(attacks), len(defenses)))
     width = 0.8 / max(1, len(defenses))
     x = np.arange(len(attacks))
     for i, d in enumerate(defenses):
@@ -131,7 +136,7 @@ def cost_bars(board: pd.DataFrame, plt):
     top-1 as error bars."""
     part = cost_rows(board)
     attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
-    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.45 * len(attacks) * max(1, len(defenses)))), 4.2))
+    fig, ax = plt.subplots(figsize=_bars_size(len(attacks), len(defenses)))
     width = 0.8 / max(1, len(defenses))
     x = np.arange(len(attacks))
     for i, d in enumerate(defenses):
