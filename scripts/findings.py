@@ -206,23 +206,31 @@ def claims_section(t: dict) -> str:
 
 
 def answer_captions(t: dict) -> str:
-    costs = {}
+    costs, beyond = {}, {}
     for style in ("templates", "attributes", "web"):
-        s, b = t.get((style, "corner", "roclip"), {}), t.get((style, "corner", "clip"), {})
+        s, b, a = (t.get((style, "corner", d), {}) for d in ("roclip", "clip", "aug-only"))
         if "clean_top1" in s and "clean_top1" in b:
             costs[style] = b["clean_top1"][0] - s["clean_top1"][0]
+            if "clean_top1" in a:
+                beyond[style] = a["clean_top1"][0] - s["clean_top1"][0]
     if "templates" not in costs or len(costs) < 3:
         return "Not answered yet: the caption-style cells are not all run (`scripts/findings_grid.sh results/reference captions`)."
-    t0 = costs["templates"]
-    rest = [costs["attributes"], costs["web"]]
+    t0, rest = costs["templates"], [costs["attributes"], costs["web"]]
     parts = ", ".join(f"{s} {100 * c:+.1f}" for s, c in costs.items())
-    if min(rest) >= 0.5 * t0:
-        head = "No. RoCLIP's clean top-1 cost against clip persists when the captions describe the pixels"
+    if min(rest) >= 0.8 * t0:
+        head = "No. RoCLIP's clean top-1 cost against clip stays as large when the captions describe the pixels"
+    elif min(rest) >= 0.5 * t0:
+        head = ("Mostly not. RoCLIP's clean top-1 cost against clip shrinks when the captions describe the pixels, "
+                "but most of it remains")
     elif max(rest) <= 0.25 * t0:
         head = "Largely yes. RoCLIP's clean top-1 cost against clip mostly disappears with captions that describe the pixels"
     else:
         head = "Partly. RoCLIP's clean top-1 cost against clip shrinks with captions that describe the pixels"
-    return f"{head} (cost in points, badnet with the corner patch: {parts})."
+    out = f"{head} (cost in points, badnet with the corner patch, seed by seed: {parts})."
+    if len(beyond) == 3:
+        out += (" The part of it that RoCLIP's matching adds to its augmentation (aug-only's clean top-1 minus "
+                "roclip's): " + ", ".join(f"{s} {100 * c:+.1f}" for s, c in beyond.items()) + " points.")
+    return out
 
 
 def matching_epochs_effect(df) -> str:
@@ -244,18 +252,35 @@ def matching_epochs_effect(df) -> str:
                ": the matching epochs do not stand out."))
 
 
-def answer_random_patch(t: dict) -> str:
+def answer_random_patch(t: dict, df) -> str:
     label = "badnet, random fresh patch"
     a, c = t.get((label, "aug-only"), {}), t.get((label, "clip"), {})
-    if "asr" not in a or "asr" not in c:
-        return "Not answered yet: the random-patch cells are not all run (`scripts/findings_grid.sh results/reference random-patch`)."
     corner = t.get(("badnet, corner patch", "aug-only"), {})
-    defends = a["asr"][0] <= 0.1 and c["asr"][0] >= 0.5
-    head = "Yes" if defends else "No"
+    was = (f" Against the corner patch, aug-only's ASR is {pct(corner.get('asr'))} % and the whole patch is in "
+           f"{pct(corner.get('trig_present'))} % of its poisoned training views (as evaluated: "
+           f"{pct(corner.get('trig_at_eval'))} %).") if "trig_present" in corner else ""
+    if "asr" in c and c["asr"][0] < 0.1:
+        most = summary(rows(df, "badnet", "clip", n_poison=1000, **RANDOM))
+        more = f"; {pct(most['asr'])} % with 1,000 poisoned pairs" if "asr" in most else ""
+        fixed_random = summary(rows(df, "badnet", "clip", location="random"))
+        fresh_corner = summary(rows(df, "badnet", "clip", pattern="fresh"))
+        why = ""
+        if "asr" in fixed_random and "asr" in fresh_corner:
+            place = fixed_random["asr"][0] < 0.1 and fresh_corner["asr"][0] > 0.3
+            why = ((" The place, not the noise, is what stops it:" if place else " For comparison:")
+                   + f" a fixed pattern at a random place gives "
+                   f"{pct(fixed_random['asr'])} %, a fresh pattern at the fixed corner {pct(fresh_corner['asr'])} %"
+                   + (" (likely because this ViT, patch 7 on 28 px, would have to learn the trigger at every token "
+                      "position from a few poisons at each)." if place else "."))
+        return (f"Moot on cpu-small: the literature's patch does not implant into plain CLIP (ASR {pct(c['asr'])} % "
+                f"with 100 poisoned pairs{more}), so there is no backdoor for augmentation to remove.{why}{was}")
+    if "asr" not in a or "asr" not in c:
+        return ("Not answered yet: the random-patch cells are not all run "
+                "(`scripts/findings_grid.sh results/reference random-patch`)." + was)
+    head = "Yes" if a["asr"][0] <= 0.1 and c["asr"][0] >= 0.5 else "No"
     view = f"; the whole patch is in {pct(a.get('trig_present'))} % of its poisoned training views" if "trig_present" in a else ""
-    was = f" (corner patch: {pct(corner.get('asr'))} %, whole patch in {pct(corner.get('trig_present'))} % of views)" if "asr" in corner else ""
     return (f"{head}: against the random-location fresh-noise patch, aug-only's ASR is {pct(a['asr'])} % "
-            f"(clip {pct(c['asr'])} %){view}{was}.")
+            f"(clip {pct(c['asr'])} %){view}.{was}")
 
 
 def figures(df: pd.DataFrame, folder: Path | None) -> list[str]:
@@ -337,7 +362,7 @@ follows the class.
 
 ## Does augmentation alone still defend against the literature's random-location fresh-noise patch?
 
-{answer_random_patch(t)}
+{answer_random_patch(t, df)}
 
 What implants into plain CLIP at all (4 px patch on 28 px images, 10,000 clean pairs; one seed
 where a row says 1):
