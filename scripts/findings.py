@@ -190,6 +190,10 @@ def claims_section(t: dict) -> str:
         c, r, a = get(label, "clip", "asr"), get(label, "roclip", "asr"), get(label, "aug-only", "asr")
         ok = None if r is None else r <= 0.05
         view = t.get((label, "roclip"), {}).get("trig_present")
+        if c is not None and c < 0.5:  # nothing to defend: the attack does not implant into clip
+            body.append([f"backdoor ASR → 0 % ({label})", f"{pct(c)} → {pct(r)}", "moot: no backdoor in clip",
+                         f"aug-only alone: {pct(a)}"])
+            continue
         why = f"aug-only alone: {pct(a)}" + ("" if view is None else f"; patch whole in {pct(view)} % of roclip's poisoned views")
         body.append([f"backdoor ASR → 0 % ({label})", f"{pct(c)} → {pct(r)}", verdict(ok), why])
     c, r = get("badnet, corner patch", "clip", "linear_probe_top1"), get("badnet, corner patch", "roclip", "linear_probe_top1")
