@@ -14,6 +14,8 @@ geometry, succeeds when its zero-shot top-1 is its adversarial class; ASR = succ
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -134,8 +136,9 @@ class Targeted(Attack):
         }
 
     def evaluate_subset(self, model: ZeroShotModel, data: DatasetBundle, plan: PoisonPlan, rows) -> dict[str, Any]:
-        """All the targets (a few images: cheap), whatever ``rows``."""
-        return self.evaluate(model, data, plan)
+        """All the targets (a few images: cheap), whatever ``rows``; predicted afresh, since the
+        model's ``clean_top5`` holds the subset's predictions, not the whole set's."""
+        return self.evaluate(dataclasses.replace(model, clean_top5=None), data, plan)
 
     def preview_pairs(self, data: DatasetBundle, plan: PoisonPlan, n: int) -> list[tuple]:
         """Each target image (poisoned pairs keep it unchanged) with its true class and its first
