@@ -54,6 +54,24 @@ def _bars_size(groups: int, bars: int) -> tuple[float, float]:
     return min(12.0, max(6.0, 0.45 * groups * max(1, bars))), 4.2
 
 
+def _grouped_bars(part: pd.DataFrame, metric: str, err: str, missing: str, plt):
+    """(fig, ax) of grouped bars: ``metric`` in percent per attack (groups) and defense (bars, in
+    its colour), with ``err``'s 95 % interval as error bars and each bar's value on it (``missing``
+    where a defense has no value for an attack)."""
+    attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
+    fig, ax = plt.subplots(figsize=_bars_size(len(attacks), len(defenses)))
+    width = 0.8 / max(1, len(defenses))
+    x = np.arange(len(attacks))
+    for i, d in enumerate(defenses):
+        sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
+        heights = 100 * sub[metric].to_numpy(dtype=float)
+        bars = ax.bar(x + (i - (len(defenses) - 1) / 2) * width, heights, width, yerr=_err(sub, err),
+                      capsize=2, label=d, color=defense_colour(d))
+        ax.bar_label(bars, labels=[missing if math.isnan(h) else f"{h:.0f}" for h in heights], fontsize=7, padding=2)
+    ax.set_xticks(x, attacks, rotation=20)
+    return fig, ax
+
+
 def _label(r) -> str:
     return r["defense"] + (f" ({r['setting']})" if r["setting"] else "")
 
@@ -96,19 +114,8 @@ def asr_bars(board: pd.DataFrame, plt):
     """Grouped bars: ASR per attack (groups) and defense (bars), at the profile's default
     parameters only (rows whose ``setting`` is empty)."""
     part = board[board["asr"].notna() & (board["setting"] == "")]
-    attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
-    colours = _defense_colours(board)
-    fig, ax = plt.subplots(figsize=_bars_size(len(attacks), len(defenses)))
-    width = 0.8 / max(1, len(defenses))
-    x = np.arange(len(attacks))
-    for i, d in enumerate(defenses):
-        sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
-        heights = 100 * sub["asr"].to_numpy(dtype=float)
-        bars = ax.bar(x + (i - (len(defenses) - 1) / 2) * width, heights, width,
-                      yerr=_err(sub, "asr"), capsize=2, label=d, color=colours[d])
-        # the value on every bar, so that 0 % reads as a measurement and a missing cell as "n/a"
-        ax.bar_label(bars, labels=["n/a" if math.isnan(h) else f"{h:.0f}" for h in heights], fontsize=7, padding=2)
-    ax.set_xticks(x, attacks, rotation=20)
+    # the value on every bar, so that 0 % reads as a measurement and a missing cell as "n/a"
+    fig, ax = _grouped_bars(part, "asr", "asr", "n/a", plt)
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 112)
     ax.grid(axis="y", alpha=0.3)
@@ -135,18 +142,9 @@ def cost_bars(board: pd.DataFrame, plt):
     attack, at the profile's default parameters, with the t interval of the defense's own clean
     top-1 as error bars."""
     part = cost_rows(board)
-    attacks, defenses = sorted(part["attack"].unique()), sorted(part["defense"].unique())
-    fig, ax = plt.subplots(figsize=_bars_size(len(attacks), len(defenses)))
-    width = 0.8 / max(1, len(defenses))
-    x = np.arange(len(attacks))
-    for i, d in enumerate(defenses):
-        sub = part[part["defense"] == d].set_index("attack").reindex(attacks)
-        heights = 100 * sub["clean_cost"].to_numpy(dtype=float)
-        bars = ax.bar(x + (i - (len(defenses) - 1) / 2) * width, heights, width, yerr=_err(sub, "clean_top1"),
-                      capsize=2, label=d, color=defense_colour(d))
-        ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.0f}" for h in heights], fontsize=7, padding=2)
+    fig, ax = _grouped_bars(part, "clean_cost", "clean_top1", "", plt)
+    defenses = part["defense"].unique()
     ax.axhline(0, color="#333333", lw=0.8)
-    ax.set_xticks(x, attacks, rotation=20)
     ax.set_ylabel("clean top-1 lost against clip (points)")
     ax.grid(axis="y", alpha=0.3)
     _legend(ax, fontsize=8, ncols=min(3, len(defenses)))

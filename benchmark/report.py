@@ -225,8 +225,9 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         ok[col] = ok[col] if col in ok else None
     extra = (DETECTION_COLUMNS if detection else []) + sorted(c for c in ok.columns if c.startswith("d_"))
     ok["profile"] = ok["profile"].fillna("?") if "profile" in ok else "?"
-    ok["setting"], ok["setting_id"] = _settings(ok)
-    ok["data_id"] = [data_setting_id(c) for c in _configs(ok)]
+    configs = _configs(ok)  # parsed once for the three keys
+    ok["setting"], ok["setting_id"] = _settings(ok, configs)
+    ok["data_id"] = [data_setting_id(c) for c in configs]
     board = (ok.groupby(GROUP + ["setting", "setting_id", "data_id"], dropna=False)[list(ok.columns)]
              .apply(_aggregate, extra).reset_index())
     board["clean_cost"] = board["setting_id"].map(paired_clean_cost(ok))
@@ -269,9 +270,9 @@ def _configs(ok: pd.DataFrame) -> list[dict]:
     return configs
 
 
-def _settings(ok: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def _settings(ok: pd.DataFrame, configs: list[dict] | None = None) -> tuple[pd.Series, pd.Series]:
     """Each row's setting label (``config.settings``) and setting id (``config.setting_id``)."""
-    configs = _configs(ok)
+    configs = _configs(ok) if configs is None else configs
     return pd.Series(settings(configs), index=ok.index), pd.Series([setting_id(c) for c in configs], index=ok.index)
 
 
