@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from poisonbench.datasets.base import CaptionDataset, DatasetBundle, with_article
+from poisonbench.datasets.base import CaptionDataset, CaptionSearch, DatasetBundle, with_article
 from poisonbench.preprocess import eval_geometry
 from poisonbench.survival import TriggerViews
 from poisonbench.utils import derive_seed, hash_json
@@ -203,11 +203,12 @@ class Attack:
         return []
 
 
-def class_caption_rows(data: DatasetBundle, cls: int) -> list[int]:
+def class_caption_rows(data: DatasetBundle, cls: int, search: CaptionSearch | None = None) -> list[int]:
     """Training rows whose caption names class ``cls`` (whole-word match of any of
     ``data.class_words[cls]``), restricted to rows labelled ``cls`` when there are any, else to
-    unlabelled rows (-1); ascending."""
-    rows = data.train.captions_naming(data.class_words[cls])
+    unlabelled rows (-1); ascending. ``search``: a ``CaptionSearch`` of ``data.train.captions``,
+    for a caller that looks up several classes (built here otherwise)."""
+    rows = (search or CaptionSearch(data.train.captions)).naming(data.class_words[cls])
     labels = data.train.labels.tolist()
     return [i for i in rows if labels[i] == cls] or [i for i in rows if labels[i] < 0]
 

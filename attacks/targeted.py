@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from poisonbench.datasets.base import CaptionDataset, DatasetBundle
+from poisonbench.datasets.base import CaptionDataset, CaptionSearch, DatasetBundle
 from poisonbench.preprocess import eval_geometry
 from poisonbench.registry import param, register_attack
 from poisonbench.utils import derive_seed
@@ -94,7 +94,8 @@ class Targeted(Attack):
         k = self.params.pairs_per_target
         images = to_stored_geometry(data.eval.images[rows], data)  # identity for every built-in dataset
         rng = random.Random(derive_seed("attack", self.name, self.seed, 2))
-        rows_of = {a: class_caption_rows(data, a) for a in set(adversarial.tolist())}  # one caption scan per class
+        search = CaptionSearch(data.train.captions)  # indexed once for every adversarial class
+        rows_of = {a: class_caption_rows(data, a, search) for a in set(adversarial.tolist())}
         captions = [c for a in adversarial.tolist() for c in class_captions(data, a, k, rng, rows_of[a])]
         poisoned = CaptionDataset(
             images.repeat_interleave(k, dim=0), captions,

@@ -63,9 +63,42 @@ class CaptionDataset:
         )
 
     def captions_naming(self, words: list[str]) -> list[int]:
-        """Indices of captions that contain any of ``words`` as whole words (case-insensitive)."""
+        """Indices of captions that contain any of ``words`` as whole words (case-insensitive),
+        ascending (``CaptionSearch``)."""
+        return CaptionSearch(self.captions).naming(words)
+
+
+class CaptionSearch:
+    """Whole-word, case-insensitive search of many captions for a few words, as
+    ``re.search(r"\b(?:w1|w2|...)\b", caption, re.IGNORECASE)`` on each caption (the reference
+    formulation, which a test compares against) but a few times faster on 60k captions: the
+    ASCII captions are lower-cased and joined once, each word is located with ``str.find``, and
+    only the captions that contain it as a substring (and every non-ASCII caption, whose case
+    folding ``str.lower`` does not mirror) are checked with the regular expression."""
+
+    def __init__(self, captions: list[str]):
+        self.captions = captions
+        ascii_ = [c.isascii() for c in captions]
+        # "\0" separates captions: a non-word character, and no ASCII word contains it
+        self.text = "\0".join(c.lower() if a else "" for c, a in zip(captions, ascii_))
+        lengths = torch.tensor([len(c) + 1 if a else 1 for c, a in zip(captions, ascii_)], dtype=torch.int64)
+        self.starts = torch.cumsum(lengths, 0) - lengths  # where each caption begins in ``text``
+        self.non_ascii = [i for i, a in enumerate(ascii_) if not a]
+
+    def naming(self, words: list[str]) -> list[int]:
+        """Indices (ascending) of the captions that contain any of ``words`` as a whole word."""
         pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-        return [i for i, c in enumerate(self.captions) if pattern.search(c)]
+        if not all(w.isascii() for w in words):  # a non-ASCII word may fold onto ASCII letters: scan all
+            return [i for i, c in enumerate(self.captions) if pattern.search(c)]
+        found = []
+        for w in {w.lower() for w in words}:
+            j = self.text.find(w)
+            while j >= 0:
+                found.append(j)
+                j = self.text.find(w, j + 1)
+        where = torch.searchsorted(self.starts, torch.tensor(found, dtype=torch.int64), right=True) - 1
+        candidates = sorted(set(where.tolist()).union(self.non_ascii))
+        return [i for i in candidates if pattern.search(self.captions[i])]
 
 
 def prompt_key(name: str) -> str:
