@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from .display import cell_line, console, grid_table, show_row, width
 from .registry import ATTACKS, DATASETS, DEFENSES, RegistryError, param_fields
+from .utils import WORKERS_ENV
 
 err_console = Console(stderr=True, emoji=False, width=width(sys.stderr))  # user strings are escaped and never turned into emoji (display.py)
 
@@ -39,7 +41,8 @@ def main() -> None:
 
     Environment: POISONBENCH_DATA (Fashion-MNIST IDX folder), POISONBENCH_WORDNET (WordNet dict
     folder), OMP_NUM_THREADS (CPU threads per run; with several runs on one machine set it so
-    that runs x threads <= cores, or set OMP_WAIT_POLICY=PASSIVE).
+    that runs x threads <= cores, or set OMP_WAIT_POLICY=PASSIVE), POISONBENCH_WORKERS (processes
+    decoding lazily loaded images per training process; `bench run --workers` sets it).
     """
     warnings.showwarning = _show_warning
 
@@ -214,6 +217,10 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (with --nproc: auto, cpu or cuda).")
 @click.option("--force", is_flag=True, help="Run again the cells that already have a finished result.")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep results/checkpoints/<run_id>/last.pt after a cell succeeds.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Processes that decode lazily loaded training images (--data with load=lazy, or auto above "
+                   "8 GiB) per training process; the numbers do not depend on it. 0: a thread of the training "
+                   "process.  [default: the cell's cores minus one, at most 8 per GPU]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
               help="local: processes on this machine (--jobs at a time); slurm: one SLURM job per cell; "
@@ -230,8 +237,8 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
-        batch_size, lr, model, init, nproc, results, jobs, device, force, keep_checkpoint, quiet, launcher, wait, partition, gpus_per_node,
-        cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
+        batch_size, lr, model, init, nproc, results, jobs, device, force, keep_checkpoint, workers, quiet, launcher, wait,
+        partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
     A cell is one attack x defense x seed x parameter setting; lists and `all` make a grid of
@@ -267,6 +274,8 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import has_finished_row, read_row
 
+    if workers is not None:  # an environment variable reaches every cell: in-process, subprocess, torchrun, SLURM
+        os.environ[WORKERS_ENV] = str(workers)
     submitted = launcher != "local"
     if submitted and nproc > 1:
         raise click.UsageError("with --launcher slurm, --gpus-per-node sets the processes per cell; drop --nproc")

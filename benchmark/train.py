@@ -21,7 +21,7 @@ from .defenses.base import Defense, EpochContext, PhaseSettings, TaskBatch, Trai
 from .evaluate import encode_tokens
 from .preprocess import eval_geometry, normalize
 from .models import image_size
-from .utils import atomic_write, derive_seed, usable_cores
+from .utils import atomic_write, decode_workers, derive_seed, usable_cores
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -242,7 +242,9 @@ def train(
             for group, order, pass_lr in passes:
                 n_steps = len(order) // global_bs
                 batches = prefetched(data.images, batch_rows(order, n_steps, bs, rank, world), fetch,
-                                     background=device.type == "cuda" or is_lazy(data.images))
+                                     background=device.type == "cuda" or is_lazy(data.images),
+                                     workers=decode_workers(device.type == "cuda") if is_lazy(data.images) else 0,
+                                     pin=device.type == "cuda")
                 for b, (idx, images) in enumerate(batches):
                     if task:  # the task runs the forward pass and returns named loss terms
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -254,7 +256,7 @@ def train(
                         raw = images
                         if transform is not None:
                             t_aug = time.perf_counter()
-                            images = transform(raw.to(device).float() / 255.0)
+                            images = transform(raw.to(device, non_blocking=True).float() / 255.0)
                             augment_s += time.perf_counter() - t_aug
                         else:
                             images = eval_geometry(raw, size).to(device)
@@ -340,16 +342,21 @@ def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, 
         yield order[start : start + batch_size]
 
 
-def prefetched(images, batches, stats: dict | None = None, background: bool = True):
-    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``.
+def prefetched(images, batches, stats: dict | None = None, background: bool = True, workers: int = 0,
+               pin: bool = False):
+    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``, in their order.
 
-    With ``background``, the next batch is fetched in a background thread while the caller trains
-    on the current one: lazily decoded images (``datasets.lazy``) are then read and decoded during
-    the step, and a GPU never waits for a host-side copy. Without it, each batch is fetched when
-    asked for: on a CPU-only run with the images in memory the fetch is a fast copy, and a second
-    thread running tensor ops would start its own OpenMP team that competes with the training
-    step's (measured: 17 % fewer samples/s on 2 cores). ``stats["wait_s"]``, if given,
-    accumulates the seconds the caller waited for a batch.
+    With ``workers`` > 0, ``workers`` processes of torch's DataLoader fetch the batches (for
+    lazily decoded images, ``datasets.lazy``: each worker reads and decodes whole batches), up to
+    two batches ahead per worker; ``pin`` puts them in pinned memory for an asynchronous copy to
+    a GPU. The rows and their order are those of ``batches`` whatever the number of workers, so
+    the numbers do not change (a test). With ``background`` (and no workers), the next batch is
+    fetched in a background thread while the caller trains on the current one: a GPU never waits
+    for a host-side copy. Without either, each batch is fetched when asked for: on a CPU-only
+    run with the images in memory the fetch is a fast copy, and a second thread running tensor
+    ops would start its own OpenMP team that competes with the training step's (measured: 17 %
+    fewer samples/s on 2 cores). ``stats["wait_s"]``, if given, accumulates the seconds the
+    caller waited for a batch.
     """
     def waited_for(get):
         t_wait = time.perf_counter()
@@ -358,6 +365,16 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
             stats["wait_s"] += time.perf_counter() - t_wait
         return out
 
+    if workers > 0:
+        # its own generator: the workers' base seed must not be drawn from torch's global RNG, which
+        # the augmentations draw from
+        loader = torch.utils.data.DataLoader(BatchFetch(images), batch_size=None, sampler=list(batches),
+                                             num_workers=workers, pin_memory=pin, prefetch_factor=2,
+                                             worker_init_fn=_one_thread, generator=torch.Generator().manual_seed(0))
+        it = iter(loader)
+        while (item := waited_for(lambda: next(it, None))) is not None:
+            yield item
+        return
     batches = iter(batches)
     if not background:
         for rows in batches:
@@ -371,6 +388,25 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
             rows = next(batches, None)
             pending = loader.submit(images.__getitem__, rows) if rows is not None else None
             yield current, fetched
+
+
+class BatchFetch(torch.utils.data.Dataset):
+    """A DataLoader's map-style dataset whose index is a whole batch: ``[rows]`` gives
+    (rows, images[rows]) for int64 ``rows`` [B] (images uint8 [B, 3, S, S])."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __getitem__(self, rows: torch.Tensor):
+        return rows, self.images[rows]
+
+
+def _one_thread(_worker: int) -> None:
+    """In a decoding worker: decode one image at a time (the workers are the parallelism; torch's
+    DataLoader already gives each of them one intra-op thread)."""
+    images = torch.utils.data.get_worker_info().dataset.images
+    if hasattr(images, "workers"):
+        images.workers = 1
 
 
 def augment_seed(seed: int, epoch: int, rank: int = 0, world: int = 1, tag: tuple = ()) -> int:

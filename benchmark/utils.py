@@ -68,3 +68,24 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+WORKERS_ENV = "POISONBENCH_WORKERS"  # set by `bench run --workers`; read by every cell it starts
+
+
+def decode_workers(cuda: bool) -> int:
+    """Worker processes that decode lazily loaded training images (``train.prefetched``):
+    ``POISONBENCH_WORKERS`` when set (``bench run --workers``), else the cores allotted to the
+    cell (OMP_NUM_THREADS, which ``bench run --jobs`` sets per cell, else ``usable_cores``) minus
+    one for the training process, at most 8 per GPU (open_clip's default). 0 decodes in a thread
+    of the training process.
+
+    Raises ValueError when the variable is not a whole number >= 0."""
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if value:
+        if not value.isdigit():
+            raise ValueError(f"{WORKERS_ENV}={value!r}: give the number of decoding worker processes (0 or more)")
+        return int(value)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    cores = int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores()
+    return min(8, cores - 1) if cuda else cores - 1

@@ -129,6 +129,10 @@ class LazyImages:
             r = rows[i]
             out[i] = self.extra[-1 - r] if r < 0 else self._decode(r)
 
+        if self.workers == 1:  # in a decoding worker process (``train.prefetched``)
+            for i in range(len(rows)):
+                fill(i)
+            return out
         with ThreadPoolExecutor(self.workers) as pool:
             list(pool.map(fill, range(len(rows))))
         return out

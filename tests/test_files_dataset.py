@@ -205,25 +205,85 @@ def test_bad_eval_set_names_the_choices(spec, message):
         load_eval(spec, 28, 0, 0, torch.Generator())
 
 
+def lazy_cell(root, source: str, load: str):
+    """The tiny badnet-lc x roclip cell of the files in ``root`` (csv or wds), loaded ``load``."""
+    spec = f"csv:{root / 'train.csv'}" if source == "csv" else "wds:" + str(root / "shard-{00000..00001}.tar")
+    params = {"train": spec, "n_train": 0, "n_heldout": 50, "load": load}
+    return resolve("badnet-lc", "roclip", "tiny", 0, {"n_poison": 5}, {"pool_size": 128}, params, "files", epochs=2)
+
+
+COMPARED = ("clean_top1", "asr", "linear_probe_top1", "final_loss", "n_poison", "manifest_hash", "i2t_r10", "curve_asr",
+            "trig_present")
+
+
 @pytest.mark.parametrize("source", ["csv", "wds"])
-def test_lazy_loading_trains_exactly_as_in_memory(fashion_files, source, tmp_path):
-    """load=lazy decodes batch by batch; the pairs, the poisoning and every metric equal load=memory."""
+def test_lazy_loading_trains_exactly_as_in_memory(fashion_files, source, tmp_path, monkeypatch):
+    """load=lazy decodes batch by batch, in a thread (--workers 0) or in 2 worker processes; the
+    pairs, the poisoning and every metric equal load=memory."""
     from poisonbench.datasets.lazy import LazyImages
     from poisonbench.runner import run_cell
+    from poisonbench.utils import WORKERS_ENV
 
     root, _, _ = fashion_files
-    spec = f"csv:{root / 'train.csv'}" if source == "csv" else "wds:" + str(root / "shard-{00000..00001}.tar")
     rows, data = {}, {}
-    for load in ("memory", "lazy"):
-        params = {"train": spec, "n_train": 0, "n_heldout": 50, "load": load}
-        data[load] = Files(DATASETS.params("files", {**params, "image_size": 28, "n_eval": 100, "n_probe": 100})).load(0)
-        cfg = resolve("badnet-lc", "roclip", "tiny", 0, {"n_poison": 5}, {"pool_size": 128}, params, "files", epochs=2)
-        rows[load] = run_cell(cfg, tmp_path / load, device="cpu", progress=False)
+    for load, workers in (("memory", 0), ("lazy", 0), ("lazy", 2)):
+        cfg = lazy_cell(root, source, load)
+        monkeypatch.setenv(WORKERS_ENV, str(workers))
+        data[load] = Files(DATASETS.params("files", {**cfg.dataset_params, "n_eval": 100, "n_probe": 100})).load(0)
+        rows[load, workers] = run_cell(cfg, tmp_path / f"{load}{workers}", device="cpu", progress=False)
     assert isinstance(data["lazy"].train.images, LazyImages) and isinstance(data["memory"].train.images, torch.Tensor)
     assert torch.equal(data["lazy"].train.images[torch.arange(len(data["lazy"].train))], data["memory"].train.images)
     assert data["lazy"].train.captions == data["memory"].train.captions
-    for key in ("clean_top1", "asr", "linear_probe_top1", "final_loss", "n_poison", "manifest_hash", "i2t_r10"):
-        assert rows["lazy"][key] == rows["memory"][key], key
+    for key in COMPARED:
+        assert rows["lazy", 0][key] == rows["memory", 0][key], key
+        assert rows["lazy", 2][key] == rows["memory", 0][key], key
+
+
+KILL_MID_EPOCH = r"""
+import json, os, signal, sys
+import torch
+from poisonbench.config import RunConfig
+from poisonbench.runner import run_cell
+
+steps, real = [0], torch.optim.AdamW.step
+
+
+def step(self, *args, **kwargs):  # kill -9 at optimizer step N, decoding workers running
+    steps[0] += 1
+    if steps[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+
+
+torch.optim.AdamW.step = step
+run_cell(RunConfig(**json.loads(sys.argv[2])), sys.argv[1], device="cpu", progress=False)
+"""
+
+
+def test_lazy_cell_with_workers_killed_mid_epoch_resumes_to_the_same_numbers(fashion_files, tmp_path, monkeypatch):
+    """kill -9 in epoch 2 of a lazily loaded cell decoding in 2 worker processes; the rerun resumes
+    from epoch 1's checkpoint and ends with the numbers of an uninterrupted in-memory run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from poisonbench.runner import run_cell
+    from poisonbench.utils import WORKERS_ENV
+    from store_helpers import SUBPROCESS_ENV
+
+    root, _, _ = fashion_files
+    cfg = lazy_cell(root, "csv", "lazy")
+    env = {**SUBPROCESS_ENV, WORKERS_ENV: "2"}
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_EPOCH, str(tmp_path / "res"), json.dumps(cfg.to_dict()), "5"],
+                          env=env, capture_output=True, text=True, timeout=300)  # 3 steps per epoch: step 5 is in epoch 2
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    resumed = run_cell(cfg, tmp_path / "res", device="cpu", progress=False)
+    assert resumed["status"] == "ok" and resumed["resumed_from_epoch"] == 1
+    reference = run_cell(lazy_cell(root, "csv", "memory"), tmp_path / "memory", device="cpu", progress=False)
+    for key in COMPARED:
+        assert resumed[key] == reference[key], key
 
 
 def test_lazy_images_take_cat_and_assign_match_a_tensor(fashion_files):
