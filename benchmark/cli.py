@@ -221,6 +221,10 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
               help="Processes that decode lazily loaded training images (--data with load=lazy, or auto above "
                    "8 GiB) per training process; the numbers do not depend on it. 0: a thread of the training "
                    "process.  [default: the cell's cores minus one, at most 8 per GPU]")
+@click.option("--speed", metavar="OPTIONS",
+              help="Speed options, a comma list: compile (torch.compile), fused-adamw, channels-last (ResNets). "
+                   "Numbers agree with a plain run to floating-point tolerance, not bit for bit; the row records "
+                   "them (speed_options). `bench perf` measures each.  [default: none]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
               help="local: processes on this machine (--jobs at a time); slurm: one SLURM job per cell; "
@@ -237,7 +241,7 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--slurm-param", multiple=True, metavar="KEY=VALUE",
               help="Any other sbatch option (repeatable), e.g. account=myproj, qos=high, constraint=a100.")
 def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_set, finetune_data, dataset_param, epochs,
-        batch_size, lr, model, init, nproc, results, jobs, device, force, keep_checkpoint, workers, quiet, launcher, wait,
+        batch_size, lr, model, init, nproc, results, jobs, device, force, keep_checkpoint, workers, speed, quiet, launcher, wait,
         partition, gpus_per_node, cpus_per_task, mem_gb, time_min, slurm_array_parallelism, slurm_param) -> None:
     """Train CLIP on poisoned data with a defense, evaluate it, and store one result row per cell.
 
@@ -274,8 +278,16 @@ def run(attack, defense, profile, seed, attack_param, defense_param, data, eval_
     from .grid import EXIT_BUSY, run_cells, state, validate
     from .store import has_finished_row, read_row
 
-    if workers is not None:  # an environment variable reaches every cell: in-process, subprocess, torchrun, SLURM
+    # environment variables reach every cell: in-process, subprocess, torchrun, SLURM
+    if workers is not None:
         os.environ[WORKERS_ENV] = str(workers)
+    if speed is not None:
+        from .speed import SPEED_ENV, SpeedOptions
+
+        try:
+            os.environ[SPEED_ENV] = str(SpeedOptions.parse(speed))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--speed") from None
     submitted = launcher != "local"
     if submitted and nproc > 1:
         raise click.UsageError("with --launcher slurm, --gpus-per-node sets the processes per cell; drop --nproc")

@@ -39,6 +39,7 @@ from .preprocess import eval_geometry
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
 from .survival import TriggerSurvival
 from .store import CellBusyError, cache_lock, cell_lock, has_finished_row, read_row, runs_dir, write_row
+from .speed import from_env as speed_from_env
 from .train import TrainResult, set_threads, train
 from .utils import atomic_write, derive_seed, hash_json, remove_temp_files
 
@@ -740,6 +741,7 @@ def base_row(cfg: RunConfig, plan: PoisonPlan, device: torch.device) -> dict[str
         "git_rev": git_rev(),
         "version": __version__,
         "device": device_name(device),
+        "speed_options": str(speed_from_env()),  # bench run --speed: the numbers agree to fp tolerance
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

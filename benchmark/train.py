@@ -20,6 +20,7 @@ from .datasets.base import CaptionDataset, is_lazy
 from .defenses.base import Defense, EpochContext, PhaseSettings, TaskBatch, TrainingPass, TrainingTask, TrainState
 from .evaluate import encode_tokens
 from .preprocess import eval_geometry, normalize
+from .speed import SpeedOptions, from_env as speed_from_env
 from .models import image_size
 from .utils import atomic_write, decode_workers, derive_seed, usable_cores
 
@@ -105,6 +106,7 @@ def train(
     keep_optimizer_state: bool = False,
     epoch_metrics=None,
     view_probe=None,
+    speed: SpeedOptions | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with ``defense``'s hooks.
 
@@ -136,7 +138,8 @@ def train(
     (int64 [B]), its uint8 images (stored geometry), the views the model gets and the defense's
     transform (None without augmentation; a kornia container holds its parameters of the step),
     e.g. ``survival.TriggerSurvival``; it must change nothing. A probe with a ``sync()`` method
-    has it called on every rank at the end of each epoch, before ``epoch_metrics``.
+    has it called on every rank at the end of each epoch, before ``epoch_metrics``. ``speed``:
+    the ``speed.SpeedOptions`` to train with (default: those of ``bench run --speed``, all off).
 
     In a process group of W ranks (``distributed.init``) every rank calls this with the same
     arguments: ``cfg.batch_size`` is per rank, so a step sees a global batch of batch_size x W
@@ -169,10 +172,12 @@ def train(
     tokens = tokenizer(defense.text_transform(data.captions))
     transform = None if task else defense.train_transform(size)
 
-    model.to(device).train()
+    speed = speed or speed_from_env()
+    speed.layout(model.to(device)).train()
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+    net = speed.wrap(net)
+    optimizer = speed.optimizer(param_groups(model, settings.weight_decay), settings.lr)
     schedule = defense.lr_lambda(settings.warmup_steps, steps_per_epoch, settings.epochs) if task else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or lr_lambda(settings.warmup_steps, total))
     amp = device.type == "cuda"
@@ -262,7 +267,7 @@ def train(
                             images = eval_geometry(raw, size).to(device)
                         if view_probe is not None:
                             view_probe(idx, raw, images, transform)
-                        x = normalize(images)
+                        x = speed.images(normalize(images), model)
                         t = tokens[idx].to(device, non_blocking=True)
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             img_emb, txt_emb, scale = net(x, t)

@@ -1,0 +1,76 @@
+"""Speed options of the trainer (``bench run --speed``), off by default until ``bench perf``
+shows they pay (README, Performance). Each changes how the arithmetic is scheduled, not what is
+computed: a cell's numbers agree with the plain run to floating-point tolerance, not bit for bit
+(a test), so the options a row was trained with are stored in it (``speed_options``) and they are
+not part of the run id.
+
+- ``compile``: ``torch.compile`` of the model's training forward pass (inductor; on a CPU it needs a
+  C++ compiler, and the first step of a run compiles for tens of seconds).
+- ``fused-adamw``: ``torch.optim.AdamW(fused=True)``, one kernel for all parameters' updates.
+- ``channels-last``: a convolutional image tower (ResNets) and its inputs in channels-last memory
+  format; a no-op for ViTs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+SPEED_ENV = "POISONBENCH_SPEED"  # set by `bench run --speed`; read by every cell it starts
+NAMES = {"compile": "compile", "fused-adamw": "fused_adamw", "channels-last": "channels_last"}
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Which speed options are on (see the module docstring)."""
+
+    compile: bool = False
+    fused_adamw: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "SpeedOptions":
+        """From a comma list of option names (``compile,fused-adamw``); "" or ``none``: all off.
+        Raises ValueError naming the valid options for an unknown one."""
+        names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+        unknown = [n for n in names if n not in NAMES]
+        if unknown:
+            raise ValueError(f"unknown speed option(s) {', '.join(unknown)}; valid: {', '.join(NAMES)} (or none)")
+        return cls(**{NAMES[n]: True for n in names})
+
+    def __str__(self) -> str:
+        on = [name for name, attr in NAMES.items() if getattr(self, attr)]
+        return ",".join(on) or "none"
+
+    def optimizer(self, groups: list[dict], lr: float) -> torch.optim.AdamW:
+        """The trainer's AdamW (betas 0.9/0.999, eps 1e-8) over parameter ``groups``, fused when asked."""
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if self.fused_adamw else {}))
+
+    def layout(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model``, changed in place to channels-last when asked and convolutional."""
+        if self.channels_last and is_convolutional(model):
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The module to call for training steps: ``net`` compiled when asked, else ``net``."""
+        return torch.compile(net) if self.compile else net
+
+    def images(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        """Model input float [B, 3, S, S] in the memory format the options give the model."""
+        if self.channels_last and is_convolutional(model):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """True when the model's image tower has 2-D convolutions beyond a patch embedding (a ResNet)."""
+    visual = getattr(model, "visual", model)
+    return sum(isinstance(m, torch.nn.Conv2d) for m in visual.modules()) > 1
+
+
+def from_env() -> SpeedOptions:
+    """The options ``bench run --speed`` set for this process (``POISONBENCH_SPEED``); all off when unset."""
+    return SpeedOptions.parse(os.environ.get(SPEED_ENV, ""))
+
