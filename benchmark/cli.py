@@ -797,11 +797,16 @@ def export(run_id, out_dir, results) -> None:
               help="Training images to poison; 0 = the whole training split (60k for Fashion-MNIST).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="PyTorch CPU threads; 0 = every usable core, as bench run (bench run --jobs N gives cores/N).")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval"]),
-              help="Measure only this stage (repeatable)  [default: all three]")
+@click.option("--speed", default="compile,fused-adamw,channels-last", show_default=True, metavar="OPTIONS",
+              help="Also train clip with each of these speed options of bench run --speed that applies to the "
+                   "model (none: no such variant; compile needs a C++ compiler and about a minute).")
+@click.option("--data-images", default=1024, show_default=True, type=click.IntRange(min=128),
+              help="Synthetic JPEGs the data stage writes to a temp folder and decodes.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval", "data"]),
+              help="Measure only this stage (repeatable)  [default: all four]")
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),
               help="Results folder; the figures go to RESULTS/perf/perf-<time>.parquet.")
-def perf(profile, steps, epochs, repeats, poison_images, threads, stages, results) -> None:
+def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_images, stages, results) -> None:
     """Measure the harness on this machine (CPU): medians, ratios, targets.
 
     \b
@@ -812,9 +817,13 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, stages, result
                to build each attack's poisoned training set
     eval       seconds of zero-shot, ASR, linear probe and retrieval on the
                evaluation set, for a model trained --steps steps
-    and the process's peak resident memory after each stage.
+    data       images/s of decoding lazily loaded JPEG files and shards at
+               the paper profile's image size, with 0, 1, 2, ... worker
+               processes, against what an H200 needs
+    and the model's FLOP utilisation (MFU) in training, and the process's peak resident memory
+    after each stage.
 
-    With the defaults this takes about 8 minutes on 2 cores; keep the machine otherwise idle.
+    With the defaults this takes about 12 minutes on 2 cores; keep the machine otherwise idle.
     Two threads on a shared virtual machine vary by +-15 % from one repetition to the next:
     compare the ratios (each the median of the per-repetition ratios), or use --threads 1.
     """
@@ -824,7 +833,8 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, stages, result
     from .perf import PerfOptions, check, run_perf, summary, write
 
     opts = PerfOptions(profile, steps, epochs, repeats, poison_images,
-                       tuple(stages) or ("training", "poisoning", "eval"), threads)
+                       tuple(stages) or ("training", "poisoning", "eval", "data"), threads,
+                       tuple(n for n in speed.split(",") if n.strip() not in ("", "none")), data_images)
     try:
         check(opts)
     except ValueError as e:

@@ -147,16 +147,23 @@ def perf_tables(summary, machine) -> list[Table]:
     tables = []
     variants = lambda stage: [v for v in dict.fromkeys(summary[summary.stage == stage].variant) if v != "process"]
     if "training" in set(summary.stage):
+        flops, peak = value("training", "model", "train_flops_per_sample"), value("training", "device", "matmul_peak_flops")
         t = Table(title=f"training, {machine['profile']} profile: samples/s, median and range",
-                  caption="ratio: clip to the bare loop (target >= 0.95), the others to clip (>= 0.85); "
-                          "data wait, augment: shares of the trainer's wall time (data wait target <= 10 %)",
+                  caption="ratio: clip to the bare loop (target >= 0.95), the others to clip (>= 0.85), clip +option "
+                          "(bench run --speed) to the bare loop; data wait, augment: shares of the trainer's wall time "
+                          "(data wait target <= 10 %); MFU: model FLOPs/s over the measured matmul peak"
+                          + ("" if flops is None else f" ({flops.value / 1e6:.1f} MFLOP per training sample, "
+                                                      f"peak {peak.value / 1e9:.0f} GFLOP/s)"),
                   box=box.SIMPLE_HEAD)
-        for col in ("variant", "samples/s", "range", "ratio", "met", "data wait", "augment"):
+        for col in ("variant", "samples/s", "range", "ratio", "met", "data wait", "augment", "MFU"):
             t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
         for v in variants("training"):
-            r, wait, aug = (value("training", v, m) for m in ("samples_per_s", "data_wait_share", "augment_share"))
+            r, wait, aug, mfu = (value("training", v, m) for m in ("samples_per_s", "data_wait_share", "augment_share", "mfu"))
+            if r is None:  # the model's and the device's figures
+                continue
             t.add_row(v, f"{r.value:.0f}", f"{r.lo:.0f}-{r.hi:.0f}", "" if r.ratio != r.ratio else f"{r.ratio:.2f}", met(r),
-                      "" if wait is None else f"{wait.value:.1%}", "" if aug is None else f"{aug.value:.1%}")
+                      "" if wait is None else f"{wait.value:.1%}", "" if aug is None else f"{aug.value:.1%}",
+                      "" if mfu is None else f"{mfu.value:.1%}")
         tables.append(t)
     if "poisoning" in set(summary.stage):
         n = int(summary[summary.measure == "n_images"].value.iloc[0])
@@ -173,6 +180,23 @@ def perf_tables(summary, machine) -> list[Table]:
             t.add_column(col, justify="right")
         t.add_row(*(secs(value("eval", "evaluate", m)) for m in
                     ("zero_shot_s", "attack_eval_s", "probe_s", "retrieval_s", "eval_s")))
+        tables.append(t)
+    if "data" in set(summary.stage):
+        from .perf_data import H200_RN50_SAMPLES_PER_S
+
+        t = Table(title="data: lazily loaded JPEGs decoded at the paper profile's image size, images/s",
+                  caption=f"speed-up: over 1 worker (2 workers: target >= 1.8); cores for an H200: worker processes at "
+                          f"this rate per worker that keep up with RN50 training from memory on an H200 "
+                          f"({H200_RN50_SAMPLES_PER_S:.0f} samples/s)", box=box.SIMPLE_HEAD)
+        for col in ("source, decoding", "images/s", "range", "speed-up", "met", "cores for an H200"):
+            t.add_column(col, justify="left" if col.startswith("source") else "right", no_wrap=True)
+        for v in variants("data"):
+            r, up = value("data", v, "images_per_s"), value("data", v, "speedup_vs_1_worker")
+            if r is None:
+                continue
+            per_worker = r.value / int(v.split(", ")[1].split()[0]) if "worker" in v else None
+            t.add_row(v, f"{r.value:.0f}", f"{r.lo:.0f}-{r.hi:.0f}", "" if up is None else f"{up.value:.2f}", met(up),
+                      "" if per_worker is None else f"{H200_RN50_SAMPLES_PER_S / per_worker:.1f}")
         tables.append(t)
     return tables
 

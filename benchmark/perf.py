@@ -12,6 +12,11 @@ that noise from the rest of the machine hits all of them alike; medians are repo
 - poisoning: the seconds to apply each backdoor's trigger to every training image of the
   dataset (60k for Fashion-MNIST) and to build each attack's poisoned training set from them;
 - evaluation: zero-shot over the evaluation set, the attack's ASR, the linear probe, retrieval;
+- data: decoded images/s of lazily loaded JPEG files and shards with 0, 1, 2, ... decoding
+  worker processes (``perf_data``);
+- the model's FLOPs per training sample (forward and backward, counted by torch's
+  ``FlopCounterMode``) and the device's measured float32 matmul peak, whence each training
+  variant's model FLOP utilisation (MFU);
 - peak resident memory of the process after each stage.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from .config import PROFILES, RunConfig, get_profile, resolve
 from .preprocess import normalize
 from .registry import ATTACKS, DATASETS, DEFENSES, build_params
+from .speed import NAMES as SPEED_NAMES, SpeedOptions, is_convolutional
 from .utils import atomic_write, usable_cores
 
 DEFENSE_NAMES = ("clip", "roclip", "aug-only")
@@ -47,9 +53,12 @@ class PerfOptions:
         repeats: repetitions of every measurement (>= 1); the median is reported.
         poison_images: training images the triggers are applied to, and the poisoned training set
             is built from; 0 = the dataset's whole training split.
-        stages: which of training, poisoning, eval to run.
+        stages: which of training, poisoning, eval, data to run.
         threads: PyTorch CPU threads; 0 = every usable core (as ``bench run``), unless
             OMP_NUM_THREADS is set.
+        speed: also train clip with each of these speed options (``speed.SpeedOptions``) that
+            applies to the profile's model.
+        data_images: synthetic JPEGs the data stage decodes (``perf_data``; >= 128).
     """
 
     profile: str = "cpu-small"
@@ -57,8 +66,10 @@ class PerfOptions:
     epochs: int = 3
     repeats: int = 9
     poison_images: int = 0
-    stages: tuple[str, ...] = ("training", "poisoning", "eval")
+    stages: tuple[str, ...] = ("training", "poisoning", "eval", "data")
     threads: int = 0
+    speed: tuple[str, ...] = tuple(SPEED_NAMES)
+    data_images: int = 1024
 
 
 def peak_rss_mib() -> float:
@@ -131,7 +142,7 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
     model0, tokenizer = create_model(base.model)
     images, tokens = normalize(pairs.images), tokenizer(pairs.captions)  # the bare loop's pre-made tensors
 
-    def trainer(defense: str) -> Callable[[bool], dict[str, float]]:
+    def trainer(defense: str, speed: SpeedOptions = SpeedOptions()) -> Callable[[bool], dict[str, float]]:
         cfg = resolve("none", defense, profile=opts.profile)
         cls = DEFENSES.get(defense)
 
@@ -143,7 +154,8 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
                 d.params = dataclasses.replace(d.params, **({"pool_size": bs, "match_every": 1} if defense == "roclip" else {}))
                 run_cfg = dataclasses.replace(cfg, epochs=1)
             d.check(len(run_pairs))  # the pool fits: see ``check``
-            r = train(copy.deepcopy(model0), tokenizer, run_pairs, d, run_cfg, torch.device("cpu"), None, progress=False)
+            r = train(copy.deepcopy(model0), tokenizer, run_pairs, d, run_cfg, torch.device("cpu"), None, progress=False,
+                      speed=speed)
             return {"samples_per_s": r.steps * bs / r.train_s, "data_wait_share": r.data_wait_s / r.train_s,
                     "augment_share": r.augment_s / r.train_s}
 
@@ -154,11 +166,51 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
         return {"samples_per_s": bare_loop(copy.deepcopy(model0), images, tokens, base, steps)}
 
     variants = {BARE: bare, **{d: trainer(d) for d in DEFENSE_NAMES}}
+    for name in speed_names(model0, opts.speed):
+        variants[f"clip +{name}"] = trainer("clip", SpeedOptions.parse(name))
     task = progress.add_task("training throughput", total=len(variants) * opts.repeats)
     for fn in variants.values():
-        fn(True)
+        fn(True)  # also compiles the compiled variant's model, once
     timed = {name: (lambda fn=fn: fn(False)) for name, fn in variants.items()}
-    return interleaved(timed, opts.repeats, lambda _: progress.advance(task))
+    records = interleaved(timed, opts.repeats, lambda _: progress.advance(task))
+    flops = {"variant": "model", "repeat": 0, "measure": "train_flops_per_sample",
+             "value": train_flops_per_sample(copy.deepcopy(model0), images[:bs], tokens[:bs])}
+    return records + [flops, {"variant": "device", "repeat": 0, "measure": "matmul_peak_flops", "value": matmul_peak()}]
+
+
+def speed_names(model: torch.nn.Module, names) -> list[str]:
+    """Those of the speed options ``names`` that apply to ``model`` (channels-last only to a
+    convolutional one)."""
+    return [n for n in names if n != "channels-last" or is_convolutional(model)]
+
+
+def train_flops_per_sample(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Floating-point operations of one CLIP training step's forward and backward pass per pair
+    (a multiply-add counts 2), counted by ``torch.utils.flop_counter.FlopCounterMode`` on the batch
+    of float images [B, 3, S, S] and int64 tokens [B, L]; the optimizer step is not counted."""
+    import open_clip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        image_emb, text_emb, scale = model(images, tokens)
+        open_clip.ClipLoss()(image_emb, text_emb, scale).backward()
+    return counter.get_total_flops() / len(images)
+
+
+def matmul_peak(seconds: float = 0.5) -> float:
+    """The device's achievable float32 FLOP/s: the best of square ``torch.mm`` of sides 512 to
+    2048 on the CPU with the current threads, each repeated for ``seconds``."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.mm(a, b)
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    return best
 
 
 def poisoning_measurements(opts: PerfOptions, progress) -> list[dict]:
@@ -211,8 +263,16 @@ def eval_measurements(opts: PerfOptions, progress) -> list[dict]:
                                              if k in keys}}, opts.repeats, lambda _: progress.advance(task))
 
 
+def data_measurements(opts: PerfOptions, progress) -> list[dict]:
+    """See ``perf_data.data_measurements``."""
+    from .perf_data import data_measurements as measure
+
+    return measure(opts, progress)
+
+
 BARE = "bare loop"  # the hand-written open_clip loop
-STAGES = {"training": training_measurements, "poisoning": poisoning_measurements, "eval": eval_measurements}
+STAGES = {"training": training_measurements, "poisoning": poisoning_measurements, "eval": eval_measurements,
+          "data": data_measurements}
 
 
 def machine() -> dict[str, str | int]:
@@ -239,6 +299,9 @@ def check(opts: PerfOptions) -> None:
         raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
     if min(opts.steps, opts.epochs, opts.repeats) < 1 or opts.threads < 0:
         raise ValueError("steps, epochs and repeats must be >= 1, threads >= 0")
+    SpeedOptions.parse(",".join(opts.speed))  # ValueError for an unknown option
+    if "data" in opts.stages and opts.data_images < 128:
+        raise ValueError(f"--data-images {opts.data_images}: the data stage decodes batches of 128; give 128 or more")
     if _takes_data(profile.dataset):
         builtin = ", ".join(p for p in PROFILES if not _takes_data(PROFILES[p].dataset))
         raise ValueError(f"bench perf measures the profiles with built-in data ({builtin}); "
@@ -295,15 +358,47 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     speed = frame[frame.measure == "samples_per_s"].pivot_table(index="repeat", columns="variant", values="value")
     for i, r in med.iterrows():
         if r.measure == "samples_per_s" and r.variant != BARE:
-            ref, goal = (BARE, 0.95) if r.variant == "clip" else ("clip", 0.85)
+            ref, goal = (BARE, 0.95) if r.variant == "clip" else (BARE, None) if "+" in r.variant else ("clip", 0.85)
             if ref in speed:  # the median of the ratios within each repetition: run minutes apart, not hours
                 med.loc[i, "ratio"] = (speed[r.variant] / speed[ref]).median()
-                med.loc[i, ["target", "met"]] = f">= {goal} x {ref.split()[0]}", med.loc[i, "ratio"] >= goal
+                if goal is not None:
+                    med.loc[i, ["target", "met"]] = f">= {goal} x {ref.split()[0]}", med.loc[i, "ratio"] >= goal
         elif r.measure == "data_wait_share":
             med.loc[i, ["target", "met"]] = "<= 0.10 (step >= 90 %)", r.value <= 0.10
         elif r.measure in ("trigger_s", "poison_s"):
             med.loc[i, ["target", "met"]] = "<= 1 s", r.value <= 1.0
-    return med
+    return pd.concat([med, mfu_rows(med), decode_ratios(frame)], ignore_index=True)
+
+
+def mfu_rows(med: pd.DataFrame) -> pd.DataFrame:
+    """Model FLOP utilisation of each training variant: median samples/s x FLOPs per sample /
+    the measured matmul peak (``measure`` "mfu"; ``value`` in [0, 1]); none without the figures."""
+    pick = lambda measure: med.loc[med.measure == measure, "value"]
+    flops, peak = pick("train_flops_per_sample"), pick("matmul_peak_flops")
+    if flops.empty or peak.empty:
+        return pd.DataFrame()
+    rates = med[(med.stage == "training") & (med.measure == "samples_per_s")]
+    return pd.DataFrame({"stage": "training", "variant": rates.variant, "measure": "mfu",
+                         "value": rates.value * flops.iloc[0] / peak.iloc[0], "target": ""})
+
+
+def decode_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """For the data stage: each worker count's images/s over one worker's (``ratio``, the median of
+    per-repetition ratios; 2 workers: target >= 1.8), per source (csv, wds)."""
+    rates = frame[(frame.stage == "data") & (frame.measure == "images_per_s")]
+    if rates.empty:
+        return pd.DataFrame()
+    wide = rates.pivot_table(index="repeat", columns="variant", values="value")
+    out = []
+    for variant in wide.columns:
+        source, _, workers = variant.partition(", ")
+        one = f"{source}, 1 worker"
+        if workers.endswith("workers") and one in wide:
+            ratio = (wide[variant] / wide[one]).median()
+            two = workers == "2 workers"
+            out.append({"stage": "data", "variant": variant, "measure": "speedup_vs_1_worker", "value": ratio,
+                        "target": ">= 1.8" if two else "", "met": bool(ratio >= 1.8) if two else None})
+    return pd.DataFrame(out)
 
 
 def write(frame: pd.DataFrame, folder: Path) -> Path:

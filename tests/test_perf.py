@@ -75,27 +75,69 @@ def test_summary_takes_medians_and_the_median_of_paired_ratios_against_the_right
 
 def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     args = ["perf", "-p", "tiny", "--steps", "4", "--epochs", "2", "--repeats", "2", "--poison-images", "3000",
+            "--speed", "fused-adamw,channels-last", "--stage", "training", "--stage", "poisoning", "--stage", "eval",
             "--results", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     (path,) = (tmp_path / "perf").glob("perf-*.parquet")
     frame = pq.read_table(path).to_pandas()
     got = set(zip(frame.stage, frame.variant, frame.measure))
-    for v in (BARE, "clip", "roclip", "aug-only"):
+    for v in (BARE, "clip", "roclip", "aug-only", "clip +fused-adamw"):
         assert ("training", v, "samples_per_s") in got
+    assert ("training", "clip +channels-last", "samples_per_s") not in got  # the tiny model is a ViT
+    assert {("training", "model", "train_flops_per_sample"), ("training", "device", "matmul_peak_flops")} <= got
     for a in ("badnet", "badnet-lc", "blended", "sig", "wanet", "targeted"):
         assert ("poisoning", a, "poison_s") in got
     for part in ("zero_shot_s", "attack_eval_s", "probe_s", "retrieval_s", "eval_s"):
         assert ("eval", "evaluate", part) in got
     assert (frame[frame.measure == "n_images"].value == 3000).all()
-    repeated = frame[frame.variant != "process"].groupby(["stage", "variant", "measure"]).size()
+    repeated = frame[~frame.variant.isin(["process", "model", "device"])].groupby(["stage", "variant", "measure"]).size()
     assert (repeated == 2).all()  # every figure once per repetition
     assert (frame[frame.variant == "process"].measure == "peak_rss_mib").all()
     shares = frame[frame.measure.str.endswith("share")].value
     assert ((shares >= 0) & (shares <= 1)).all() and (frame[~frame.measure.str.endswith("share")].value > 0).all()
     aug = frame[frame.measure == "augment_share"]
-    assert (aug[aug.variant == "clip"].value == 0).all() and (aug[aug.variant != "clip"].value > 0).all()
+    augments = aug.variant.isin(["roclip", "aug-only"])
+    assert (aug[~augments].value == 0).all() and (aug[augments].value > 0).all()
     assert "bare loop" in result.output and path.name in result.output.replace("\n", "")
+    assert "MFU" in result.output and "clip +fused-adamw" in result.output
+
+
+def test_train_flops_per_sample_counts_the_matmuls_of_a_linear_clip():
+    """Two linear towers without bias: each costs 2*B*D_in*D_out forward and the same again for its
+    weight's gradient (the inputs need none); the loss's two B x B logit matmuls cost 2*B*B*D
+    forward and twice that backward (both operands need gradients)."""
+    from poisonbench.perf import train_flops_per_sample
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = torch.nn.Linear(12, 8, bias=False), torch.nn.Linear(5, 8, bias=False)
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, images, tokens):
+            return self.image(images.flatten(1)), self.text(tokens.float()), self.scale
+
+    b = 4
+    flops = train_flops_per_sample(Linear(), torch.rand(b, 3, 2, 2), torch.randint(0, 9, (b, 5)))
+    towers = 2 * b * (12 + 5) * 8 * 2  # forward + the weight gradients (inputs need no gradient)
+    logits = 2 * b * b * 8 * 2 * 3  # image-to-text and text-to-image logits, forward and two gradients each
+    assert flops * b == towers + logits
+
+
+def test_bench_perf_data_stage_decodes_jpegs_with_workers_and_reports_the_speed_up(tmp_path):
+    result = CliRunner().invoke(main, ["perf", "-p", "tiny", "--stage", "data", "--data-images", "256", "--repeats", "1",
+                                       "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "perf").glob("perf-*.parquet")
+    frame = pq.read_table(path).to_pandas()
+    rates = frame[frame.measure == "images_per_s"].set_index("variant").value
+    assert {"csv, threads", "csv, 1 worker", "csv, 2 workers", "wds, 1 worker", "wds, 2 workers"} <= set(rates.index)
+    assert (rates > 0).all()
+    med = summary(frame).set_index("variant")
+    up = med[med.measure == "speedup_vs_1_worker"]
+    assert up.loc["csv, 2 workers", "value"] == pytest.approx(rates["csv, 2 workers"] / rates["csv, 1 worker"])
+    assert "cores for an H200" in result.output
 
 
 @pytest.mark.parametrize("args,message", [
