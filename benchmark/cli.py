@@ -224,7 +224,7 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--speed", metavar="OPTIONS",
               help="Speed options, a comma list: compile (torch.compile), fused-adamw, channels-last (ResNets). "
                    "Numbers agree with a plain run to floating-point tolerance, not bit for bit; the row records "
-                   "them (speed_options). `bench perf` measures each.  [default: none]")
+                   "them (speed_options). `bench perf` measures each.  [default: plain, none of them]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
               help="local: processes on this machine (--jobs at a time); slurm: one SLURM job per cell; "
@@ -799,7 +799,7 @@ def export(run_id, out_dir, results) -> None:
               help="PyTorch CPU threads; 0 = every usable core, as bench run (bench run --jobs N gives cores/N).")
 @click.option("--speed", default="compile,fused-adamw,channels-last", show_default=True, metavar="OPTIONS",
               help="Also train clip with each of these speed options of bench run --speed that applies to the "
-                   "model (none: no such variant; compile needs a C++ compiler and about a minute).")
+                   "model (plain: none; compile needs a C++ compiler and about a minute).")
 @click.option("--data-images", default=1024, show_default=True, type=click.IntRange(min=128),
               help="Synthetic JPEGs the data stage writes to a temp folder and decodes.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval", "data"]),
@@ -834,7 +834,7 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
 
     opts = PerfOptions(profile, steps, epochs, repeats, poison_images,
                        tuple(stages) or ("training", "poisoning", "eval", "data"), threads,
-                       tuple(n for n in speed.split(",") if n.strip() not in ("", "none")), data_images)
+                       tuple(n for n in speed.split(",") if n.strip() not in ("", "plain")), data_images)
     try:
         check(opts)
     except ValueError as e:

@@ -264,10 +264,13 @@ def eval_measurements(opts: PerfOptions, progress) -> list[dict]:
 
 
 def data_measurements(opts: PerfOptions, progress) -> list[dict]:
-    """See ``perf_data.data_measurements``."""
-    from .perf_data import data_measurements as measure
+    """Decoded images/s of the lazy CSV and WebDataset paths with 0 (a thread), 1, 2, ... worker
+    processes, interleaved, on ``opts.data_images`` synthetic JPEGs (``perf_data.decode_variants``)."""
+    from .perf_data import decode_variants
 
-    return measure(opts, progress)
+    with decode_variants(opts.data_images) as (variants, size):
+        task = progress.add_task(f"decoding {opts.data_images} JPEGs at {size} px", total=len(variants) * opts.repeats)
+        return interleaved(variants, opts.repeats, lambda _: progress.advance(task))
 
 
 BARE = "bare loop"  # the hand-written open_clip loop

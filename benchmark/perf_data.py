@@ -9,6 +9,7 @@ beside it: the H200's RN50 training rate from memory (``H200_RN50_SAMPLES_PER_S`
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import tempfile
@@ -89,22 +90,22 @@ def worker_counts(cores: int) -> list[int]:
     return counts
 
 
-def data_measurements(opts, progress) -> list[dict]:
-    """Decoded images/s of the lazy CSV and WebDataset paths with each of ``worker_counts``
-    (variants ``"csv, 2 workers"`` ...), interleaved over ``opts.repeats``, on ``opts.data_images``
-    synthetic JPEGs at the paper profile's image size."""
+@contextlib.contextmanager
+def decode_variants(n_images: int):
+    """Within the context: ``(variants, size)``, where ``variants`` maps ``"csv, 2 workers"`` (and
+    the like, for the CSV and WebDataset sources and each of ``worker_counts``) to a function
+    returning {"images_per_s": ...} over ``n_images`` synthetic JPEGs at the paper profile's image
+    ``size``, written to a temporary folder that is removed on exit."""
     from .datasets.files import read_pairs
-    from .perf import interleaved
     from .utils import usable_cores
 
     size = paper_image_size()
     with tempfile.TemporaryDirectory(prefix="poisonbench-perf-") as tmp:
-        specs = write_jpeg_set(Path(tmp), opts.data_images, size)
+        specs = write_jpeg_set(Path(tmp), n_images, size)
         variants = {}
         for source, spec in specs.items():
             images = read_pairs(spec, size, load="lazy").images
             for w in worker_counts(usable_cores()):
                 name = f"{source}, {w} worker{'s' if w != 1 else ''}" if w else f"{source}, threads"
                 variants[name] = lambda images=images, w=w: {"images_per_s": decode_rate(images, w)}
-        task = progress.add_task(f"decoding {opts.data_images} JPEGs at {size} px", total=len(variants) * opts.repeats)
-        return interleaved(variants, opts.repeats, lambda _: progress.advance(task))
+        yield variants, size

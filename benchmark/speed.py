@@ -31,17 +31,17 @@ class SpeedOptions:
 
     @classmethod
     def parse(cls, text: str) -> "SpeedOptions":
-        """From a comma list of option names (``compile,fused-adamw``); "" or ``none``: all off.
+        """From a comma list of option names (``compile,fused-adamw``); "" or ``plain``: all off.
         Raises ValueError naming the valid options for an unknown one."""
-        names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+        names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "plain"]
         unknown = [n for n in names if n not in NAMES]
         if unknown:
-            raise ValueError(f"unknown speed option(s) {', '.join(unknown)}; valid: {', '.join(NAMES)} (or none)")
+            raise ValueError(f"unknown speed option(s) {', '.join(unknown)}; valid: {', '.join(NAMES)} (or plain)")
         return cls(**{NAMES[n]: True for n in names})
 
     def __str__(self) -> str:
         on = [name for name, attr in NAMES.items() if getattr(self, attr)]
-        return ",".join(on) or "none"
+        return ",".join(on) or "plain"
 
     def optimizer(self, groups: list[dict], lr: float) -> torch.optim.AdamW:
         """The trainer's AdamW (betas 0.9/0.999, eps 1e-8) over parameter ``groups``, fused when asked."""

@@ -21,6 +21,7 @@ from .defenses.base import Defense, EpochContext, PhaseSettings, TaskBatch, Trai
 from .evaluate import encode_tokens
 from .preprocess import eval_geometry, normalize
 from .speed import SpeedOptions, from_env as speed_from_env
+from .train_text import CaptionTokens, transformed_captions
 from .models import image_size
 from .utils import atomic_write, decode_workers, derive_seed, usable_cores
 
@@ -169,7 +170,9 @@ def train(
     task = isinstance(defense, TrainingTask)
     if task:
         defense.prepare(list(data.captions), tokenizer)
-    tokens = tokenizer(defense.text_transform(data.captions))
+    # data in memory: every caption tokenized now, as always; lazily loaded data: batch by batch, in
+    # the decoding workers, so that host memory does not grow with the dataset
+    tokens = CaptionTokens(transformed_captions(defense, data.captions), tokenizer, eager=not is_lazy(data.images))
     transform = None if task else defense.train_transform(size)
 
     speed = speed or speed_from_env()
@@ -249,11 +252,11 @@ def train(
                 batches = prefetched(data.images, batch_rows(order, n_steps, bs, rank, world), fetch,
                                      background=device.type == "cuda" or is_lazy(data.images),
                                      workers=decode_workers(device.type == "cuda") if is_lazy(data.images) else 0,
-                                     pin=device.type == "cuda")
-                for b, (idx, images) in enumerate(batches):
+                                     pin=device.type == "cuda", tokens=tokens)
+                for b, (idx, images, batch_tokens) in enumerate(batches):
                     if task:  # the task runs the forward pass and returns named loss terms
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                            terms = defense.step(net, TaskBatch(idx, images, tokens[idx], size, device),
+                            terms = defense.step(net, TaskBatch(idx, images, batch_tokens, size, device),
                                                  TrainState(epoch, step, group=group or ""))
                         loss = task_loss(terms, step, epoch, defense.name)
                         loss_terms.update({k: v.item() for k, v in terms.items()})
@@ -268,7 +271,7 @@ def train(
                         if view_probe is not None:
                             view_probe(idx, raw, images, transform)
                         x = speed.images(normalize(images), model)
-                        t = tokens[idx].to(device, non_blocking=True)
+                        t = batch_tokens.to(device, non_blocking=True)
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             img_emb, txt_emb, scale = net(x, t)
                             img_emb, txt_emb = distributed.gather_with_grad(img_emb.float(), txt_emb.float())
@@ -348,20 +351,21 @@ def batch_rows(order: torch.Tensor, steps: int, batch_size: int, rank: int = 0, 
 
 
 def prefetched(images, batches, stats: dict | None = None, background: bool = True, workers: int = 0,
-               pin: bool = False):
-    """(rows, uint8 images[rows]) for each ``rows`` of ``batches``, in their order.
+               pin: bool = False, tokens=None):
+    """(rows, uint8 images[rows], tokens[rows] or None) for each ``rows`` of ``batches``, in their order.
 
     With ``workers`` > 0, ``workers`` processes of torch's DataLoader fetch the batches (for
-    lazily decoded images, ``datasets.lazy``: each worker reads and decodes whole batches), up to
-    two batches ahead per worker; ``pin`` puts them in pinned memory for an asynchronous copy to
-    a GPU. The rows and their order are those of ``batches`` whatever the number of workers, so
-    the numbers do not change (a test). With ``background`` (and no workers), the next batch is
-    fetched in a background thread while the caller trains on the current one: a GPU never waits
-    for a host-side copy. Without either, each batch is fetched when asked for: on a CPU-only
-    run with the images in memory the fetch is a fast copy, and a second thread running tensor
-    ops would start its own OpenMP team that competes with the training step's (measured: 17 %
-    fewer samples/s on 2 cores). ``stats["wait_s"]``, if given, accumulates the seconds the
-    caller waited for a batch.
+    lazily decoded images, ``datasets.lazy``: each worker reads and decodes whole batches, and
+    tokenizes their captions), up to two batches ahead per worker; ``pin`` puts them in pinned
+    memory for an asynchronous copy to a GPU. The rows and their order are those of ``batches``
+    whatever the number of workers, so the numbers do not change (a test). With ``background``
+    (and no workers), the next batch is fetched in a background thread while the caller trains
+    on the current one: a GPU never waits for a host-side copy. Without either, each batch is
+    fetched when asked for: on a CPU-only run with the images in memory the fetch is a fast
+    copy, and a second thread running tensor ops would start its own OpenMP team that competes
+    with the training step's (measured: 17 % fewer samples/s on 2 cores). ``tokens``: anything
+    indexable by rows (``train_text.CaptionTokens``), or None. ``stats["wait_s"]``, if given,
+    accumulates the seconds the caller waited for a batch.
     """
     def waited_for(get):
         t_wait = time.perf_counter()
@@ -370,12 +374,13 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
             stats["wait_s"] += time.perf_counter() - t_wait
         return out
 
+    fetch = BatchFetch(images, tokens)
     if workers > 0:
         # its own generator: the workers' base seed must not be drawn from torch's global RNG, which
         # the augmentations draw from
-        loader = torch.utils.data.DataLoader(BatchFetch(images), batch_size=None, sampler=list(batches),
-                                             num_workers=workers, pin_memory=pin, prefetch_factor=2,
-                                             worker_init_fn=_one_thread, generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(fetch, batch_size=None, sampler=list(batches), num_workers=workers,
+                                             pin_memory=pin, prefetch_factor=2, worker_init_fn=_one_thread,
+                                             generator=torch.Generator().manual_seed(0))
         it = iter(loader)
         while (item := waited_for(lambda: next(it, None))) is not None:
             yield item
@@ -383,27 +388,27 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
     batches = iter(batches)
     if not background:
         for rows in batches:
-            yield rows, waited_for(lambda: images[rows])
+            yield waited_for(lambda: fetch[rows])
         return
     with ThreadPoolExecutor(1) as loader:
         rows = next(batches, None)
-        pending = loader.submit(images.__getitem__, rows) if rows is not None else None
+        pending = loader.submit(fetch.__getitem__, rows) if rows is not None else None
         while pending is not None:
-            current, fetched = rows, waited_for(pending.result)
+            fetched = waited_for(pending.result)
             rows = next(batches, None)
-            pending = loader.submit(images.__getitem__, rows) if rows is not None else None
-            yield current, fetched
+            pending = loader.submit(fetch.__getitem__, rows) if rows is not None else None
+            yield fetched
 
 
 class BatchFetch(torch.utils.data.Dataset):
     """A DataLoader's map-style dataset whose index is a whole batch: ``[rows]`` gives
-    (rows, images[rows]) for int64 ``rows`` [B] (images uint8 [B, 3, S, S])."""
+    (rows, images[rows], tokens[rows] or None) for int64 ``rows`` [B] (images uint8 [B, 3, S, S])."""
 
-    def __init__(self, images):
-        self.images = images
+    def __init__(self, images, tokens=None):
+        self.images, self.tokens = images, tokens
 
     def __getitem__(self, rows: torch.Tensor):
-        return rows, self.images[rows]
+        return rows, self.images[rows], None if self.tokens is None else self.tokens[rows]
 
 
 def _one_thread(_worker: int) -> None:

@@ -41,6 +41,10 @@ class AugOnly(Defense):
         if self.augment and self.params.eda_alpha > 0:
             wordnet.wordnet()  # load it now: a missing WordNet must stop the run before training
 
+    def text_transform_key(self) -> dict | None:
+        """EDA's seed and alpha (shared by every defense that rewrites captions this way, RoCLIP too)."""
+        return {"transform": "eda", "seed": derive_seed("eda", self.seed), "alpha": self.params.eda_alpha} if self.augment else None
+
     def text_transform(self, captions: list[str]) -> list[str]:
         if not self.augment:
             return captions

@@ -134,6 +134,13 @@ class Defense(DefenseBase):
 
     kind = "training"
 
+    def text_transform_key(self) -> Optional[dict]:
+        """What ``text_transform``'s output depends on besides the captions, as JSON-ready values,
+        when that is all it depends on: its output is then cached on disk for large training sets
+        and shared by every cell and rank with the same key (``poisonbench.text_cache``). None
+        (the default): computed in every run."""
+        return None
+
     def text_transform(self, captions: list[str]) -> list[str]:
         """Captions the model trains on, one per training pair (default: unchanged)."""
         return captions
