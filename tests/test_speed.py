@@ -14,7 +14,7 @@ TOLERANCE = {"final_loss": 1e-3, "clean_top1": 0.02, "linear_probe_top1": 0.02, 
 
 def test_parse_names_and_refuses_unknown_options():
     assert str(SpeedOptions.parse("fused-adamw, compile")) == "compile,fused-adamw"
-    assert SpeedOptions.parse("") == SpeedOptions.parse("none") == SpeedOptions()
+    assert SpeedOptions.parse("") == SpeedOptions.parse("plain") == SpeedOptions()
     with pytest.raises(ValueError, match="valid: compile, fused-adamw, channels-last"):
         SpeedOptions.parse("compile,turbo")
 
@@ -24,14 +24,14 @@ def cell_rows(tmp_path, monkeypatch, option):
 
     cfg = resolve("badnet", "clip", "tiny", 0, epochs=1)
     rows = {}
-    for speed in ("none", option):
+    for speed in ("plain", option):
         monkeypatch.setenv(SPEED_ENV, speed)
         rows[speed] = run_cell(cfg, tmp_path / speed, device="cpu", progress=False)
-    return rows["none"], rows[option]
+    return rows["plain"], rows[option]
 
 
 def assert_close(plain, fast):
-    assert plain["speed_options"] == "none" and fast["status"] == "ok"
+    assert plain["speed_options"] == "plain" and fast["status"] == "ok"
     for key, tol in TOLERANCE.items():
         assert abs(fast[key] - plain[key]) <= tol * max(1.0, abs(plain[key])), (key, plain[key], fast[key])
 
