@@ -1,7 +1,7 @@
 """``bench perf``'s data stage: how fast lazily loaded training images are decoded on this machine.
 
-A synthetic JPEG set at the paper profile's image size (the shorter side 1.25x it, 4:3, so that
-the resize and the crop both happen, as for web images) is written to a temporary folder as a
+A synthetic JPEG set at the paper profile's image size (320 x 256 for its 224 px, as the JPEGs of
+the H200 measurement, so that the resize and the crop both happen) is written to a temporary folder as a
 CSV of files and as WebDataset shards; each is loaded as ``bench run --data`` loads it with
 ``load=lazy`` and its batches are fetched by the trainer's own ``train.prefetched`` with a thread
 of the process (``--workers 0``) or 1, 2, ... worker processes. The rate a GPU needs is set
@@ -37,11 +37,12 @@ def paper_image_size() -> int:
 
 def write_jpeg_set(folder: Path, n: int, size: int, seed: int = 0) -> dict[str, str]:
     """Write ``n`` synthetic JPEG photos (smooth random colour fields with fine noise, quality 90,
-    shorter side 1.25 x ``size``, aspect 4:3) with captions to ``folder``: as files listed in
-    ``train.csv`` and as two WebDataset shards. Returns the ``--data`` specs {"csv": ..., "wds": ...}."""
+    shorter side 256/224 x ``size``, aspect 5:4: 320 x 256 for 224) with captions to ``folder``: as
+    files listed in ``train.csv`` and as two WebDataset shards. Returns the ``--data`` specs
+    {"csv": ..., "wds": ...}."""
     rng = np.random.default_rng(seed)
-    h = int(size * 1.25)
-    w = h * 4 // 3
+    h = size * 256 // 224
+    w = h * 5 // 4
     (folder / "img").mkdir(parents=True, exist_ok=True)
     encoded = []
     for i in range(n):
