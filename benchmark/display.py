@@ -159,12 +159,21 @@ def perf_tables(summary, machine) -> list[Table]:
             t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
         for v in variants("training"):
             r, wait, aug, mfu = (value("training", v, m) for m in ("samples_per_s", "data_wait_share", "augment_share", "mfu"))
-            if r is None:  # the model's and the device's figures
+            if r is None:  # the model's and the device's figures, the augmentation's parts
                 continue
             t.add_row(v, f"{r.value:.0f}", f"{r.lo:.0f}-{r.hi:.0f}", "" if r.ratio != r.ratio else f"{r.ratio:.2f}", met(r),
                       "" if wait is None else f"{wait.value:.1%}", "" if aug is None else f"{aug.value:.1%}",
                       "" if mfu is None else f"{mfu.value:.1%}")
         tables.append(t)
+        parts = summary[summary.measure == "ms_per_batch"]
+        if len(parts):
+            t = Table(title="where the image augmentation's time goes (aug-only, RoCLIP): ms per batch, median",
+                      box=box.SIMPLE_HEAD)
+            for r in parts.itertuples():
+                t.add_column(r.variant.removeprefix("augment: "), justify="right")
+            t.add_column("total", justify="right")
+            t.add_row(*(f"{r.value:.1f}" for r in parts.itertuples()), f"{parts.value.sum():.1f}")
+            tables.append(t)
     if "poisoning" in set(summary.stage):
         n = int(summary[summary.measure == "n_images"].value.iloc[0])
         t = Table(title=f"poisoning {n} training images: seconds (target <= 1 s)", box=box.SIMPLE_HEAD)

@@ -128,7 +128,7 @@ def load_data(profile: str, n_train: int | None = None):
 def training_measurements(opts: PerfOptions, progress) -> list[dict]:
     """Throughput of the bare loop and of the trainer with each defense, interleaved, after one
     short unrecorded warm-up call of each (one-off costs: allocator, WordNet, kornia)."""
-    from .models import create_model
+    from .models import create_model, image_size
     from .train import train
 
     base = resolve("none", "clip", profile=opts.profile)
@@ -173,9 +173,32 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
         fn(True)  # also compiles the compiled variant's model, once
     timed = {name: (lambda fn=fn: fn(False)) for name, fn in variants.items()}
     records = interleaved(timed, opts.repeats, lambda _: progress.advance(task))
+    records += augmentation_parts(pairs.images[:bs], image_size(model0), opts)
     flops = {"variant": "model", "repeat": 0, "measure": "train_flops_per_sample",
              "value": train_flops_per_sample(copy.deepcopy(model0), images[:bs], tokens[:bs])}
     return records + [flops, {"variant": "device", "repeat": 0, "measure": "matmul_peak_flops", "value": matmul_peak()}]
+
+
+def augmentation_parts(images: torch.Tensor, size: int, opts: PerfOptions) -> list[dict]:
+    """Milliseconds per batch of each part of aug-only's image augmentation (the one RoCLIP uses
+    too: flip, resized crop, colour jitter, grayscale, blur) to model inputs of side ``size`` on
+    uint8 ``images`` [B, 3, H, W], each part given its real input (the views of the parts before it), interleaved over
+    ``opts.repeats`` (variant "augment: <part>", measure "ms_per_batch")."""
+    cls = DEFENSES.get("aug-only")
+    cfg = resolve("none", "aug-only", profile=opts.profile)
+    transform = cls(build_params(cls.Params, cfg.defense_params, "aug-only"), cfg.seed).train_transform(size)
+    if transform is None:
+        return []
+    x, variants = images.float() / 255.0, {}
+    for part in transform.children():
+        def go(part=part, x=x) -> dict[str, float]:
+            t0 = time.perf_counter()
+            part(x)
+            return {"ms_per_batch": 1000 * (time.perf_counter() - t0)}
+
+        variants[f"augment: {type(part).__name__}"] = go
+        x = part(x)
+    return interleaved(variants, opts.repeats * 5)
 
 
 def speed_names(model: torch.nn.Module, names) -> list[str]:
