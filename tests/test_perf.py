@@ -91,8 +91,12 @@ def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     for part in ("zero_shot_s", "attack_eval_s", "probe_s", "retrieval_s", "eval_s"):
         assert ("eval", "evaluate", part) in got
     assert (frame[frame.measure == "n_images"].value == 3000).all()
-    repeated = frame[~frame.variant.isin(["process", "model", "device"])].groupby(["stage", "variant", "measure"]).size()
-    assert (repeated == 2).all()  # every figure once per repetition
+    parts = frame[frame.measure == "ms_per_batch"]
+    assert set(parts.variant) == {f"augment: {p}" for p in ("RandomHorizontalFlip", "RandomResizedCrop", "ColorJitter",
+                                                             "RandomGrayscale", "RandomGaussianBlur")}
+    assert (parts.groupby("variant").size() == 10).all()  # 5 per repetition: they are quick
+    repeated = frame[~frame.variant.isin(["process", "model", "device"]) & (frame.measure != "ms_per_batch")]
+    assert (repeated.groupby(["stage", "variant", "measure"]).size() == 2).all()  # every figure once per repetition
     assert (frame[frame.variant == "process"].measure == "peak_rss_mib").all()
     shares = frame[frame.measure.str.endswith("share")].value
     assert ((shares >= 0) & (shares <= 1)).all() and (frame[~frame.measure.str.endswith("share")].value > 0).all()
@@ -100,7 +104,7 @@ def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     augments = aug.variant.isin(["roclip", "aug-only"])
     assert (aug[~augments].value == 0).all() and (aug[augments].value > 0).all()
     assert "bare loop" in result.output and path.name in result.output.replace("\n", "")
-    assert "MFU" in result.output and "clip +fused-adamw" in result.output
+    assert "MFU" in result.output and "clip +fused-adamw" in result.output and "ColorJitter" in result.output
 
 
 def test_train_flops_per_sample_counts_the_matmuls_of_a_linear_clip():
