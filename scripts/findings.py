@@ -152,8 +152,29 @@ def pool_section(df) -> str:
         distinct = "-" if "d_match_distinct" not in s else f"{s['d_match_distinct']:.0f}"
         body.append([label, str(s["seeds"]), with_ci(s.get("asr")), with_ci(s.get("clean_top1")),
                      with_ci(s.get("linear_probe_top1")), own, distinct])
-    return md_table(["RoCLIP under badnet", "seeds", "ASR (%)", "clean top-1 (%)", "linear probe (%)",
-                     "own-class matches, last matching epoch (%)", "distinct entries matched per batch of 128"], body)
+    table = md_table(["RoCLIP under badnet", "seeds", "ASR (%)", "clean top-1 (%)", "linear probe (%)",
+                      "own-class matches, last matching epoch (%)", "distinct entries matched per batch of 128"], body)
+    return table + pool_reading(df)
+
+
+def pool_reading(df) -> str:
+    """What the pool and K sweep says, once every setting has rows: K moves clean top-1 with the
+    own-class share, the pool size hardly does (per-seed extremes, since K 2's interval is wide)."""
+    top = {k: rows(df, "badnet", "roclip", match_every=k)["clean_top1"] for k in (2, 3, 5)}
+    pools = [rows(df, "badnet", "roclip", pool_size=p)["clean_top1"] for p in (256, 2048, 8192)]
+    if any(t.empty for t in [*top.values(), *pools]):
+        return ""
+    spread = 100 * (max(p.mean() for p in pools) - min(p.mean() for p in pools))
+    shares = {k: summary(rows(df, "badnet", "roclip", match_every=k)).get("d_match_own_class") for k in (2, 3, 5)}
+    own = {k: pct(v) for k, v in shares.items()}
+    known = [v for v in shares.values() if v is not None]
+    other = f"{pct(1 - max(known), 0)} to {pct(1 - min(known), 0)} %" if known else "some"
+    return (f"\n\nClean top-1 follows how often RoCLIP matches: {pct(top[2].mean())} % when every 2nd epoch "
+            f"matches (seeds from {pct(top[2].min())} to {pct(top[2].max())} %), {pct(top[3].mean())} % at every "
+            f"3rd and {pct(top[5].mean())} % at every 5th, with {own[2]}, {own[3]} and {own[5]} % of the images "
+            f"matched to a caption of their own class in the last matching epoch; pools of 256 to 8,192 captions "
+            f"move it by {spread:.1f} points. Each matching epoch trains every image towards a caption that is, "
+            f"for {other} of them, another class's; fewer matching epochs leave fewer such updates.")
 
 
 def implant_section(df) -> str:
