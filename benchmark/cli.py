@@ -42,7 +42,9 @@ def main() -> None:
     Environment: POISONBENCH_DATA (Fashion-MNIST IDX folder), POISONBENCH_WORDNET (WordNet dict
     folder), OMP_NUM_THREADS (CPU threads per run; with several runs on one machine set it so
     that runs x threads <= cores, or set OMP_WAIT_POLICY=PASSIVE), POISONBENCH_WORKERS (processes
-    decoding lazily loaded images per training process; `bench run --workers` sets it).
+    decoding lazily loaded images per training process; `bench run --workers` sets it),
+    POISONBENCH_SPEED (`bench run --speed`), POISONBENCH_CACHE (machine-local caches: EDA caption
+    rewrites of large training sets; default ~/.cache/poisonbench).
     """
     warnings.showwarning = _show_warning
 
@@ -224,7 +226,8 @@ SLURM_OPTIONS = ["launcher", "wait", "partition", "gpus_per_node", "cpus_per_tas
 @click.option("--speed", metavar="OPTIONS",
               help="Speed options, a comma list: compile (torch.compile), fused-adamw, channels-last (ResNets). "
                    "Numbers agree with a plain run to floating-point tolerance, not bit for bit; the row records "
-                   "them (speed_options). `bench perf` measures each.  [default: plain, none of them]")
+                   "them (speed_options); they are not part of the run id, so a finished cell is not rerun for "
+                   "them. compile needs a C++ compiler. `bench perf` measures each.  [default: plain]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
               help="local: processes on this machine (--jobs at a time); slurm: one SLURM job per cell; "
@@ -800,8 +803,8 @@ def export(run_id, out_dir, results) -> None:
 @click.option("--speed", default="compile,fused-adamw,channels-last", show_default=True, metavar="OPTIONS",
               help="Also train clip with each of these speed options of bench run --speed that applies to the "
                    "model (plain: none; compile needs a C++ compiler and about a minute).")
-@click.option("--data-images", default=1024, show_default=True, type=click.IntRange(min=128),
-              help="Synthetic JPEGs the data stage writes to a temp folder and decodes.")
+@click.option("--data-images", default=2048, show_default=True, type=click.IntRange(min=256),
+              help="Synthetic JPEGs the data stage writes to a temp folder and decodes (in whole batches of 128).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(["training", "poisoning", "eval", "data"]),
               help="Measure only this stage (repeatable)  [default: all four]")
 @click.option("--results", "-r", default=DEFAULT_RESULTS, show_default=True, type=click.Path(file_okay=False),

@@ -68,16 +68,19 @@ def write_jpeg_set(folder: Path, n: int, size: int, seed: int = 0) -> dict[str, 
 
 def decode_rate(images, workers: int) -> float:
     """Images/s of fetching every row of the lazily loaded ``images`` once, in batches of BATCH in a
-    fixed shuffled order, through ``train.prefetched`` with ``workers`` processes (0: a thread),
-    worker start-up included (it is paid every epoch)."""
+    fixed shuffled order, through ``train.prefetched`` with ``workers`` processes (0: a thread):
+    the steady rate, from the first batch received to the last, so that starting the workers
+    (once an epoch: nothing against an epoch of a million pairs) is not counted."""
     from .train import batch_rows, prefetched
 
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     steps = len(images) // BATCH
-    t0 = time.perf_counter()
+    if steps < 2:
+        raise ValueError(f"{len(images)} images make fewer than 2 batches of {BATCH}")
+    t_first = None
     for _batch in prefetched(images, batch_rows(order, steps, BATCH), background=True, workers=workers):
-        pass
-    return steps * BATCH / (time.perf_counter() - t0)
+        t_first = t_first or time.perf_counter()
+    return (steps - 1) * BATCH / (time.perf_counter() - t_first)
 
 
 def worker_counts(cores: int) -> list[int]:

@@ -72,5 +72,8 @@ def is_convolutional(model: torch.nn.Module) -> bool:
 
 def from_env() -> SpeedOptions:
     """The options ``bench run --speed`` set for this process (``POISONBENCH_SPEED``); all off when unset."""
-    return SpeedOptions.parse(os.environ.get(SPEED_ENV, ""))
+    try:
+        return SpeedOptions.parse(os.environ.get(SPEED_ENV, ""))
+    except ValueError as e:
+        raise ValueError(f"{SPEED_ENV}: {e}") from None
 

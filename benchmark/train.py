@@ -382,7 +382,7 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
                                              pin_memory=pin, prefetch_factor=2, worker_init_fn=_one_thread,
                                              generator=torch.Generator().manual_seed(0))
         it = iter(loader)
-        while (item := waited_for(lambda: next(it, None))) is not None:
+        while (item := waited_for(lambda: next_from_worker(it))) is not None:
             yield item
         return
     batches = iter(batches)
@@ -398,6 +398,21 @@ def prefetched(images, batches, stats: dict | None = None, background: bool = Tr
             rows = next(batches, None)
             pending = loader.submit(fetch.__getitem__, rows) if rows is not None else None
             yield fetched
+
+
+def next_from_worker(it):
+    """The next item of a DataLoader iterator, or None at its end. An error in a worker is raised
+    again as the worker's own error (e.g. RuntimeError naming an image that cannot be read any
+    more), without the DataLoader's wrapping of the worker's whole traceback."""
+    try:
+        return next(it, None)
+    except Exception as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        kind, _, message = last.partition(": ")
+        raise type(e)(message if kind == type(e).__name__ else last) from None
 
 
 class BatchFetch(torch.utils.data.Dataset):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,18 +61,26 @@ def transformed_captions(defense, captions: list[str]) -> list[str]:
 
     name = hash_json({"key": key, "format": FORMAT, "version": __version__, "captions": captions_digest(captions)})[:32]
     path = cache_root() / "captions" / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only or full cache folder: compute, as without a cache
+        warnings.warn(f"caption cache {path.parent} cannot be used ({e}); computing the captions without it "
+                      "(set POISONBENCH_CACHE to a writable folder to keep them)")
+        return defense.text_transform(captions)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # one process computes; the others wait, then read
         try:
             out = pq.read_table(path).column("caption").to_pylist()
-            if len(out) == len(captions):
+            if len(out) == len(captions) and all(isinstance(c, str) for c in out):
                 return out
         except (OSError, KeyError, pa.ArrowException):
             pass
         out = defense.text_transform(captions)
-        atomic_write(path, lambda tmp: pq.write_table(pa.table({"caption": out}), tmp))
+        try:
+            atomic_write(path, lambda tmp: pq.write_table(pa.table({"caption": out}), tmp))
+        except OSError as e:
+            warnings.warn(f"caption cache {path.parent}: could not keep the captions ({e})")
         return out
     finally:
         os.close(fd)

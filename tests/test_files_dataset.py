@@ -303,6 +303,11 @@ def test_lazy_images_take_cat_and_assign_match_a_tensor(fashion_files):
     assert broken.check()[0][1] == "empty file"
     with pytest.raises(RuntimeError, match="gone.png cannot be read any more"):
         broken[0]
+    from poisonbench.train import prefetched
+
+    with pytest.raises(RuntimeError, match=r"^training image \S*gone.png cannot be read any more") as raised:
+        list(prefetched(broken, [torch.tensor([0])], workers=1))  # in a worker process: its own error, one line
+    assert "Original Traceback" not in str(raised.value)
 
 
 @pytest.mark.parametrize("load", ["memory", "lazy"])

@@ -58,3 +58,23 @@ def test_tokens_made_per_batch_equal_tokens_made_up_front():
     eager, lazy = CaptionTokens(CAPTIONS, tokenizer, eager=True), CaptionTokens(CAPTIONS, tokenizer, eager=False)
     rows = torch.tensor([5, 0, 199, 5, 42])
     assert lazy.tensor is None and torch.equal(lazy[rows], eager[rows]) and lazy[rows].dtype == torch.int64
+
+
+def test_an_unwritable_cache_folder_computes_the_captions_with_a_warning(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("POISONBENCH_CACHE", str(tmp_path / "file"))  # a file: no folder can be made in it
+    monkeypatch.setattr(train_text, "CACHE_ABOVE", 100)
+    aug = defense("aug-only")
+    with pytest.warns(UserWarning, match="cannot be used"):
+        assert transformed_captions(aug, CAPTIONS) == aug.text_transform(CAPTIONS)
+
+
+def test_a_cache_file_of_the_right_length_but_not_captions_is_computed_again(cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    aug = defense("aug-only")
+    transformed_captions(aug, CAPTIONS)
+    (path,) = cache.glob("*.parquet")
+    pq.write_table(pa.table({"caption": [None] * len(CAPTIONS)}, schema=pa.schema([("caption", pa.string())])), path)
+    assert transformed_captions(aug, CAPTIONS) == aug.text_transform(CAPTIONS)
