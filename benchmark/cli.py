@@ -826,7 +826,7 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
     and the model's FLOP utilisation (MFU) in training, and the process's peak resident memory
     after each stage.
 
-    With the defaults this takes about 12 minutes on 2 cores; keep the machine otherwise idle.
+    With the defaults this takes about 15 minutes on 2 cores; keep the machine otherwise idle.
     Two threads on a shared virtual machine vary by +-15 % from one repetition to the next:
     compare the ratios (each the median of the per-repetition ratios), or use --threads 1.
     """
