@@ -1,6 +1,7 @@
 """Speed options (benchmark/speed.py): each leaves a cell's numbers equal to a plain run's within
 floating-point tolerance, and the row says which were on."""
 import copy
+import shutil
 
 import open_clip
 import pytest
@@ -43,6 +44,7 @@ def test_fused_adamw_trains_a_tiny_cell_to_the_same_numbers(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_model_trains_a_tiny_cell_to_the_same_numbers(tmp_path, monkeypatch):
     """torch.compile (inductor, C++ on the CPU): about a minute of compiling."""
     plain, compiled = cell_rows(tmp_path, monkeypatch, "compile")
