@@ -137,7 +137,7 @@ class Defense(DefenseBase):
     def text_transform_key(self) -> Optional[dict]:
         """What ``text_transform``'s output depends on besides the captions, as JSON-ready values,
         when that is all it depends on: its output is then cached on disk for large training sets
-        and shared by every cell and rank with the same key (``poisonbench.text_cache``). None
+        and shared by every cell and rank with the same key (``poisonbench.train_text``). None
         (the default): computed in every run."""
         return None
 
