@@ -309,9 +309,13 @@ def load_leaderboard(results: str | Path, **filters: str | None) -> pd.DataFrame
     if board.empty:
         failed = int((df["status"] == "failed").sum()) if "status" in df else 0
         extra = f" ({failed} failed run(s) are in the store; see their `error` column)" if failed else ""
+        # stores inside this folder (make demo's results/demo, the committed results/reference)
+        inner = sorted({p.parent.parent for p in Path(results).glob("*/runs/*.parquet")})
+        elsewhere = (f" Stores inside it: {', '.join(map(str, inner))}; e.g. `bench report -r {inner[0]}`."
+                     if inner else "")
         raise EmptyStoreError(
             f"no finished runs in {Path(results) / 'runs'}{extra}. Run one first, e.g. "
-            f"`bench run --attack badnet --defense clip --results {results}`."
+            f"`bench run --attack badnet --defense clip --results {results}`.{elsewhere}"
         )
     return board
 

@@ -106,6 +106,15 @@ def test_report_on_a_store_without_finished_runs_says_what_to_run_first(tmp_path
     assert f"Run one first, e.g. `bench run --attack badnet --defense clip --results {res}`" in text
     assert ("1 failed run(s) are in the store; see their `error` column" in text) == (store == "failed only")
     assert res.exists() == (store != "missing")  # reporting creates nothing
+    assert "Stores inside it" not in text
+
+
+def test_report_on_a_folder_holding_stores_names_them(tmp_path):
+    """After make demo, `bench report` (results/) points to results/demo, which holds the rows."""
+    write_row(stored_row("a", "ok", 0.8), tmp_path / "res" / "demo")
+    out = CliRunner().invoke(main, ["report", "--results", str(tmp_path / "res")])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1 and f"Stores inside it: {tmp_path / 'res' / 'demo'}; e.g. `bench report -r" in text
 
 
 def test_list_shows_parameters_and_defaults():
