@@ -230,3 +230,21 @@ def test_after_rewrite_every_row_file_has_every_column_of_the_store(tmp_path):
         schema = pq.read_schema(f)
         assert not any(pa.types.is_null(field.type) for field in schema), f
     assert len(pd.read_parquet(tmp_path / "runs")) == 4
+
+
+def test_the_committed_reference_store_reads_whole_with_pandas():
+    """Every row file of results/reference carries the store's full column set, so
+    pandas.read_parquet of the folder neither fails nor drops a column (`bench rewrite-rows`)."""
+    from pathlib import Path
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from poisonbench.store import runs_dir, store_schema
+
+    reference = Path(__file__).parent.parent / "results" / "reference"
+    union = set(store_schema(reference).names)
+    files = sorted(runs_dir(reference).glob("*.parquet"))
+    assert files and all(set(pq.read_schema(f).names) == union for f in files)
+    frame = pd.read_parquet(runs_dir(reference))
+    assert set(frame.columns) == union and len(frame) == len(files)
