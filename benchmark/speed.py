@@ -57,11 +57,10 @@ class SpeedOptions:
         """The module to call for training steps: ``net`` compiled when asked, else ``net``."""
         return torch.compile(net) if self.compile else net
 
-    def images(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-        """Model input float [B, 3, S, S] in the memory format the options give the model."""
-        if self.channels_last and is_convolutional(model):
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+    def input_format(self, model: torch.nn.Module) -> torch.memory_format:
+        """The memory format of ``model``'s float image inputs [B, 3, S, S] under these options
+        (channels-last for a convolutional model when asked); asked once per run, not per step."""
+        return torch.channels_last if self.channels_last and is_convolutional(model) else torch.contiguous_format
 
 
 def is_convolutional(model: torch.nn.Module) -> bool:

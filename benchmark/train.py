@@ -180,6 +180,7 @@ def train(
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     net = speed.wrap(net)
+    input_format = speed.input_format(model)
     optimizer = speed.optimizer(param_groups(model, settings.weight_decay), settings.lr)
     schedule = defense.lr_lambda(settings.warmup_steps, steps_per_epoch, settings.epochs) if task else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or lr_lambda(settings.warmup_steps, total))
@@ -270,7 +271,7 @@ def train(
                             images = eval_geometry(raw, size).to(device)
                         if view_probe is not None:
                             view_probe(idx, raw, images, transform)
-                        x = speed.images(normalize(images), model)
+                        x = normalize(images).contiguous(memory_format=input_format)
                         t = batch_tokens.to(device, non_blocking=True)
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                             img_emb, txt_emb, scale = net(x, t)

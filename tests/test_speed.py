@@ -62,7 +62,7 @@ def test_channels_last_resnet_step_equals_the_contiguous_one():
     results = []
     for opts in (SpeedOptions(), SpeedOptions(channels_last=True)):
         m = opts.layout(copy.deepcopy(model))
-        img, txt, scale = m(opts.images(x, m), t)
+        img, txt, scale = m(x.contiguous(memory_format=opts.input_format(m)), t)
         loss = open_clip.ClipLoss()(img, txt, scale)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
