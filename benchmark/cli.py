@@ -837,7 +837,7 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
 
     opts = PerfOptions(profile, steps, epochs, repeats, poison_images,
                        tuple(stages) or ("training", "poisoning", "eval", "data"), threads,
-                       tuple(n for n in speed.split(",") if n.strip() not in ("", "plain")), data_images)
+                       tuple(speed.split(",")), data_images)
     try:
         check(opts)
     except ValueError as e:

@@ -167,7 +167,7 @@ def training_measurements(opts: PerfOptions, progress) -> list[dict]:
         return {"samples_per_s": bare_loop(copy.deepcopy(model0), images, tokens, base, steps)}
 
     variants = {BARE: bare, **{d: trainer(d) for d in DEFENSE_NAMES}}
-    for name in speed_names(model0, opts.speed):
+    for name in speed_names(model0, SpeedOptions.parse(",".join(opts.speed)).names()):
         variants[f"clip +{name}"] = trainer("clip", SpeedOptions.parse(name))
     for name, fn in list(variants.items()):
         try:

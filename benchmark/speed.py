@@ -39,9 +39,12 @@ class SpeedOptions:
             raise ValueError(f"unknown speed option(s) {', '.join(unknown)}; valid: {', '.join(NAMES)} (or plain)")
         return cls(**{NAMES[n]: True for n in names})
 
+    def names(self) -> list[str]:
+        """The names of the options that are on, in NAMES order."""
+        return [name for name, attr in NAMES.items() if getattr(self, attr)]
+
     def __str__(self) -> str:
-        on = [name for name, attr in NAMES.items() if getattr(self, attr)]
-        return ",".join(on) or "plain"
+        return ",".join(self.names()) or "plain"
 
     def optimizer(self, groups: list[dict], lr: float) -> torch.optim.AdamW:
         """The trainer's AdamW (betas 0.9/0.999, eps 1e-8) over parameter ``groups``, fused when asked."""
