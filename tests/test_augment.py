@@ -72,3 +72,48 @@ def test_eda_alpha_zero_is_the_identity_and_aug_only_can_be_split_in_halves():
     for d in ("aug-only", "roclip"):
         assert "image_augment" not in resolve("badnet", d).to_dict()["defense_params"]
         assert resolve("badnet", d, defense_params={"image_augment": False}).run_id != resolve("badnet", d).run_id
+
+
+def _hue_inputs():
+    """RGB batches in [0, 1] with the cases the conversions branch on: ties between channels,
+    greys, black, white, saturated primaries, 8-bit levels."""
+    gen = torch.Generator().manual_seed(0)
+    for k in range(40):
+        x = torch.rand(32, 3, 7, 7, generator=gen)
+        yield x if k % 3 == 0 else (x * (4 if k % 3 == 1 else 255)).round() / (4 if k % 3 == 1 else 255)
+    corners = torch.tensor([[a, b, c] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) for c in (0.0, 0.5, 1.0)])
+    yield corners.view(27, 3, 1, 1).expand(27, 3, 2, 2).contiguous()
+
+
+def test_fast_hue_equals_kornias_adjust_hue_bit_for_bit():
+    import math
+
+    from kornia.enhance import adjust_hue as kornia_adjust_hue
+
+    from poisonbench.augment import adjust_hue
+
+    gen = torch.Generator().manual_seed(1)
+    for x in _hue_inputs():
+        for factor in ((torch.rand(len(x), generator=gen) * 2 - 1) * math.pi, torch.zeros(len(x))):
+            want, got = kornia_adjust_hue(x, factor), adjust_hue(x, factor)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # signed zeros too
+            assert got.is_contiguous()
+
+
+def test_colour_jitter_equals_kornias_and_calls_the_fast_hue():
+    import kornia.augmentation as K
+
+    import poisonbench.augment as augment
+
+    settings = dict(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1, p=0.8)
+    ours, stock = augment.ColorJitter(**settings), K.ColorJitter(**settings)
+    assert ours._hue_fn is augment.adjust_hue
+    for seed, x in enumerate(_hue_inputs()):
+        torch.manual_seed(seed)
+        want = stock(x)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(x).view(torch.int32), want.view(torch.int32))
+    calls = []  # kornia really calls the hook (a kornia that stopped would leave the fast hue unused)
+    ours._hue_fn = lambda x, f: calls.append(len(x)) or augment.adjust_hue(x, f)
+    ours(torch.rand(8, 3, 5, 5))
+    assert calls and isinstance(image_augmentation(28)[2], augment.ColorJitter)
