@@ -154,9 +154,10 @@ class ColorJitter(K.ColorJitter):
 
 
 _TWO_PI = 2 * math.pi
-# For each hue sextant 0..5 (columns), which of (v, q, p, t) the red, green and blue channels take
-# (rows): kornia.color.hsv_to_rgb's nested torch.where, as a table.
-_SEXTANT = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]])
+# kornia.color.hsv_to_rgb's nested torch.where as a table: for hue sextant i (0..5), red, green and
+# blue take candidate (v, q, p, t)[k], k in 0..3, stored as 4-bit digit i of the channel's code.
+_SEXTANT = ((0, 1, 2, 2, 3, 0), (3, 0, 0, 1, 2, 2), (2, 2, 3, 0, 0, 1))
+_SEXTANT_CODES = torch.tensor([sum(k << 4 * i for i, k in enumerate(row)) for row in _SEXTANT])
 
 
 def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -211,5 +212,6 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q = v * (1.0 - f * s)
     t = v * (1.0 - (1.0 - f) * s)
     hi = hi.long().clamp_(0, 5)
-    idx = _SEXTANT.to(hi.device).index_select(1, hi.reshape(-1)).view(3, *hi.shape)
-    return torch.stack((v, q, p, t)).gather(0, idx).movedim(0, -3).contiguous()
+    codes = _SEXTANT_CODES.to(hi.device).view(3, 1, 1)
+    idx = (codes >> 4 * hi.unsqueeze(-3)) & 15  # [B, 3, H, W]: a table lookup, without slow indexing
+    return torch.stack((v, q, p, t), dim=-3).gather(-3, idx)
