@@ -6,6 +6,7 @@ model's image size. Text: EDA (Wei & Zou 2019) with one of its four operations c
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -146,7 +147,8 @@ def image_augmentation(size: int, min_crop: float = 0.08) -> K.AugmentationSeque
 class ColorJitter(K.ColorJitter):
     """kornia's ``ColorJitter`` (same parameters, random draws and outputs, bit for bit: a test holds
     it to the stock class) with its hue step computed by :func:`adjust_hue`. On CPU kornia's hue
-    step (RGB -> HSV -> RGB through nested ``torch.where``) was most of the colour jitter's time."""
+    step (RGB -> HSV -> RGB through nested ``torch.where``) was most of the colour jitter's time. A
+    fixed ``order=`` takes kornia's own path, equal but without the faster hue."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,7 +159,12 @@ _TWO_PI = 2 * math.pi
 # kornia.color.hsv_to_rgb's nested torch.where as a table: for hue sextant i (0..5), red, green and
 # blue take candidate (v, q, p, t)[k], k in 0..3, stored as 4-bit digit i of the channel's code.
 _SEXTANT = ((0, 1, 2, 2, 3, 0), (3, 0, 0, 1, 2, 2), (2, 2, 3, 0, 0, 1))
-_SEXTANT_CODES = torch.tensor([sum(k << 4 * i for i, k in enumerate(row)) for row in _SEXTANT])
+
+
+@functools.lru_cache(maxsize=None)
+def _sextant_codes(device: torch.device) -> torch.Tensor:
+    """The three channels' codes, int64 [3, 1, 1] on ``device`` (copied there once)."""
+    return torch.tensor([sum(k << 4 * i for i, k in enumerate(row)) for row in _SEXTANT], device=device).view(3, 1, 1)
 
 
 def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -170,14 +177,18 @@ def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     colour conversions, whose arguments lie within one period of their range, become a ``floor``
     and a product (exact there).
 
+    Forward only: gradients at pixels whose channels tie are split differently from kornia's (the
+    augmentation is never differentiated). Equal for any finite input below float overflow.
+
     Args:
         image: float RGB images [B, 3, H, W] in [0, 1].
-        factor: float [B], the hue shift of each image in radians, in [-pi, pi].
+        factor: float tensor [B] (not a Python float), each image's hue shift in radians, in [-pi, pi].
     Returns:
         float [B, 3, H, W], the same dtype and device as ``image``.
     """
     h, s, v = _rgb_to_hsv(image)
-    h = torch.remainder(h + factor.to(h.device, h.dtype).view(-1, *[1] * (h.dim() - 1)), _TWO_PI)
+    factor = factor.to(h.device, h.dtype, non_blocking=True)  # kornia draws it on the CPU: no sync on a GPU
+    h = torch.remainder(h + factor.view(-1, *[1] * (h.dim() - 1)), _TWO_PI)
     return _hsv_to_rgb(h * (h < _TWO_PI), s, v)
 
 
@@ -212,6 +223,5 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q = v * (1.0 - f * s)
     t = v * (1.0 - (1.0 - f) * s)
     hi = hi.long().clamp_(0, 5)
-    codes = _SEXTANT_CODES.to(hi.device).view(3, 1, 1)
-    idx = (codes >> 4 * hi.unsqueeze(-3)) & 15  # [B, 3, H, W]: a table lookup, without slow indexing
+    idx = (_sextant_codes(hi.device) >> 4 * hi.unsqueeze(-3)) & 15  # [B, 3, H, W]: a table lookup, without slow indexing
     return torch.stack((v, q, p, t), dim=-3).gather(-3, idx)
