@@ -843,8 +843,12 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     check_writable(Path(results) / "perf")
-    with Progress(console=console, transient=True) as progress:
-        frame = run_perf(opts, progress)
+    before = signal.signal(signal.SIGTERM, _terminated)  # unwinds: the data stage's temp folder is removed
+    try:
+        with Progress(console=console, transient=True) as progress:
+            frame = run_perf(opts, progress)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     m = frame.iloc[0]
     threads = f"{m['threads']} torch thread{'s' if m['threads'] != 1 else ''}"
     console.print(f"[bold]bench perf[/bold]: {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}")

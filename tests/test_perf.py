@@ -159,3 +159,26 @@ def test_bench_perf_refuses_an_unwritable_results_folder_before_measuring(tmp_pa
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(main, ["perf", "-p", "tiny", "--results", str(tmp_path / "file" / "sub")])
     assert result.exit_code == 2 and "cannot write to the results folder" in result.output
+
+
+def test_bench_perf_stopped_by_sigterm_removes_its_temp_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "poisonbench", "perf", "-p", "tiny", "--stage", "data",
+                             "--data-images", "256", "--repeats", "1000", "--results", str(tmp_path / "results")],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # not a pipe: a full one would block the progress bar
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("poisonbench-perf-*/*.csv")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp.glob("poisonbench-perf-*")), "the data stage never wrote its JPEGs"
+    time.sleep(1.0)  # into the decoding
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not list(tmp.glob("poisonbench-perf-*"))  # before: SIGTERM killed it with its JPEGs in place
