@@ -173,6 +173,9 @@ def perf_tables(summary, machine) -> list[Table]:
                 t.add_column(r.variant.removeprefix("augment: "), justify="right")
             t.add_column("total", justify="right")
             t.add_row(*(f"{r.value:.1f}" for r in parts.itertuples()), f"{parts.value.sum():.1f}")
+            stock = summary[summary.measure == "ms_per_batch_kornia_hue"]
+            if len(stock):
+                t.caption = f"ColorJitter with kornia's own hue step: {stock.value.iloc[0]:.1f} ms"
             tables.append(t)
     if "poisoning" in set(summary.stage):
         n = int(summary[summary.measure == "n_images"].value.iloc[0])

@@ -190,7 +190,13 @@ def augmentation_parts(images: torch.Tensor, size: int, opts: PerfOptions) -> li
     """Milliseconds per batch of each part of aug-only's image augmentation (the one RoCLIP uses
     too: flip, resized crop, colour jitter, grayscale, blur) to model inputs of side ``size`` on
     uint8 ``images`` [B, 3, H, W], each part given its real input (the views of the parts before it), interleaved over
-    ``opts.repeats`` (variant "augment: <part>", measure "ms_per_batch")."""
+    ``opts.repeats`` (variant "augment: <part>", measure "ms_per_batch"); and, for comparison, the
+    colour jitter with kornia's own hue step in place of ``augment.adjust_hue`` (variant "augment:
+    ColorJitter", measure "ms_per_batch_kornia_hue")."""
+    import kornia.enhance
+
+    from .augment import ColorJitter
+
     cls = DEFENSES.get("aug-only")
     cfg = resolve("none", "aug-only", profile=opts.profile)
     transform = cls(build_params(cls.Params, cfg.defense_params, "aug-only"), cfg.seed).train_transform(size)
@@ -198,14 +204,21 @@ def augmentation_parts(images: torch.Tensor, size: int, opts: PerfOptions) -> li
         return []
     x, variants = images.float() / 255.0, {}
     for part in transform.children():
-        def go(part=part, x=x) -> dict[str, float]:
+        def go(part=part, x=x, measure="ms_per_batch") -> dict[str, float]:
             t0 = time.perf_counter()
             part(x)
-            return {"ms_per_batch": 1000 * (time.perf_counter() - t0)}
+            return {measure: 1000 * (time.perf_counter() - t0)}
 
         variants[f"augment: {type(part).__name__}"] = go
+        if isinstance(part, ColorJitter):
+            stock = copy.deepcopy(part)
+            stock._hue_fn = kornia.enhance.adjust_hue
+            variants["augment: ColorJitter, kornia's hue"] = functools.partial(go, stock, x, "ms_per_batch_kornia_hue")
         x = part(x)
-    return interleaved(variants, opts.repeats * 5)
+    records = interleaved(variants, opts.repeats * 5)
+    for r in records:  # one column of the parts table, one more measure
+        r["variant"] = r["variant"].removesuffix(", kornia's hue")
+    return records
 
 
 def speed_names(model: torch.nn.Module, names) -> list[str]:

@@ -95,7 +95,9 @@ def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     assert set(parts.variant) == {f"augment: {p}" for p in ("RandomHorizontalFlip", "RandomResizedCrop", "ColorJitter",
                                                              "RandomGrayscale", "RandomGaussianBlur")}
     assert (parts.groupby("variant").size() == 10).all()  # 5 per repetition: they are quick
-    repeated = frame[~frame.variant.isin(["process", "model", "device"]) & (frame.measure != "ms_per_batch")]
+    stock = frame[frame.measure == "ms_per_batch_kornia_hue"]
+    assert set(stock.variant) == {"augment: ColorJitter"} and len(stock) == 10
+    repeated = frame[~frame.variant.isin(["process", "model", "device"]) & ~frame.measure.str.startswith("ms_per_batch")]
     assert (repeated.groupby(["stage", "variant", "measure"]).size() == 2).all()  # every figure once per repetition
     assert (frame[frame.variant == "process"].measure == "peak_rss_mib").all()
     shares = frame[frame.measure.str.endswith("share")].value
@@ -105,6 +107,7 @@ def test_bench_perf_measures_every_defense_attack_and_evaluation_part(tmp_path):
     assert (aug[~augments].value == 0).all() and (aug[augments].value > 0).all()
     assert "bare loop" in result.output and path.name in result.output.replace("\n", "")
     assert "MFU" in result.output and "clip +fused-adamw" in result.output and "ColorJitter" in result.output
+    assert "kornia's own hue step" in result.output
 
 
 def test_train_flops_per_sample_counts_the_matmuls_of_a_linear_clip():
