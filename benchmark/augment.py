@@ -175,7 +175,9 @@ def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     ``masked_fill`` (ten times slower than arithmetic on CPU here) become ``torch.lerp`` with weight
     0 or 1 (which returns an end point exactly) and a ``gather``, and the two remainders inside the
     colour conversions, whose arguments lie within one period of their range, become a ``floor``
-    and a product (exact there).
+    and a product (exact there). A grey image (its three channels equal everywhere) comes out of
+    kornia's arithmetic exactly as it went in (saturation 0 makes p = q = t = v), so it is copied,
+    not converted: every Fashion-MNIST image is grey.
 
     Forward only: gradients at pixels whose channels tie are split differently from kornia's (the
     augmentation is never differentiated). Equal for any finite input below float overflow.
@@ -186,6 +188,18 @@ def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     Returns:
         float [B, 3, H, W], the same dtype and device as ``image``.
     """
+    r, g, b = image.unbind(-3)
+    grey = ((r == g) & (g == b)).flatten(-2).all(-1)  # [B]
+    if not grey.any():
+        return _shift_hue(image, factor)
+    out = image.clone()  # kornia's arithmetic returns a grey image exactly as it is (saturation 0)
+    if not grey.all():  # Fashion-MNIST: every image grey, nothing to compute
+        colour = ~grey
+        out[colour] = _shift_hue(image[colour], factor.to(colour.device)[colour])
+    return out
+
+
+def _shift_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     h, s, v = _rgb_to_hsv(image)
     factor = factor.to(h.device, h.dtype, non_blocking=True)  # kornia draws it on the CPU: no sync on a GPU
     h = torch.remainder(h + factor.view(-1, *[1] * (h.dim() - 1)), _TWO_PI)

@@ -76,11 +76,12 @@ def test_eda_alpha_zero_is_the_identity_and_aug_only_can_be_split_in_halves():
 
 def _hue_inputs():
     """RGB batches in [0, 1] with the cases the conversions branch on: ties between channels,
-    greys, black, white, saturated primaries, 8-bit levels."""
+    greys (a batch of them only, and some among colours), black, white, saturated primaries, 8-bit levels."""
     gen = torch.Generator().manual_seed(0)
     for k in range(40):
         x = torch.rand(32, 3, 7, 7, generator=gen)
         yield x if k % 3 == 0 else (x * (4 if k % 3 == 1 else 255)).round() / (4 if k % 3 == 1 else 255)
+    yield torch.rand(16, 1, 6, 6, generator=gen).expand(16, 3, 6, 6).contiguous()  # every image grey
     corners = torch.tensor([[a, b, c] for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0) for c in (0.0, 0.5, 1.0)])
     yield corners.view(27, 3, 1, 1).expand(27, 3, 2, 2).contiguous()
 
