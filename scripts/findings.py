@@ -212,7 +212,7 @@ def claims_section(t: dict) -> str:
         ok = None if r is None else r <= 0.05
         view = t.get((label, "roclip"), {}).get("trig_present")
         if c is not None and c < 0.5:  # nothing to defend: the attack does not implant into clip
-            body.append([f"backdoor ASR → 0 % ({label})", f"{pct(c)} → {pct(r)}", "moot: no backdoor in clip",
+            body.append([f"backdoor ASR → 0 % ({label})", f"{pct(c)} → {pct(r)}", "moot: hardly implants into clip (ASR < 50 %)",
                          f"aug-only alone: {pct(a)}"])
             continue
         why = f"aug-only alone: {pct(a)}" + ("" if view is None else f"; patch whole in {pct(view)} % of roclip's poisoned views")
