@@ -81,11 +81,11 @@ def tradeoff(board: pd.DataFrame, plt):
     its 95 % intervals and, small and faint, each seed's; lower right is better."""
     attacks = sorted(board.loc[board["asr"].notna(), "attack"].unique())  # the clean baseline has no ASR
     cols = min(4, len(attacks))
-    rows = math.ceil(len(attacks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    clean = board[(board["attack"] == CLEAN) & (board["setting"] == "")]["clean_top1"].dropna()
+    entries = board[board["asr"].notna()].groupby("attack").size() + (1 if len(clean) else 0)
+    fig, axes, legend_axes = _panels_with_legends(plt, [entries[a] for a in attacks], cols, (3.6, 3.3))
     colours = _defense_colours(board)
     markers = "osD^vP*X"
-    clean = board[(board["attack"] == CLEAN) & (board["setting"] == "")]["clean_top1"].dropna()
     for ax, attack in zip(axes.flat, attacks):
         part = board[(board["attack"] == attack) & board["asr"].notna()]
         shapes = {st: markers[i % len(markers)] for i, st in enumerate(sorted(part["setting"].unique()))}
@@ -104,9 +104,8 @@ def tradeoff(board: pd.DataFrame, plt):
         ax.set_ylabel("attack success rate (%)")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-        crowded = len(ax.get_legend_handles_labels()[1]) > 7  # a legend that would hide the points goes below
-        _legend(ax, fontsize=6 if crowded else 7,
-                **({"loc": "upper center", "bbox_to_anchor": (0.5, -0.3)} if crowded else {"loc": "best"}))
+    for ax, below in zip(axes.flat, legend_axes.flat):
+        _legend_below(ax, below)
     return _finish(fig, axes, len(attacks), "ASR vs clean accuracy per attack (mean over seeds, 95 % intervals; lower right is better)")
 
 
@@ -254,7 +253,9 @@ def curves(board: pd.DataFrame, plt):
     attacks = sorted(part["attack"].unique())
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, len(attacks), figsize=(max(6.0, 3.6 * len(attacks)), 6.2), squeeze=False, sharex="col")
+    entries = part.drop_duplicates(["attack", "defense", "setting"]).groupby("attack").size()
+    fig, axes, legend_axes = _panels_with_legends(plt, [entries[a] for a in attacks], len(attacks), (3.6, 2.6),
+                                                  panel_rows=2)
     colours = _defense_colours(board)
     styles = ["-", "--", "-.", ":"]
     for col, attack in enumerate(attacks):
@@ -268,17 +269,45 @@ def curves(board: pd.DataFrame, plt):
                     axes[row, col].plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=marks[r["setting"]],
                                         ms=4, ls=dashes[r["setting"]], color=colours[r["defense"]], label=_label(r))
         axes[0, col].set_title(attack)
-        axes[0, col].set_ylabel("ASR on the curve subset (%)")
-        axes[1, col].set_ylabel("clean top-1 on the curve subset (%)")
         axes[1, col].set_xlabel("epoch")
-        axes[1, col].xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in axes[:, col]:
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
-        _legend(axes[1, col], fontsize=7, loc="best")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _legend_below(axes[1, col], legend_axes[0, col])
+    axes[0, 0].set_ylabel("ASR on the curve subset (%)")
+    axes[1, 0].set_ylabel("clean top-1 on the\ncurve subset (%)")
     fig.suptitle("Per-epoch curves (mean over seeds)")
     fig.tight_layout()
     return fig
+
+
+def _panels_with_legends(plt, entries: list[int], cols: int, size: tuple[float, float], panel_rows: int = 1):
+    """A figure of panels of ``size`` (inches), ``cols`` to a row; each row of panels
+    (``panel_rows`` deep: a column of them shares one legend) is followed by a row that holds
+    their legends, as tall as the longest (``entries``: legend entries per column of panels, in
+    order), so that a grid with many settings never hides its points. Returns (fig, panel axes
+    [rows * panel_rows, cols], legend axes [rows, cols], switched off)."""
+    rows = math.ceil(len(entries) / cols)
+    legend_h = [0.2 + 0.19 * max(entries[r * cols:(r + 1) * cols]) for r in range(rows)]  # 7 pt entries
+    heights = [h for lh in legend_h for h in [size[1]] * panel_rows + [lh]]
+    fig = plt.figure(figsize=(max(6.0, size[0] * cols), sum(heights)))
+    grid = fig.add_gridspec(len(heights), cols, height_ratios=heights)
+    step = panel_rows + 1
+    axes = np.array([[fig.add_subplot(grid[r * step + k, c]) for c in range(cols)]
+                     for r in range(rows) for k in range(panel_rows)])
+    legend_axes = np.array([[fig.add_subplot(grid[r * step + panel_rows, c]) for c in range(cols)] for r in range(rows)])
+    for ax in legend_axes.flat:
+        ax.axis("off")
+    return fig, axes, legend_axes
+
+
+def _legend_below(ax, below, fontsize: int = 7) -> None:
+    """``ax``'s legend drawn from the top of the (switched-off) axes ``below``."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        legend = below.legend(handles, labels, fontsize=fontsize, loc="upper center", frameon=False)
+        legend.set_in_layout(False)  # its row is sized for it; tight_layout leaves it be
 
 
 def _legend(ax, **kw) -> None:

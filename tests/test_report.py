@@ -281,3 +281,26 @@ def test_plots_on_request_as_pdf(tmp_path):
     paths = save_plots(leaderboard(pd.DataFrame([run(0), run(1)])), tmp_path, ("png", "svg", "pdf"))
     pdfs = [p for p in paths if p.suffix == ".pdf"]
     assert pdfs and all(p.read_bytes()[:5] == b"%PDF-" for p in pdfs)
+
+
+def test_legends_of_a_grid_with_many_settings_sit_below_the_panels_and_hide_nothing():
+    import warnings
+
+    from poisonbench.plots import make_figures
+
+    curve = {"curve_epoch": [1, 2, 3], "curve_clean_top1": [0.2, 0.5, 0.8], "curve_asr": [0.0, 0.4, 0.9]}
+    rows = [{**run(s, d, n_poison=n), **curve} for n in range(100, 2600, 100) for d in ("clip", "roclip") for s in (0, 1)]
+    rows += [{**run(0, d, attack="blended"), **curve} for d in ("clip", "roclip")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" was the symptom of legends over panels
+        figures = make_figures(leaderboard(pd.DataFrame(rows)))
+    for name in ("asr_vs_clean-cpu-small", "curves-cpu-small"):
+        fig = figures[name]
+        renderer = fig.canvas.get_renderer()
+        panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.axison]
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert max(len(lg.get_texts()) for lg in legends) == 50  # 25 settings x 2 defenses, each named
+        for lg in legends:
+            box = lg.get_window_extent(renderer)
+            assert not any(box.overlaps(p) for p in panels), name
+            assert box.y0 >= 0 and box.y1 <= fig.bbox.height, name  # inside the figure
