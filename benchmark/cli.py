@@ -843,12 +843,16 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     check_writable(Path(results) / "perf")
-    before = signal.signal(signal.SIGTERM, _terminated)  # unwinds: the data stage's temp folder is removed
+    # SIGTERM unwinds, so that the data stage's temp folder is removed; _terminated also mutes
+    # SIGINT, so both handlers are put back for an in-process caller
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         with Progress(console=console, transient=True) as progress:
             frame = run_perf(opts, progress)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
     m = frame.iloc[0]
     threads = f"{m['threads']} torch thread{'s' if m['threads'] != 1 else ''}"
     console.print(f"[bold]bench perf[/bold]: {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,13 @@ def _grouped_bars(part: pd.DataFrame, metric: str, err: str, missing: str, plt):
 
 
 def _label(r) -> str:
-    return r["defense"] + (f" ({r['setting']})" if r["setting"] else "")
+    """A legend label: the defense and its setting, wrapped to lines that fit a 3.6 in column."""
+    return textwrap.fill(r["defense"] + (f" ({r['setting']})" if r["setting"] else ""), 48, subsequent_indent="  ")
+
+
+def _lines(labels) -> int:
+    """Lines of text in a legend of ``labels``."""
+    return sum(label.count("\n") + 1 for label in labels)
 
 
 def tradeoff(board: pd.DataFrame, plt):
@@ -82,8 +89,9 @@ def tradeoff(board: pd.DataFrame, plt):
     attacks = sorted(board.loc[board["asr"].notna(), "attack"].unique())  # the clean baseline has no ASR
     cols = min(4, len(attacks))
     clean = board[(board["attack"] == CLEAN) & (board["setting"] == "")]["clean_top1"].dropna()
-    entries = board[board["asr"].notna()].groupby("attack").size() + (1 if len(clean) else 0)
-    fig, axes, legend_axes = _panels_with_legends(plt, [entries[a] for a in attacks], cols, (3.6, 3.3))
+    scored = board[board["asr"].notna()]
+    lines = [_lines(scored[scored["attack"] == a].apply(_label, axis=1)) + (1 if len(clean) else 0) for a in attacks]
+    fig, axes, legend_axes = _panels_with_legends(plt, lines, cols, (3.6, 3.3))
     colours = _defense_colours(board)
     markers = "osD^vP*X"
     for ax, attack in zip(axes.flat, attacks):
@@ -247,36 +255,45 @@ def curve_rows(board: pd.DataFrame) -> pd.DataFrame:
 
 
 def curves(board: pd.DataFrame, plt):
-    """Per-epoch curves (mean over seeds), one column of panels per attack: ASR on top (attacks
-    that have one), clean zero-shot top-1 below, a line per defense setting."""
+    """Per-epoch curves (mean over seeds), a pair of panels per attack (four to a row): ASR on top
+    (attacks that have one), clean zero-shot top-1 below, a line per defense setting."""
     part = curve_rows(board)
     attacks = sorted(part["attack"].unique())
     from matplotlib.ticker import MaxNLocator
 
-    entries = part.drop_duplicates(["attack", "defense", "setting"]).groupby("attack").size()
-    fig, axes, legend_axes = _panels_with_legends(plt, [entries[a] for a in attacks], len(attacks), (3.6, 2.6),
-                                                  panel_rows=2)
+    cols = min(4, len(attacks))
+    settings = part.drop_duplicates(["attack", "defense", "setting"])
+    lines = [_lines(settings[settings["attack"] == a].apply(_label, axis=1)) for a in attacks]
+    fig, axes, legend_axes = _panels_with_legends(plt, lines, cols, (3.6, 2.6), panel_rows=2)
     colours = _defense_colours(board)
     styles = ["-", "--", "-.", ":"]
-    for col, attack in enumerate(attacks):
+    for i, attack in enumerate(attacks):
+        row, col = divmod(i, cols)
+        top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
         sub = part[part["attack"] == attack]
         order = sorted(sub["setting"].unique())
-        dashes = {st: styles[i % len(styles)] for i, st in enumerate(order)}
-        marks = {st: "o.sD^v*X"[i % 8] for i, st in enumerate(order)}  # with the dashes, settings stay apart
+        dashes = {st: styles[k % len(styles)] for k, st in enumerate(order)}
+        marks = {st: "o.sD^v*X"[k % 8] for k, st in enumerate(order)}  # with the dashes, settings stay apart
         for _, r in sub.iterrows():
-            for row, metric in ((0, "curve_asr"), (1, "curve_clean_top1")):
+            for ax, metric in ((top, "curve_asr"), (bottom, "curve_clean_top1")):
                 if isinstance(r[metric], list):
-                    axes[row, col].plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=marks[r["setting"]],
-                                        ms=4, ls=dashes[r["setting"]], color=colours[r["defense"]], label=_label(r))
-        axes[0, col].set_title(attack)
-        axes[1, col].set_xlabel("epoch")
-        for ax in axes[:, col]:
+                    ax.plot(r["curve_epoch"], 100 * np.asarray(r[metric]), marker=marks[r["setting"]],
+                            ms=4, ls=dashes[r["setting"]], color=colours[r["defense"]], label=_label(r))
+        top.set_title(attack)
+        bottom.set_xlabel("epoch")
+        top.set_ylabel("ASR on the curve subset (%)")
+        bottom.set_ylabel("clean top-1 on the\ncurve subset (%)")
+        for ax in (top, bottom):
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _legend_below(axes[1, col], legend_axes[0, col])
-    axes[0, 0].set_ylabel("ASR on the curve subset (%)")
-    axes[1, 0].set_ylabel("clean top-1 on the\ncurve subset (%)")
+            if not ax.lines:  # the clean baseline has no ASR
+                ax.axis("off")
+        _legend_below(bottom, legend_axes[row, col])
+    for i in range(len(attacks), len(legend_axes.flat)):  # the last row's unused panels
+        row, col = divmod(i, cols)
+        axes[2 * row, col].axis("off")
+        axes[2 * row + 1, col].axis("off")
     fig.suptitle("Per-epoch curves (mean over seeds)")
     fig.tight_layout()
     return fig
@@ -285,13 +302,15 @@ def curves(board: pd.DataFrame, plt):
 def _panels_with_legends(plt, entries: list[int], cols: int, size: tuple[float, float], panel_rows: int = 1):
     """A figure of panels of ``size`` (inches), ``cols`` to a row; each row of panels
     (``panel_rows`` deep: a column of them shares one legend) is followed by a row that holds
-    their legends, as tall as the longest (``entries``: legend entries per column of panels, in
-    order), so that a grid with many settings never hides its points. Returns (fig, panel axes
-    [rows * panel_rows, cols], legend axes [rows, cols], switched off)."""
+    their legends, as tall as the longest (``entries``: lines of legend text per column of
+    panels, in order), so that a grid with many settings never hides its points. Returns (fig,
+    panel axes [rows * panel_rows, cols], legend axes [rows, cols], switched off)."""
     rows = math.ceil(len(entries) / cols)
-    legend_h = [0.2 + 0.19 * max(entries[r * cols:(r + 1) * cols]) for r in range(rows)]  # 7 pt entries
+    legend_h = [0.1 + 0.155 * max(entries[r * cols:(r + 1) * cols]) for r in range(rows)]  # lines of 7 pt
     heights = [h for lh in legend_h for h in [size[1]] * panel_rows + [lh]]
-    fig = plt.figure(figsize=(max(6.0, size[0] * cols), sum(heights)))
+    # the ratios share out what the panels' titles, ticks and labels (about 0.9 in each) and the
+    # figure's title leave: the figure is that much taller, so each legend row keeps its height
+    fig = plt.figure(figsize=(max(6.0, size[0] * cols), sum(heights) + 0.9 * rows * panel_rows + 0.6))
     grid = fig.add_gridspec(len(heights), cols, height_ratios=heights)
     step = panel_rows + 1
     axes = np.array([[fig.add_subplot(grid[r * step + k, c]) for c in range(cols)]
@@ -329,8 +348,6 @@ def _finish(fig, axes, used: int, title: str):
 def _fit_title(fig) -> None:
     """Wrap the figure's title (its suptitle) to lines that fit its width, so a figure of one or
     two panels never clips it."""
-    import textwrap
-
     title, width = fig._suptitle, fig.get_figwidth()
     if title is None and fig.axes:  # a one-panel figure titles its axes
         title, width = fig.axes[0].title, fig.axes[0].get_position().width * width
@@ -339,6 +356,8 @@ def _fit_title(fig) -> None:
     per_line = max(20, int(width * 72 / (title.get_fontsize() * 0.62)))
     text = re.sub(r"[ \t\n]+", " ", title.get_text()).replace(" %", "\u00a0%")  # "95 %" never splits
     title.set_text(textwrap.fill(text, per_line))
+    if title is fig._suptitle:  # 0.1 in from the top whatever the height (matplotlib's 2 % grows with it)
+        title.set_y(1 - 0.1 / fig.get_figheight())
 
 
 def _name_profile(fig, profile: str) -> None:

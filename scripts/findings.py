@@ -173,8 +173,9 @@ def pool_reading(df) -> str:
             f"matches (seeds from {pct(top[2].min())} to {pct(top[2].max())} %), {pct(top[3].mean())} % at every "
             f"3rd and {pct(top[5].mean())} % at every 5th, with {own[2]}, {own[3]} and {own[5]} % of the images "
             f"matched to a caption of their own class in the last matching epoch; pools of 256 to 8,192 captions "
-            f"move it by {spread:.1f} points. Each matching epoch trains every image towards a caption that is, "
-            f"for {other} of them, another class's; fewer matching epochs leave fewer such updates.")
+            f"move it by {spread:.1f} points. By the last matching epoch, each matching epoch still trains "
+            f"{other} of the images towards another class's caption (more in the first); fewer matching epochs "
+            f"leave fewer such updates.")
 
 
 def implant_section(df) -> str:
@@ -251,7 +252,7 @@ def answer_captions(t: dict) -> str:
         head = "Largely yes. RoCLIP's clean top-1 cost against clip mostly disappears with captions that describe the pixels"
     else:
         head = "Partly. RoCLIP's clean top-1 cost against clip shrinks with captions that describe the pixels"
-    out = f"{head} (cost in points, badnet with the corner patch, seed by seed: {parts})."
+    out = f"{head} (cost in points, badnet with the corner patch, clip's mean clean top-1 minus roclip's: {parts})."
     if len(beyond) == 3:
         out += (" The part of it that RoCLIP's matching adds to its augmentation (aug-only's clean top-1 minus "
                 "roclip's): " + ", ".join(f"{s} {100 * c:+.1f}" for s, c in beyond.items()) + " points.")
