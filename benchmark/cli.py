@@ -696,7 +696,6 @@ def report(results, fmt, out, html_page, plots, plots_dir, pdf, attack, defense,
     poisoned training views (whole patch in view, patch as evaluated, trigger residual correlation)
     and a defense's own numbers (e.g. RoCLIP's own-class matches).
 
-    \b
     Plots (RESULTS/plots/*.png and *.svg, one set per profile): asr_vs_clean (the trade-off per
     attack), asr_by_attack (grouped bars), cost_vs_clip (clean-accuracy cost), asr_vs_poison (when
     a poison count was swept), roc (the data filters' ROC curves per attack, when the store has
@@ -823,7 +822,8 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
     data       images/s of decoding lazily loaded JPEG files and shards at
                the paper profile's image size, with 0, 1, 2, ... worker
                processes, against what an H200 needs
-    and the model's FLOP utilisation (MFU) in training, and the process's peak resident memory
+
+    Also the model's FLOP utilisation (MFU) in training, and the process's peak resident memory
     after each stage.
 
     With the defaults this takes about 15 minutes on 2 cores; keep the machine otherwise idle.

@@ -426,8 +426,8 @@ def display(board: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 shown[SURVIVAL_LABELS["trig_corr"]] = "-" if pd.isna(r["trig_corr"]) else f"{r['trig_corr']:.2f}"
             if detection:
                 shown[f"{LABELS['det_auroc']} (%)"] = fmt_value(r, "det_auroc")
-                shown["poisons removed"] = fmt_count(r["det_poisons_removed"])
-                shown["clean removed"] = fmt_count(r["det_clean_removed"])
+                shown["poisons removed (pairs)"] = fmt_count(r["det_poisons_removed"])
+                shown["clean removed (pairs)"] = fmt_count(r["det_clean_removed"])
             for c, label in own.items():
                 shown[label] = defense_metric(r[c], label.endswith("(%)"))
             shown["seeds"] = str(r["seeds"])
@@ -452,7 +452,7 @@ def rich_tables(board: pd.DataFrame) -> list[Table]:
         title = attack
         if shown["profile"].nunique() == 1:  # one profile: name it in the title, keep the width for numbers
             title, shown = f"{attack} ({shown['profile'].iloc[0]})", shown.drop(columns="profile")
-        notes = [DETECTION_NOTE] if "poisons removed" in shown else []
+        notes = [DETECTION_NOTE] if "poisons removed (pairs)" in shown else []
         notes += [SURVIVAL_NOTE] if COST_LABEL in shown or SURVIVAL_LABELS["trig_corr"] in shown else []
         notes = [n for n in notes if not any(t.caption and n in t.caption for t in tables)]  # each once
         table = Table(title=escape(title), caption=" ".join(notes) or None)
