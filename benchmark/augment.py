@@ -188,6 +188,7 @@ def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     Returns:
         float [B, 3, H, W], the same dtype and device as ``image``.
     """
+    factor = factor.to(image.device, image.dtype, non_blocking=True)  # kornia draws it on the CPU
     r, g, b = image.unbind(-3)
     grey = ((r == g) & (g == b)).flatten(-2).all(-1)  # [B]
     if not grey.any():
@@ -195,13 +196,12 @@ def adjust_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     out = image.clone()  # kornia's arithmetic returns a grey image exactly as it is (saturation 0)
     if not grey.all():  # Fashion-MNIST: every image grey, nothing to compute
         colour = ~grey
-        out[colour] = _shift_hue(image[colour], factor.to(colour.device)[colour])
+        out[colour] = _shift_hue(image[colour], factor[colour])
     return out
 
 
 def _shift_hue(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     h, s, v = _rgb_to_hsv(image)
-    factor = factor.to(h.device, h.dtype, non_blocking=True)  # kornia draws it on the CPU: no sync on a GPU
     h = torch.remainder(h + factor.view(-1, *[1] * (h.dim() - 1)), _TWO_PI)
     return _hsv_to_rgb(h * (h < _TWO_PI), s, v)
 

@@ -1,6 +1,7 @@
 """The ``bench`` command line (click)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -588,28 +589,40 @@ def run_cell_here(cfg, results, device, force, keep_checkpoint, quiet) -> int:
                   + (f", {world} processes" if world > 1 else ""))
     # SIGTERM (a scheduler's time limit, preemption, the grid stopping) unwinds like Ctrl-C: the
     # cell is recorded as failed and resumes from its last checkpoint next time.
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, _terminated)
-    try:
-        row = execute(prepared, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint, force=force)
-    except CellBusyError as e:
-        err_console.print(f"[yellow]{escape(str(e))}[/yellow]")
-        return EXIT_BUSY
-    except (Exception, KeyboardInterrupt) as e:  # SIGTERM's SystemExit goes on: exit 128 + 15
-        if not distributed.is_main():
-            err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {escape(str(e))}[/red]")
+    with unwinding(signal.SIGTERM, signal.SIGINT):
+        try:
+            row = execute(prepared, Path(results), progress=not quiet, keep_checkpoint=keep_checkpoint, force=force)
+        except CellBusyError as e:
+            err_console.print(f"[yellow]{escape(str(e))}[/yellow]")
+            return EXIT_BUSY
+        except (Exception, KeyboardInterrupt) as e:  # SIGTERM's SystemExit goes on: exit 128 + 15
+            if not distributed.is_main():
+                err_console.print(f"[red]process {distributed.rank()}: run failed: {type(e).__name__}: {escape(str(e))}[/red]")
+                return EXIT_FAILED
+            recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
+            where = ("the cell's finished row from an earlier run is kept" if has_finished_row(results, cfg.run_id)
+                     else "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded")
+            err_console.print(f"[red]run failed: {type(e).__name__}: {escape(str(e))}[/red] ({where})")
             return EXIT_FAILED
-        recorded = (runs_dir(results) / f"{cfg.run_id}.parquet").is_file()
-        where = ("the cell's finished row from an earlier run is kept" if has_finished_row(results, cfg.run_id)
-                 else "recorded with status=failed; the next run retries it" if recorded else "nothing was recorded")
-        err_console.print(f"[red]run failed: {type(e).__name__}: {escape(str(e))}[/red] ({where})")
-        return EXIT_FAILED
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if row is not None:
         show_row(row)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def unwinding(*signums: int):
+    """Within the context, each of ``signums`` unwinds the stack (SIGTERM as SystemExit(128 + 15),
+    SIGINT as KeyboardInterrupt), so that ``finally`` blocks and context managers run; on leaving
+    it, the handlers of SIGTERM and SIGINT are put back as they were (``_terminated`` mutes both
+    once one fires), also for an in-process caller."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in signums:
+        signal.signal(s, _terminated)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _terminated(signum, frame) -> None:
@@ -843,16 +856,9 @@ def perf(profile, steps, epochs, repeats, poison_images, threads, speed, data_im
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     check_writable(Path(results) / "perf")
-    # SIGTERM unwinds, so that the data stage's temp folder is removed; _terminated also mutes
-    # SIGINT, so both handlers are put back for an in-process caller
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        with Progress(console=console, transient=True) as progress:
-            frame = run_perf(opts, progress)
-    finally:
-        signal.signal(signal.SIGTERM, before[0])
-        signal.signal(signal.SIGINT, before[1])
+    # SIGTERM unwinds, so that the data stage's temp folder is removed
+    with unwinding(signal.SIGTERM), Progress(console=console, transient=True) as progress:
+        frame = run_perf(opts, progress)
     m = frame.iloc[0]
     threads = f"{m['threads']} torch thread{'s' if m['threads'] != 1 else ''}"
     console.print(f"[bold]bench perf[/bold]: {m['cpu']}, {m['cores']} cores, {threads}, torch {m['torch']}")

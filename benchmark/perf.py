@@ -202,23 +202,21 @@ def augmentation_parts(images: torch.Tensor, size: int, opts: PerfOptions) -> li
     transform = cls(build_params(cls.Params, cfg.defense_params, "aug-only"), cfg.seed).train_transform(size)
     if transform is None:
         return []
+    def ms(part, x) -> float:
+        t0 = time.perf_counter()
+        part(x)
+        return 1000 * (time.perf_counter() - t0)
+
     x, variants = images.float() / 255.0, {}
     for part in transform.children():
-        def go(part=part, x=x, measure="ms_per_batch") -> dict[str, float]:
-            t0 = time.perf_counter()
-            part(x)
-            return {measure: 1000 * (time.perf_counter() - t0)}
-
-        variants[f"augment: {type(part).__name__}"] = go
-        if isinstance(part, ColorJitter):
+        variants[f"augment: {type(part).__name__}"] = lambda part=part, x=x: {"ms_per_batch": ms(part, x)}
+        if isinstance(part, ColorJitter):  # and the same draw with kornia's hue, right after
             stock = copy.deepcopy(part)
             stock._hue_fn = kornia.enhance.adjust_hue
-            variants["augment: ColorJitter, kornia's hue"] = functools.partial(go, stock, x, "ms_per_batch_kornia_hue")
+            variants[f"augment: {type(part).__name__}"] = lambda part=part, stock=stock, x=x: {
+                "ms_per_batch": ms(part, x), "ms_per_batch_kornia_hue": ms(stock, x)}
         x = part(x)
-    records = interleaved(variants, opts.repeats * 5)
-    for r in records:  # one column of the parts table, one more measure
-        r["variant"] = r["variant"].removesuffix(", kornia's hue")
-    return records
+    return interleaved(variants, opts.repeats * 5)
 
 
 def speed_names(model: torch.nn.Module, names) -> list[str]:
